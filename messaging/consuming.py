@@ -1,0 +1,350 @@
+"""The `consume` worker: receive → record → commit → ack, in batches; reconnect; drain on a signal.
+
+The main thread owns the pika connection and never touches the database; a single database thread
+records batches and runs handlers while the main thread keeps pika's I/O (and heartbeats) serviced.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+from django.db import DatabaseError, close_old_connections
+from django.db import connection as db_connection
+from django.utils import timezone
+from django.utils.module_loading import import_string
+
+from messaging import broker, recording
+from messaging.models import Delivery, Worker as WorkerRow
+
+logger = logging.getLogger(__name__)
+
+BACKOFF_START = 1.0
+BACKOFF_CAP = 30.0
+WORKER_HEARTBEAT_SECONDS = 5.0
+
+
+class QueueGone(Exception):
+    """The broker cancelled our consumer (the queue was deleted)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsumeOptions:
+    queues: tuple[str, ...] = ()
+    prefetch: int = 200
+    batch_size: int = 100
+    max_messages: int | None = None
+    inactivity_timeout: float | None = None
+    handler: str = ""
+    max_retries: int = 5
+    dead_letter_exchange: str = ""
+    exchange: str = ""
+    exchange_type: str = "direct"
+    binding_keys: tuple[str, ...] = ()
+    queue_type: str = ""
+    heartbeat: int = 30
+
+
+def backoff_delays(*, start: float = BACKOFF_START, cap: float = BACKOFF_CAP):
+    """Capped exponential backoff with jitter: ~1 s, 2 s, 4 s … up to `cap`."""
+    attempt = 0
+    while True:
+        ceiling = min(cap, start * 2**attempt)
+        yield random.uniform(ceiling / 2, ceiling)
+        attempt += 1
+
+
+@dataclass
+class Counts:
+    received: int = 0
+    acked: int = 0
+    requeued: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+    reconnects: int = 0
+
+
+class Worker:
+    """Consume `options.queues` until stopped, recording every delivery before it is acked."""
+
+    def __init__(self, options: ConsumeOptions) -> None:
+        self.options = options
+        self.stop_requested = threading.Event()
+        self.counts = Counts()
+        self._handler_paths = self._handler_paths_by_queue()
+        self._handlers: dict[str, recording.Handler] = {}  # by the queue's real (maybe server-made) name
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailroom-db")
+        self._pending: list[recording.Received] = []
+        self._unsettled: list[recording.Settlement] = []  # acked/nacked, settlement not yet written
+        self._worker_id: int | None = None
+        self._last_activity = time.monotonic()
+        self._last_heartbeat = 0.0
+        self._connection = None
+        self._channel = None
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Finish the delivery in hand, then stop (safe to call from a signal handler)."""
+        self.stop_requested.set()
+
+    def run(self) -> int:
+        """Consume until stopped, `max_messages` or `inactivity_timeout`; return the exit code."""
+        self._worker_id = self._register_until_done()
+        delays = backoff_delays()
+        code = 0
+        try:
+            while not self._done():
+                try:
+                    self._consume()
+                    delays = backoff_delays()
+                except broker.FatalBrokerError as exc:
+                    logger.error("cannot consume: %s (check RABBITMQ_URL's user, password and vhost)", exc)
+                    code = 1
+                    break
+                except (QueueGone, *broker.CONNECTION_ERRORS, broker.pe.AMQPError) as exc:
+                    self._drop_connection(reason=broker.describe(exc))
+                    if self._done():
+                        break
+                    delay = next(delays)
+                    self.counts.reconnects += 1
+                    logger.warning("connection lost (%s); reconnecting in %.1fs", broker.describe(exc), delay)
+                    self.stop_requested.wait(delay)
+        finally:
+            self._close()
+            try:
+                self._db_call(self._unregister)
+            except DatabaseError as exc:
+                logger.error("could not mark the worker stopped: %s", exc)
+            self._db.shutdown(wait=True)
+        logger.info(
+            "consume stopped: received=%s acked=%s requeued=%s rejected=%s duplicates=%s reconnects=%s",
+            self.counts.received, self.counts.acked, self.counts.requeued, self.counts.rejected,
+            self.counts.duplicates, self.counts.reconnects,
+        )
+        return code
+
+    def _done(self) -> bool:
+        if self.stop_requested.is_set():
+            return True
+        limit = self.options.max_messages
+        if limit is not None and self.counts.received >= limit and not self._pending:
+            return True
+        timeout = self.options.inactivity_timeout
+        if timeout is not None and time.monotonic() - self._last_activity >= timeout:
+            logger.info("no delivery for %ss; stopping", timeout)
+            return True
+        return False
+
+    # --- the connection ----------------------------------------------------------------------------
+    def _consume(self) -> None:
+        o = self.options
+        self._connection = broker.connect(heartbeat=o.heartbeat, client_name=f"mailroom-consume {socket.gethostname()}")
+        channel = self._connection.channel()
+        prefetch = o.prefetch if o.max_messages is None else max(1, min(o.prefetch, o.max_messages))
+        channel.basic_qos(prefetch_count=prefetch)
+        for name in o.queues or ("",):
+            channel, queue = self._declare(channel, name)
+            channel.basic_consume(queue=queue, on_message_callback=self._receiver(queue))
+        self._channel = channel
+        logger.info("consuming queues=%s prefetch=%s batch=%s", ",".join(o.queues) or "(server-named)", prefetch, o.batch_size)
+        while not self._done():
+            self._connection.process_data_events(time_limit=0.5)
+            while self._pending:
+                self._flush()
+            if not self._channel.consumer_tags:
+                raise QueueGone("the broker cancelled the consumer (queue deleted?)")
+            self._heartbeat()
+        self._finish()
+
+    def _declare(self, channel, name: str):
+        o = self.options
+        arguments = {}
+        if o.queue_type:
+            arguments["x-queue-type"] = o.queue_type
+        if o.dead_letter_exchange:
+            arguments["x-dead-letter-exchange"] = o.dead_letter_exchange
+            channel = broker.declare_exchange(self._connection, channel, o.dead_letter_exchange, exchange_type="fanout")
+        channel, state = broker.declare_queue(self._connection, channel, name, arguments=arguments, exclusive=not name)
+        if o.exchange:
+            channel = broker.declare_exchange(self._connection, channel, o.exchange, exchange_type=o.exchange_type)
+            for key in o.binding_keys or ("",):
+                channel.queue_bind(queue=state.name, exchange=o.exchange, routing_key=key)
+        path = self._handler_paths.get(name)
+        if path:
+            self._handlers[state.name] = import_string(path)
+        logger.info(
+            "queue=%s ready=%s consumers=%s handler=%s", state.name, state.message_count, state.consumer_count,
+            path or "-",
+        )
+        return channel, state.name
+
+    def _receiver(self, queue: str):
+        pending = self._pending
+        limit = self.options.max_messages
+
+        def on_delivery(_channel, method, properties, body) -> None:
+            if limit is not None and self.counts.received >= limit:
+                return  # left unacked: the broker gives it back when we close
+            self.counts.received += 1
+            pending.append(recording.Received(
+                queue=queue, consumer_tag=method.consumer_tag, delivery_tag=method.delivery_tag,
+                redelivered=method.redelivered, exchange=method.exchange, routing_key=method.routing_key,
+                properties=properties, body=body,
+            ))
+
+        return on_delivery
+
+    def _finish(self) -> None:
+        """Settle what is in hand and close cleanly."""
+        self._close()
+
+    def _drop_connection(self, *, reason: str) -> None:
+        self._pending.clear()  # never recorded; the broker redelivers them
+        self._close()
+
+    def _close(self) -> None:
+        try:
+            if self._connection is not None and self._connection.is_open:
+                self._connection.close()
+        except (*broker.CONNECTION_ERRORS, broker.pe.AMQPError):
+            pass
+        self._connection = self._channel = None
+
+    # --- a batch ------------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        batch = self._pending[: self.options.batch_size]
+        del self._pending[: len(batch)]
+        self._last_activity = time.monotonic()
+        settlements = self._record_until_done(batch)
+        try:
+            self._settle(settlements)
+        except (*broker.CONNECTION_ERRORS, broker.pe.AMQPError):
+            self._db_call(recording.record_lost, [s.delivery_id for s in settlements],
+                          reason="the channel closed before the ack was sent; the broker requeues it")
+            raise
+        self._unsettled.extend(settlements)
+        self._write_settlements()
+
+    def _record_until_done(self, batch) -> list[recording.Settlement]:
+        """Record the batch, retrying the database with backoff; nothing is acked meanwhile."""
+        delays = backoff_delays(cap=10.0)
+        while True:
+            try:
+                return self._db_call(
+                    recording.record_batch, batch, worker_id=self._worker_id, handlers=self._handlers,
+                    max_retries=self.options.max_retries,
+                )
+            except DatabaseError as exc:
+                delay = next(delays)
+                logger.error("database unavailable (%s); nothing acked, retrying in %.1fs", exc, delay)
+                self._service_io(delay)
+
+    def _settle(self, settlements: list[recording.Settlement]) -> None:
+        channel = self._channel
+        if all(s.action == Delivery.Status.ACKED for s in settlements):
+            channel.basic_ack(delivery_tag=max(s.delivery_tag for s in settlements), multiple=True)
+        else:
+            for s in settlements:
+                if s.action == Delivery.Status.ACKED:
+                    channel.basic_ack(delivery_tag=s.delivery_tag)
+                else:
+                    channel.basic_nack(delivery_tag=s.delivery_tag, requeue=s.action == Delivery.Status.REQUEUED)
+        for s in settlements:
+            setattr(self.counts, s.action, getattr(self.counts, s.action) + 1)
+            self.counts.duplicates += s.duplicate
+        if logger.isEnabledFor(logging.DEBUG):
+            for s in settlements:
+                logger.debug("delivery=%s tag=%s %s", s.delivery_id, s.delivery_tag, s.action)
+
+    def _write_settlements(self) -> None:
+        try:
+            self._db_call(recording.record_settled, self._unsettled)
+            self._unsettled = []
+        except DatabaseError as exc:
+            # The rows exist (status 'received'); their settlement is written with the next batch.
+            logger.error("could not record %s settlements yet: %s", len(self._unsettled), exc)
+
+    # --- the database thread --------------------------------------------------------------------
+    def _db_call(self, fn, *args, **kwargs):
+        """Run `fn` on the database thread; keep pika's I/O serviced while it runs."""
+        future: Future = self._db.submit(self._in_db_thread, fn, *args, **kwargs)
+        while True:
+            try:
+                return future.result(timeout=1.0)
+            except FutureTimeout:
+                self._service_io(0)
+
+    @staticmethod
+    def _in_db_thread(fn, *args, **kwargs):
+        close_old_connections()
+        try:
+            return fn(*args, **kwargs)
+        except DatabaseError:
+            db_connection.close()  # reconnect on the next call
+            raise
+
+    def _service_io(self, seconds: float) -> None:
+        """Let pika answer heartbeats (deliveries that arrive meanwhile are only buffered)."""
+        if self._connection is not None and self._connection.is_open:
+            self._connection.process_data_events(time_limit=seconds)
+        elif seconds:
+            self.stop_requested.wait(seconds)
+
+    # --- worker registry --------------------------------------------------------------------------
+    def _register_until_done(self) -> int | None:
+        delays = backoff_delays(cap=10.0)
+        while not self.stop_requested.is_set():
+            try:
+                return self._db_call(self._register)
+            except DatabaseError as exc:
+                delay = next(delays)
+                logger.error("database unavailable (%s); retrying in %.1fs", exc, delay)
+                self.stop_requested.wait(delay)
+        return None
+
+    def _register(self) -> int:
+        row = WorkerRow.objects.create(
+            host=socket.gethostname(), pid=os.getpid(), queues=list(self.options.queues),
+        )
+        return row.pk
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self._last_heartbeat < WORKER_HEARTBEAT_SECONDS:
+            return
+        self._last_heartbeat = now
+        if self._unsettled:
+            self._write_settlements()
+        try:
+            self._db_call(self._save_counts)
+        except DatabaseError as exc:
+            logger.warning("worker heartbeat not saved: %s", exc)
+
+    def _save_counts(self, **extra) -> None:
+        WorkerRow.objects.filter(pk=self._worker_id).update(
+            heartbeat_at=timezone.now(), acked=self.counts.acked, requeued=self.counts.requeued,
+            rejected=self.counts.rejected, **extra,
+        )
+
+    def _unregister(self) -> None:
+        if self._unsettled:
+            recording.record_settled(self._unsettled)
+            self._unsettled = []
+        self._save_counts(status=WorkerRow.Status.STOPPED, stopped_at=timezone.now())
+
+    def _handler_paths_by_queue(self) -> dict[str, str]:
+        """Dotted handler paths per queue name: MAILROOM_QUEUE_HANDLERS, overridden by --handler."""
+        from django.conf import settings
+
+        paths = {q: p for q, p in settings.MAILROOM_QUEUE_HANDLERS.items() if q in self.options.queues}
+        if self.options.handler:
+            paths.update({q: self.options.handler for q in self.options.queues or ("",)})
+        for path in paths.values():
+            import_string(path)  # fail at start, not at the first letter
+        return paths

@@ -1,0 +1,82 @@
+"""`manage.py consume QUEUE [QUEUE ...]`: record every delivery, commit, then ack."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+from django.core.management.base import BaseCommand, CommandError
+
+from messaging.consuming import ConsumeOptions, Worker
+
+VERBOSITY_LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG, 3: logging.DEBUG}
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError(value)
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError(value)
+    return number
+
+
+class Command(BaseCommand):
+    help = (
+        "Consume QUEUE(s) with manual acks: each delivery is recorded (Message + Delivery), committed, "
+        "then acked. SIGINT/SIGTERM finish the batch in hand and exit 0; a second signal exits 1."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("queues", nargs="*", help="Queues to consume; none with --exchange binds a server-named queue.")
+        parser.add_argument("--prefetch", type=positive_int, default=200, help="basic.qos prefetch count (default 200).")
+        parser.add_argument("--batch-size", type=positive_int, default=100,
+                            help="Most deliveries recorded in one commit and acked at once (default 100).")
+        parser.add_argument("--max-messages", type=positive_int, help="Exit after N deliveries.")
+        parser.add_argument("--inactivity-timeout", type=positive_float, help="Exit after S seconds without a delivery.")
+        parser.add_argument("--handler", default="", help="Dotted path of a callable run with each letter (Message).")
+        parser.add_argument("--max-retries", type=int, default=5,
+                            help="Requeues of a letter whose handler fails before it is rejected (default 5).")
+        parser.add_argument("--dead-letter-exchange", default="",
+                            help="Declare this fanout exchange and set it as the queue's x-dead-letter-exchange.")
+        parser.add_argument("--exchange", default="", help="Bind the queue(s) to this exchange.")
+        parser.add_argument("--exchange-type", default="direct", choices=["direct", "fanout", "topic", "headers"])
+        parser.add_argument("--binding-key", dest="binding_keys", action="append", default=[],
+                            help="Binding key for --exchange (repeatable).")
+        parser.add_argument("--queue-type", default="", choices=["", "classic", "quorum"],
+                            help="x-queue-type for a queue this command declares.")
+        parser.add_argument("--heartbeat", type=positive_int, default=30, help="AMQP heartbeat in seconds (default 30).")
+
+    def handle(self, *args, **options):
+        if not options["queues"] and not options["exchange"]:
+            raise CommandError("Name a queue, or give --exchange to bind a server-named queue.")
+        if options["max_retries"] < 0:
+            raise CommandError("--max-retries must be 0 or more.")
+        logging.getLogger("messaging").setLevel(VERBOSITY_LEVELS.get(options["verbosity"], logging.INFO))
+        try:
+            worker = Worker(ConsumeOptions(
+                queues=tuple(options["queues"]), prefetch=options["prefetch"], batch_size=options["batch_size"],
+                max_messages=options["max_messages"], inactivity_timeout=options["inactivity_timeout"],
+                handler=options["handler"], max_retries=options["max_retries"],
+                dead_letter_exchange=options["dead_letter_exchange"], exchange=options["exchange"],
+                exchange_type=options["exchange_type"], binding_keys=tuple(options["binding_keys"]),
+                queue_type=options["queue_type"], heartbeat=options["heartbeat"],
+            ))
+        except ImportError as exc:
+            raise CommandError(f"Cannot import the handler: {exc}") from exc
+
+        def on_signal(signum, frame):
+            if worker.stop_requested.is_set():
+                os._exit(1)  # second signal: leave now; unacked deliveries are requeued by the broker
+            worker.request_stop()
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        code = worker.run()
+        if code:
+            raise CommandError("consume stopped on an error (see the log above)", returncode=code)

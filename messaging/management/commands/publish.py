@@ -1,0 +1,55 @@
+"""`manage.py publish QUEUE BODY`: the same outbox path as the publish form."""
+from __future__ import annotations
+
+import json
+import sys
+
+from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
+
+from messaging.models import Message
+from messaging.publishing import LetterError, create_letter
+
+
+class Command(BaseCommand):
+    help = "Publish BODY to QUEUE (default exchange) or with --exchange; prints the letter's message_id and status."
+
+    def add_arguments(self, parser):
+        parser.add_argument("routing_key", help="Queue name on the default exchange, or the routing key with --exchange.")
+        parser.add_argument("body", help="The body; '-' reads it from standard input (bytes, as is).")
+        parser.add_argument("--exchange", default="")
+        parser.add_argument("--exchange-type", default="", choices=["", "direct", "fanout", "topic", "headers"])
+        parser.add_argument("--declare", action="store_true", help="Declare the queue/exchange (durable) if missing.")
+        parser.add_argument("--content-type", default="text/plain")
+        parser.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
+                            help="A header (repeatable); VALUE is parsed as JSON when it can be.")
+        parser.add_argument("--message-id", default="")
+        parser.add_argument("--correlation-id", default="")
+        parser.add_argument("--transient", action="store_true", help="delivery_mode 1 instead of persistent.")
+
+    def handle(self, *args, **options):
+        body = sys.stdin.buffer.read() if options["body"] == "-" else options["body"].encode("utf-8")
+        headers = {}
+        for item in options["header"]:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise CommandError(f"--header needs NAME=VALUE, got {item!r}")
+            try:
+                headers[name] = json.loads(value)
+            except ValueError:
+                headers[name] = value
+        try:
+            with transaction.atomic():
+                message = create_letter(
+                    exchange=options["exchange"], exchange_type=options["exchange_type"],
+                    declare=options["declare"], routing_key=options["routing_key"], body=body,
+                    content_type=options["content_type"], headers=headers, message_id=options["message_id"],
+                    correlation_id=options["correlation_id"], delivery_mode=1 if options["transient"] else 2,
+                    origin=Message.Origin.COMMAND,
+                )
+        except LetterError as exc:
+            raise CommandError(str(exc)) from exc
+        message.refresh_from_db()
+        self.stdout.write(f"{message.message_id} {message.status}" + (f" ({message.last_error})" if message.last_error else ""))
+        if message.status == Message.Status.FAILED:
+            raise CommandError(f"not published: {message.last_error}")

@@ -1,0 +1,237 @@
+"""The post office's records: letters (`Message`), their receipts (`Delivery`) and workers."""
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+
+def new_message_id() -> str:
+    return str(uuid.uuid4())
+
+
+class MessageQuerySet(models.QuerySet):
+    def pending(self) -> MessageQuerySet:
+        return self.filter(status=Message.Status.PENDING)
+
+    def due(self, *, now=None) -> MessageQuerySet:
+        """Pending letters whose next publish attempt is due (for the relay)."""
+        now = now or timezone.now()
+        return self.pending().filter(next_attempt_at__lte=now)
+
+    def undelivered(self, *, older_than: timedelta) -> MessageQuerySet:
+        """Published letters with no delivery recorded after `older_than`."""
+        cutoff = timezone.now() - older_than
+        return self.filter(status=Message.Status.PUBLISHED, published_at__lte=cutoff, deliveries__isnull=True)
+
+
+class Message(models.Model):
+    """One letter: what was (or is to be) published, and the outcome of publishing it."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "pending"
+        PUBLISHED = "published", "published"
+        UNROUTABLE = "unroutable", "unroutable"
+        FAILED = "failed", "failed"
+        EXTERNAL = "external", "external (published outside Mailroom)"
+
+    class Origin(models.TextChoices):
+        FORM = "form", "publish form"
+        API = "api", "HTTP API"
+        COMMAND = "command", "manage.py publish"
+        REPUBLISH = "republish", "republish"
+        EXTERNAL = "external", "another producer"
+
+    message_id = models.CharField(
+        max_length=255, unique=True, default=new_message_id,
+        help_text="The AMQP message_id property; a UUID when the producer gave none.",
+    )
+    origin = models.CharField(max_length=16, choices=Origin.choices, default=Origin.FORM, db_index=True)
+    exchange = models.CharField(max_length=255, blank=True, db_index=True, help_text="'' is the default exchange.")
+    exchange_type = models.CharField(
+        max_length=16, blank=True,
+        help_text="Type to declare the exchange with when `declare` is set ('' for the default exchange).",
+    )
+    routing_key = models.CharField(max_length=255, blank=True, db_index=True)
+    declare = models.BooleanField(
+        default=False, help_text="Declare the queue or exchange (durable) before publishing if it is missing.",
+    )
+    body = models.BinaryField(help_text="The exact bytes of the body.")
+    body_size = models.PositiveBigIntegerField(default=0)
+    body_sha256 = models.CharField(max_length=64, blank=True)
+    content_type = models.CharField(max_length=255, blank=True)
+    content_encoding = models.CharField(max_length=255, blank=True)
+    correlation_id = models.CharField(max_length=255, blank=True, db_index=True)
+    delivery_mode = models.PositiveSmallIntegerField(default=2, help_text="2 = persistent, 1 = transient.")
+    headers = models.JSONField(default=dict, blank=True, help_text="AMQP headers, as JSON-safe values.")
+    properties = models.JSONField(
+        default=dict, blank=True,
+        help_text="The other AMQP properties: priority, reply_to, expiration, timestamp, type, user_id, app_id.",
+    )
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    last_error = models.TextField(blank=True, help_text="Why the last publish attempt did not succeed.")
+    attempts = models.PositiveIntegerField(default=0, help_text="Publish attempts so far.")
+    next_attempt_at = models.DateTimeField(null=True, blank=True, help_text="When the relay tries again.")
+    published_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+    )
+    republished_from = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="republications",
+        help_text="The letter this one is a copy of.",
+    )
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    published_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    # Kept up to date by the consumer when it settles a delivery, so lists never count per row.
+    delivery_count = models.PositiveIntegerField(default=0, help_text="Deliveries recorded so far.")
+    last_delivery_status = models.CharField(max_length=16, blank=True, db_index=True)
+    last_delivered_at = models.DateTimeField(null=True, blank=True)
+
+    objects = MessageQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["status", "next_attempt_at"], name="message_relay_idx"),
+            models.Index(fields=["status", "created_at"], name="message_status_created_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return self.message_id
+
+    def save(self, *args, **kwargs) -> None:
+        update_fields = kwargs.get("update_fields")
+        if update_fields is None or "body" in update_fields:
+            self.set_body(bytes(self.body or b""))
+        super().save(*args, **kwargs)
+
+    def set_body(self, body: bytes) -> None:
+        """Store `body` with its size and sha256 (kept for display and integrity checks)."""
+        self.body = body
+        self.body_size = len(body)
+        self.body_sha256 = hashlib.sha256(body).hexdigest()
+
+    @property
+    def destination(self) -> str:
+        return f"exchange {self.exchange!r}, key {self.routing_key!r}" if self.exchange else f"queue {self.routing_key!r}"
+
+    # --- state changes ---------------------------------------------------------------
+    def mark_published(self) -> None:
+        self.status = self.Status.PUBLISHED
+        self.published_at = timezone.now()
+        self.last_error = ""
+        self.next_attempt_at = None
+        self.save(update_fields=["status", "published_at", "last_error", "next_attempt_at"])
+
+    def mark_unroutable(self, reason: str) -> None:
+        self.status = self.Status.UNROUTABLE
+        self.published_at = timezone.now()
+        self.last_error = reason
+        self.next_attempt_at = None
+        self.save(update_fields=["status", "published_at", "last_error", "next_attempt_at"])
+
+    def mark_failed(self, reason: str) -> None:
+        self.status = self.Status.FAILED
+        self.last_error = reason
+        self.next_attempt_at = None
+        self.save(update_fields=["status", "last_error", "next_attempt_at"])
+
+    def mark_retry(self, reason: str, *, delay: timedelta) -> None:
+        """Stay pending; the relay tries again after `delay`."""
+        self.status = self.Status.PENDING
+        self.last_error = reason
+        self.next_attempt_at = timezone.now() + delay
+        self.save(update_fields=["status", "last_error", "next_attempt_at"])
+
+
+class DeliveryQuerySet(models.QuerySet):
+    def settled(self) -> DeliveryQuerySet:
+        return self.exclude(status=Delivery.Status.RECEIVED)
+
+
+class Delivery(models.Model):
+    """One receipt of a letter by a consumer, and how it was settled (ack, requeue, reject)."""
+
+    class Status(models.TextChoices):
+        RECEIVED = "received", "received (not yet settled)"
+        ACKED = "acked", "acked"
+        REQUEUED = "requeued", "requeued"
+        REJECTED = "rejected", "rejected"
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="deliveries")
+    queue = models.CharField(max_length=255, db_index=True)
+    consumer_tag = models.CharField(max_length=255, blank=True)
+    delivery_tag = models.PositiveBigIntegerField(help_text="The channel's delivery tag (per channel, not global).")
+    redelivered = models.BooleanField(default=False)
+    attempt = models.PositiveIntegerField(default=1, help_text="This letter's nth delivery on this queue.")
+    duplicate = models.BooleanField(
+        default=False, help_text="The letter had already been handled; acked without running the handler again.",
+    )
+    exchange = models.CharField(max_length=255, blank=True, help_text="Exchange as delivered.")
+    routing_key = models.CharField(max_length=255, blank=True, help_text="Routing key as delivered.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RECEIVED, db_index=True)
+    worker = models.ForeignKey("Worker", null=True, blank=True, on_delete=models.SET_NULL, related_name="deliveries")
+    received_at = models.DateTimeField(default=timezone.now, db_index=True)
+    handled_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the handler succeeded (committed with the handler's own writes).",
+    )
+    settled_at = models.DateTimeField(null=True, blank=True, help_text="When it was acked, requeued or rejected.")
+    error = models.TextField(blank=True, help_text="The handler's traceback, or why the delivery was not acked.")
+
+    objects = DeliveryQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["received_at", "id"]
+        verbose_name_plural = "deliveries"
+        indexes = [
+            models.Index(fields=["message", "queue", "status"], name="delivery_message_queue_idx"),
+            models.Index(fields=["queue", "received_at"], name="delivery_queue_received_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.message_id} on {self.queue} ({self.status})"
+
+
+class Worker(models.Model):
+    """One running (or stopped) `consume` process, refreshed by its heartbeat."""
+
+    class Status(models.TextChoices):
+        RUNNING = "running", "running"
+        STOPPED = "stopped", "stopped"
+
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    queues = models.JSONField(default=list)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING, db_index=True)
+    started_at = models.DateTimeField(default=timezone.now)
+    heartbeat_at = models.DateTimeField(default=timezone.now, db_index=True)
+    stopped_at = models.DateTimeField(null=True, blank=True)
+    acked = models.PositiveBigIntegerField(default=0)
+    requeued = models.PositiveBigIntegerField(default=0)
+    rejected = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-heartbeat_at"]
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.pid}"
+
+    @property
+    def alive(self) -> bool:
+        return self.status == self.Status.RUNNING and self.heartbeat_at >= timezone.now() - timedelta(seconds=60)
+
+
+class ApiToken(models.Model):
+    """A bearer token with which a service uses the HTTP API as `user` (with that user's permissions)."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, help_text="What the token is for, e.g. the calling service.")
+    key_sha256 = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.user})"

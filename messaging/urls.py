@@ -1,0 +1,10 @@
+from django.urls import path
+
+from messaging import views
+
+urlpatterns = [
+    path("", views.dashboard, name="dashboard"),
+    path("publish/", views.publish, name="publish"),
+    path("messages/", views.message_list, name="message-list"),
+    path("messages/<path:message_id>/", views.message_detail, name="message-detail"),
+]

@@ -1,0 +1,89 @@
+"""Pages: publish, the history, a letter's trail, the dashboard."""
+from __future__ import annotations
+
+import hashlib
+
+from django.contrib import messages as flash
+from django.contrib.auth.decorators import login_required, permission_required
+from django.core.paginator import Paginator
+from django.db import transaction
+from django.db.models import Count, Q
+from django.shortcuts import get_object_or_404, redirect, render
+
+from messaging.forms import PublishForm
+from messaging.models import Delivery, Message
+from messaging.publishing import create_letter
+
+PAGE_SIZE = 50
+
+
+@login_required
+@permission_required("messaging.add_message", raise_exception=True)
+def publish(request):
+    form = PublishForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        with transaction.atomic():
+            message = create_letter(**form.letter_kwargs(), origin=Message.Origin.FORM, user=request.user)
+        message.refresh_from_db()
+        if message.status == Message.Status.PENDING:
+            flash.warning(request, f"Not published yet: {message.last_error or 'waiting for the broker'}. "
+                                   "It is kept as pending and the relay will retry.")
+        elif message.status != Message.Status.PUBLISHED:
+            flash.error(request, f"{message.get_status_display()}: {message.last_error}")
+        else:
+            flash.success(request, "Published.")
+        return redirect("message-detail", message_id=message.message_id)
+    return render(request, "messaging/publish.html", {"form": form})
+
+
+@login_required
+def message_list(request):
+    letters = Message.objects.only(
+        "message_id", "exchange", "routing_key", "status", "origin", "created_at", "body_size", "content_type",
+    )
+    status = request.GET.get("status", "")
+    queue = request.GET.get("queue", "").strip()
+    q = request.GET.get("q", "").strip()
+    if status in Message.Status.values:
+        letters = letters.filter(status=status)
+    if queue:
+        letters = letters.filter(Q(routing_key=queue, exchange="") | Q(deliveries__queue=queue)).distinct()
+    if q:
+        letters = letters.filter(Q(message_id=q) | Q(routing_key=q) | Q(correlation_id=q))
+    page = Paginator(letters.order_by("-created_at", "-id"), PAGE_SIZE).get_page(request.GET.get("page"))
+    return render(request, "messaging/message_list.html", {
+        "page": page, "status": status, "queue": queue, "q": q, "statuses": Message.Status.choices,
+    })
+
+
+@login_required
+def message_detail(request, message_id: str):
+    message = get_object_or_404(Message.objects.select_related("published_by", "republished_from"), message_id=message_id)
+    deliveries = message.deliveries.select_related("worker").order_by("received_at", "id")
+    return render(request, "messaging/message_detail.html", {
+        "message": message, "deliveries": deliveries, "body": body_view(bytes(message.body), message.content_type),
+    })
+
+
+def body_view(body: bytes, content_type: str) -> dict:
+    """How to show a body: text (escaped by the template) or size, sha256 and a hex preview."""
+    try:
+        text = body.decode("utf-8")
+        binary = "\x00" in text
+    except UnicodeDecodeError:
+        text, binary = "", True
+    return {
+        "binary": binary, "text": text if not binary else "", "size": len(body),
+        "sha256": hashlib.sha256(body).hexdigest(), "hex": body[:64].hex(" ") if binary else "",
+    }
+
+
+@login_required
+def dashboard(request):
+    counts = dict(Message.objects.values_list("status").annotate(n=Count("id")).values_list("status", "n"))
+    delivery_counts = dict(Delivery.objects.values_list("status").annotate(n=Count("id")).values_list("status", "n"))
+    return render(request, "messaging/dashboard.html", {
+        "message_counts": [(label, counts.get(value, 0)) for value, label in Message.Status.choices],
+        "delivery_counts": [(label, delivery_counts.get(value, 0)) for value, label in Delivery.Status.choices],
+        "recent": Message.objects.order_by("-created_at", "-id")[:10],
+    })
