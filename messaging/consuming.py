@@ -229,17 +229,21 @@ class Worker:
                           reason="the channel closed before the ack was sent; the broker requeues it")
             raise
         self._unsettled.extend(settlements)
-        self._write_settlements()
+        if not self._pending:
+            # Idle: record the acks now. Busy: they ride in the next batch's transaction.
+            self._write_settlements()
 
     def _record_until_done(self, batch) -> list[recording.Settlement]:
         """Record the batch, retrying the database with backoff; nothing is acked meanwhile."""
         delays = backoff_delays(cap=10.0)
         while True:
             try:
-                return self._db_call(
+                settlements = self._db_call(
                     recording.record_batch, batch, worker_id=self._worker_id, handlers=self._handlers,
-                    max_retries=self.options.max_retries,
+                    max_retries=self.options.max_retries, settled=self._unsettled,
                 )
+                self._unsettled = []
+                return settlements
             except DatabaseError as exc:
                 delay = next(delays)
                 logger.error("database unavailable (%s); nothing acked, retrying in %.1fs", exc, delay)

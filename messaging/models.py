@@ -50,8 +50,8 @@ class Message(models.Model):
         max_length=255, unique=True, default=new_message_id,
         help_text="The AMQP message_id property; a UUID when the producer gave none.",
     )
-    origin = models.CharField(max_length=16, choices=Origin.choices, default=Origin.FORM, db_index=True)
-    exchange = models.CharField(max_length=255, blank=True, db_index=True, help_text="'' is the default exchange.")
+    origin = models.CharField(max_length=16, choices=Origin.choices, default=Origin.FORM)
+    exchange = models.CharField(max_length=255, blank=True, help_text="'' is the default exchange.")
     exchange_type = models.CharField(
         max_length=16, blank=True,
         help_text="Type to declare the exchange with when `declare` is set ('' for the default exchange).",
@@ -72,7 +72,7 @@ class Message(models.Model):
         default=dict, blank=True,
         help_text="The other AMQP properties: priority, reply_to, expiration, timestamp, type, user_id, app_id.",
     )
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     last_error = models.TextField(blank=True, help_text="Why the last publish attempt did not succeed.")
     attempts = models.PositiveIntegerField(default=0, help_text="Publish attempts so far.")
     next_attempt_at = models.DateTimeField(null=True, blank=True, help_text="When the relay tries again.")
@@ -87,15 +87,16 @@ class Message(models.Model):
     published_at = models.DateTimeField(null=True, blank=True, db_index=True)
     # Kept up to date by the consumer when it settles a delivery, so lists never count per row.
     delivery_count = models.PositiveIntegerField(default=0, help_text="Deliveries recorded so far.")
-    last_delivery_status = models.CharField(max_length=16, blank=True, db_index=True)
+    last_delivery_status = models.CharField(max_length=16, blank=True)
     last_delivered_at = models.DateTimeField(null=True, blank=True)
 
     objects = MessageQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at", "-id"]
+        # Every index slows the consumer's inserts: keep the ones the pages and the relay need.
         indexes = [
-            models.Index(fields=["status", "next_attempt_at"], name="message_relay_idx"),
+            models.Index(fields=["next_attempt_at"], name="message_relay_idx", condition=models.Q(status="pending")),
             models.Index(fields=["status", "created_at"], name="message_status_created_idx"),
         ]
 
@@ -161,8 +162,9 @@ class Delivery(models.Model):
         REQUEUED = "requeued", "requeued"
         REJECTED = "rejected", "rejected"
 
-    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="deliveries")
-    queue = models.CharField(max_length=255, db_index=True)
+    # Indexed by delivery_message_queue_idx (message first), not on its own.
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="deliveries", db_index=False)
+    queue = models.CharField(max_length=255)
     consumer_tag = models.CharField(max_length=255, blank=True)
     delivery_tag = models.PositiveBigIntegerField(help_text="The channel's delivery tag (per channel, not global).")
     redelivered = models.BooleanField(default=False)
@@ -172,8 +174,10 @@ class Delivery(models.Model):
     )
     exchange = models.CharField(max_length=255, blank=True, help_text="Exchange as delivered.")
     routing_key = models.CharField(max_length=255, blank=True, help_text="Routing key as delivered.")
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RECEIVED, db_index=True)
-    worker = models.ForeignKey("Worker", null=True, blank=True, on_delete=models.SET_NULL, related_name="deliveries")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RECEIVED)
+    worker = models.ForeignKey(
+        "Worker", null=True, blank=True, on_delete=models.SET_NULL, related_name="deliveries", db_index=False,
+    )
     received_at = models.DateTimeField(default=timezone.now, db_index=True)
     handled_at = models.DateTimeField(
         null=True, blank=True, help_text="When the handler succeeded (committed with the handler's own writes).",
