@@ -85,10 +85,6 @@ class Message(models.Model):
     )
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     published_at = models.DateTimeField(null=True, blank=True, db_index=True)
-    # Kept up to date by the consumer when it settles a delivery, so lists never count per row.
-    delivery_count = models.PositiveIntegerField(default=0, help_text="Deliveries recorded so far.")
-    last_delivery_status = models.CharField(max_length=16, blank=True)
-    last_delivered_at = models.DateTimeField(null=True, blank=True)
 
     objects = MessageQuerySet.as_manager()
 
