@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 BACKOFF_START = 1.0
 BACKOFF_CAP = 30.0
 WORKER_HEARTBEAT_SECONDS = 5.0
+CONNECTION_CHECK_SECONDS = 30.0
 
 
 class QueueGone(Exception):
@@ -60,6 +61,13 @@ def backoff_delays(*, start: float = BACKOFF_START, cap: float = BACKOFF_CAP):
         attempt += 1
 
 
+@dataclass(frozen=True, kw_only=True)
+class InFlight:
+    future: Future
+    batch: list[recording.Received]
+    settled: list[recording.Settlement]
+
+
 @dataclass
 class Counts:
     received: int = 0
@@ -82,6 +90,10 @@ class Worker:
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailroom-db")
         self._pending: list[recording.Received] = []
         self._unsettled: list[recording.Settlement] = []  # acked/nacked, settlement not yet written
+        self._in_flight: InFlight | None = None  # the batch being recorded on the database thread
+        self._db_delays = backoff_delays(cap=10.0)
+        self._db_retry_at = 0.0
+        self._connections_checked_at = 0.0
         self._worker_id: int | None = None
         self._last_activity = time.monotonic()
         self._last_heartbeat = 0.0
@@ -133,7 +145,8 @@ class Worker:
         if self.stop_requested.is_set():
             return True
         limit = self.options.max_messages
-        if limit is not None and self.counts.received >= limit and not self._pending:
+        drained = not self._pending and self._in_flight is None and not self._unsettled
+        if limit is not None and self.counts.received >= limit and drained:
             return True
         timeout = self.options.inactivity_timeout
         if timeout is not None and time.monotonic() - self._last_activity >= timeout:
@@ -154,12 +167,13 @@ class Worker:
         self._channel = channel
         logger.info("consuming queues=%s prefetch=%s batch=%s", ",".join(o.queues) or "(server-named)", prefetch, o.batch_size)
         while not self._done():
+            # Returns on deliveries, or when the database thread finishes a batch (see _submit).
             self._connection.process_data_events(time_limit=0.5)
-            while self._pending:
-                self._flush()
+            self._pump()
             if not self._channel.consumer_tags:
                 raise QueueGone("the broker cancelled the consumer (queue deleted?)")
-            self._heartbeat()
+            if self._in_flight is None:
+                self._heartbeat()
         self._finish()
 
     def _declare(self, channel, name: str):
@@ -201,12 +215,34 @@ class Worker:
         return on_delivery
 
     def _finish(self) -> None:
-        """Settle what is in hand and close cleanly."""
+        """Finish the batch in hand (record, ack, write the acks), then close.
+
+        Deliveries buffered but not yet recorded are left unacked: the broker requeues them on close.
+        """
+        self._pending.clear()
+        while self._in_flight is not None or self._unsettled:
+            self._connection.process_data_events(time_limit=0.2)
+            self._pump()
+            self._pending.clear()
         self._close()
 
     def _drop_connection(self, *, reason: str) -> None:
-        self._pending.clear()  # never recorded; the broker redelivers them
+        """The connection died: nothing in hand can be acked any more; the broker requeues it."""
+        in_flight, self._in_flight = self._in_flight, None
+        self._pending.clear()  # never recorded
         self._close()
+        try:
+            if in_flight is not None:
+                try:
+                    lost = [s.delivery_id for s in in_flight.future.result()]
+                except DatabaseError:
+                    self._unsettled[:0] = in_flight.settled
+                else:
+                    self._db_call(recording.record_lost, lost, reason=f"not acked: {reason}; the broker requeues it")
+            if self._unsettled:
+                self._write_settlements()
+        except DatabaseError as exc:
+            logger.error("could not record the state after the connection loss: %s", exc)
 
     def _close(self) -> None:
         try:
@@ -216,38 +252,60 @@ class Worker:
             pass
         self._connection = self._channel = None
 
-    # --- a batch ------------------------------------------------------------------------------------
-    def _flush(self) -> None:
-        batch = self._pending[: self.options.batch_size]
-        del self._pending[: len(batch)]
-        self._last_activity = time.monotonic()
-        settlements = self._record_until_done(batch)
-        try:
-            self._settle(settlements)
-        except (*broker.CONNECTION_ERRORS, broker.pe.AMQPError):
-            self._db_call(recording.record_lost, [s.delivery_id for s in settlements],
-                          reason="the channel closed before the ack was sent; the broker requeues it")
-            raise
-        self._unsettled.extend(settlements)
-        if not self._pending:
-            # Idle: record the acks now. Busy: they ride in the next batch's transaction.
-            self._write_settlements()
-
-    def _record_until_done(self, batch) -> list[recording.Settlement]:
-        """Record the batch, retrying the database with backoff; nothing is acked meanwhile."""
-        delays = backoff_delays(cap=10.0)
-        while True:
+    # --- batches: one recorded on the database thread while pika keeps receiving --------------------
+    def _pump(self) -> None:
+        """Ack the batch whose rows were committed; start recording the next one."""
+        in_flight = self._in_flight
+        if in_flight is not None:
+            if not in_flight.future.done():
+                return
+            self._in_flight = None
             try:
-                settlements = self._db_call(
-                    recording.record_batch, batch, worker_id=self._worker_id, handlers=self._handlers,
-                    max_retries=self.options.max_retries, settled=self._unsettled,
-                )
-                self._unsettled = []
-                return settlements
+                settlements = in_flight.future.result()
             except DatabaseError as exc:
-                delay = next(delays)
+                # Nothing of this batch was committed, so nothing is acked: try it again later.
+                self._pending[:0] = in_flight.batch
+                self._unsettled[:0] = in_flight.settled
+                delay = next(self._db_delays)
+                self._db_retry_at = time.monotonic() + delay
                 logger.error("database unavailable (%s); nothing acked, retrying in %.1fs", exc, delay)
-                self._service_io(delay)
+                return
+            self._db_delays = backoff_delays(cap=10.0)
+            if settlements:
+                try:
+                    self._settle(settlements)
+                except (*broker.CONNECTION_ERRORS, broker.pe.AMQPError):
+                    self._in_flight = in_flight  # _drop_connection marks them lost
+                    raise
+                self._unsettled.extend(settlements)
+        if time.monotonic() < self._db_retry_at:
+            return
+        if self._pending:
+            batch = self._pending[: self.options.batch_size]
+            del self._pending[: len(batch)]
+            self._last_activity = time.monotonic()
+            self._submit(batch)
+        elif self._unsettled:
+            self._submit([])  # idle: write the acks now rather than with the next batch
+
+    def _submit(self, batch: list[recording.Received]) -> None:
+        """Record `batch` (and the earlier batches' settlements) on the database thread."""
+        settled, self._unsettled = self._unsettled, []
+        future = self._db.submit(
+            self._in_db_thread, recording.record_batch, batch, worker_id=self._worker_id,
+            handlers=self._handlers, max_retries=self.options.max_retries, settled=settled,
+        )
+        self._in_flight = InFlight(future=future, batch=batch, settled=settled)
+        connection = self._connection
+        future.add_done_callback(lambda _: self._wake(connection))
+
+    @staticmethod
+    def _wake(connection) -> None:
+        """Make the main thread's process_data_events return (called from the database thread)."""
+        try:
+            connection.add_callback_threadsafe(lambda: None)
+        except Exception:  # noqa: BLE001 — the connection is gone; the main loop finds out by itself
+            pass
 
     def _settle(self, settlements: list[recording.Settlement]) -> None:
         channel = self._channel
@@ -284,9 +342,13 @@ class Worker:
             except FutureTimeout:
                 self._service_io(0)
 
-    @staticmethod
-    def _in_db_thread(fn, *args, **kwargs):
-        close_old_connections()
+    def _in_db_thread(self, fn, *args, **kwargs):
+        # Respect CONN_MAX_AGE now and then, not per batch: reconnecting per batch would cost more
+        # than recording it.
+        now = time.monotonic()
+        if now - self._connections_checked_at > CONNECTION_CHECK_SECONDS:
+            self._connections_checked_at = now
+            close_old_connections()
         try:
             return fn(*args, **kwargs)
         except DatabaseError:
@@ -323,8 +385,6 @@ class Worker:
         if now - self._last_heartbeat < WORKER_HEARTBEAT_SECONDS:
             return
         self._last_heartbeat = now
-        if self._unsettled:
-            self._write_settlements()
         try:
             self._db_call(self._save_counts)
         except DatabaseError as exc:

@@ -66,7 +66,7 @@ def record_batch(
     with transaction.atomic():
         if settled:
             record_settled(settled)
-        deliveries = _insert(batch, worker_id=worker_id)
+        deliveries = _insert(batch, worker_id=worker_id) if batch else []
     handlers = handlers or {}
     settlements = []
     for r, d in zip(batch, deliveries):
@@ -144,6 +144,9 @@ DELIVERY_COLUMNS = (
 )
 
 
+COPY_MIN_ROWS = 50  # PostgreSQL: below this, one INSERT round trip beats COPY's extra ones
+
+
 def _insert(batch: list[Received], *, worker_id: int | None) -> list[Recorded]:
     ids = [_message_id(r) for r in batch]
     known = _message_pks(set(ids))
@@ -153,8 +156,12 @@ def _insert(batch: list[Received], *, worker_id: int | None) -> list[Recorded]:
             new[message_id] = _external_message_row(r, message_id)
     if new:
         # Conflicts ignored: a competing worker may record the same letter at the same moment.
-        _insert_rows(Message, MESSAGE_COLUMNS, list(new.values()), ignore_conflicts=True)
-        known.update(_message_pks(new))
+        known.update(_insert_rows(
+            Message, MESSAGE_COLUMNS, list(new.values()), ignore_conflicts=True, returning=("message_id", "id"),
+        ))
+        missing = [m for m in new if m not in known]
+        if missing:  # recorded by a competing worker, or written by COPY (which returns nothing)
+            known.update(_message_pks(missing))
 
     history = _history(batch, ids, known, fresh=set(new))
     rows, recorded = [], []
@@ -169,25 +176,26 @@ def _insert(batch: list[Received], *, worker_id: int | None) -> list[Recorded]:
         ))
         recorded.append(Recorded(pk=0, message_pk=message_pk, attempt=attempt, duplicate=duplicate))
         previous.append((Delivery.Status.ACKED, True))  # a later copy in this batch is a duplicate
-    for item, pk in zip(recorded, _insert_rows(Delivery, DELIVERY_COLUMNS, rows, returning=True)):
+    for item, (pk,) in zip(recorded, _insert_rows(Delivery, DELIVERY_COLUMNS, rows, returning=("id",)), strict=True):
         item.pk = pk
     return recorded
 
 
 def _insert_rows(model, columns: tuple[str, ...], rows: list[tuple], *, ignore_conflicts: bool = False,
-                 returning: bool = False) -> list[int]:
+                 returning: tuple[str, ...] = ()) -> list[tuple]:
     """Insert `rows` in one statement: the ORM's per-object cost dominates at thousands a second.
 
-    Values must already be adapted for the database (datetimes, JSON). Returns the new ids in order
-    when `returning`. PostgreSQL uses COPY (ids drawn from the sequence first); SQLite one multi-row
-    INSERT … RETURNING (it keeps VALUES order, as Django's bulk_create relies on).
+    Values must already be adapted for the database (datetimes, JSON). Returns the `returning`
+    columns of the rows inserted, in order — except that a COPY can only return pre-drawn ids.
+    Large batches on PostgreSQL use COPY; otherwise one multi-row INSERT … RETURNING (SQLite and
+    PostgreSQL keep VALUES order, as Django's bulk_create relies on).
     """
-    if connection.vendor == "postgresql":
+    if connection.vendor == "postgresql" and len(rows) >= COPY_MIN_ROWS:
         return _copy_rows(model, columns, rows, ignore_conflicts=ignore_conflicts, returning=returning)
     return _insert_values(model, columns, rows, ignore_conflicts=ignore_conflicts, returning=returning)
 
 
-def _insert_values(model, columns, rows, *, ignore_conflicts: bool, returning: bool) -> list[int]:
+def _insert_values(model, columns, rows, *, ignore_conflicts: bool, returning: tuple[str, ...]) -> list[tuple]:
     ops = connection.ops
     on_conflict = OnConflict.IGNORE if ignore_conflicts else None
     placeholders = "(" + ", ".join(["%s"] * len(columns)) + ")"
@@ -199,25 +207,26 @@ def _insert_values(model, columns, rows, *, ignore_conflicts: bool, returning: b
         suffix = ops.on_conflict_suffix_sql([], on_conflict, [], [])
         sql += f" {suffix}" if suffix else ""
     if returning:
-        sql += f" RETURNING {ops.quote_name(model._meta.pk.column)}"
+        sql += f" RETURNING {', '.join(ops.quote_name(c) for c in returning)}"
     params = [value for row in rows for value in row]
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        return [row[0] for row in cursor.fetchall()] if returning else []
+        return [tuple(row) for row in cursor.fetchall()] if returning else []
 
 
-def _copy_rows(model, columns, rows, *, ignore_conflicts: bool, returning: bool) -> list[int]:
+def _copy_rows(model, columns, rows, *, ignore_conflicts: bool, returning: tuple[str, ...]) -> list[tuple]:
     table = model._meta.db_table
-    ids: list[int] = []
+    pk_column = model._meta.pk.column
+    ids: list[tuple] = []
     with connection.cursor() as cursor:
-        if returning:
+        if returning == (pk_column,):
             cursor.execute(
                 "SELECT nextval(pg_get_serial_sequence(%s, %s)) FROM generate_series(1, %s)",
-                [table, model._meta.pk.column, len(rows)],
+                [table, pk_column, len(rows)],
             )
-            ids = [row[0] for row in cursor.fetchall()]
-            columns = (model._meta.pk.column, *columns)
-            rows = [(pk, *row) for pk, row in zip(ids, rows)]
+            ids = [tuple(row) for row in cursor.fetchall()]
+            columns = (pk_column, *columns)
+            rows = [(pk, *row) for (pk,), row in zip(ids, rows)]
         sql = f"COPY {connection.ops.quote_name(table)} ({', '.join(columns)}) FROM STDIN"
         try:
             with transaction.atomic():  # a savepoint: a duplicate key only undoes the COPY
@@ -228,7 +237,7 @@ def _copy_rows(model, columns, rows, *, ignore_conflicts: bool, returning: bool)
             if not ignore_conflicts:
                 raise
             # A competing worker recorded one of these letters meanwhile: skip the ones that exist.
-            _insert_values(model, columns, rows, ignore_conflicts=True, returning=False)
+            _insert_values(model, columns, rows, ignore_conflicts=True, returning=())
     return ids
 
 
