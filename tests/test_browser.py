@@ -1,0 +1,167 @@
+"""Real browser tests: Playwright driving Debian's chromium against the live server and a real `consume`.
+
+Nothing here downloads a browser: `scripts/services.sh chromium` installs Debian's package.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import pika
+import pytest
+from django.contrib.auth.models import User
+from playwright.sync_api import expect, sync_playwright
+
+from messaging.models import Delivery, Message
+from messaging.publishing import publish_message
+from tests.conftest import ROOT, queue_depth, wait_for
+
+logger = logging.getLogger(__name__)
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]
+SCREENSHOTS = ROOT / "docs" / "screenshots"
+XSS_BODY = '<script>window.__xss = 1; alert("xss")</script><img src=x onerror="window.__xss = 2">'
+
+
+@pytest.fixture(scope="module")
+def browser(django_db_setup):
+    if not CHROMIUM.exists():
+        pytest.fail("Debian's chromium is missing: run `scripts/services.sh chromium` (apt-get install chromium).")
+    # Playwright's sync API keeps an event loop in this thread; the ORM calls the tests make
+    # between browser steps (and the flush after each) are still plain synchronous code.
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    try:
+        with sync_playwright() as playwright:
+            chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+            yield chromium
+            chromium.close()
+    finally:
+        if previous is None:
+            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        else:
+            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
+
+
+@pytest.fixture
+def page(browser, live_server):
+    context = browser.new_context(base_url=live_server.url, viewport={"width": 1280, "height": 860})
+    tab = context.new_page()
+    tab.dialogs = []
+    tab.on("dialog", lambda dialog: (tab.dialogs.append(dialog.message), dialog.dismiss()))
+    tab.csp_violations = []
+    tab.on("console", lambda msg: tab.csp_violations.append(msg.text) if "Content Security Policy" in msg.text else None)
+    expect.set_options(timeout=20_000)
+    yield tab
+    context.close()
+
+
+def log_in(page) -> User:
+    user = User.objects.create_superuser("ada", password="browser-pw-123")
+    page.goto("/accounts/login/")
+    page.fill('input[name="username"]', "ada")
+    page.fill('input[name="password"]', "browser-pw-123")
+    page.click('button[type="submit"]')
+    expect(page.locator("header nav")).to_contain_text("Log out ada")
+    return user
+
+
+def consumer_ready(name: str) -> bool:
+    try:
+        return queue_depth(name)[1] > 0
+    except pika.exceptions.ChannelClosedByBroker:
+        return False
+
+
+def test_queue_letter_goes_pending_published_acked_without_reload(page, settings, manage, queue_name):
+    log_in(page)
+    worker = manage("consume", queue_name)
+    wait_for(lambda: consumer_ready(queue_name), message="the worker to consume")
+
+    # The web process cannot reach the broker: the letter is kept as pending (the outbox).
+    reachable = settings.RABBITMQ_URL
+    settings.RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:1/%2F"
+    page.goto("/publish/")
+    page.check('input[name="mode"][value="queue"]')
+    page.fill('input[name="queue"]', queue_name)
+    page.fill('textarea[name="body"]', XSS_BODY)
+    page.fill('textarea[name="headers"]', '{"x-trace": "browser", "attempt": 1}')
+    page.click('form.publish button[type="submit"]')
+
+    status = page.locator("#letter-status")
+    expect(status).to_have_text("pending")
+    expect(page.locator(".flash")).to_contain_text("Not published yet")
+    page.evaluate("window.__sameDocument = true")  # survives in-page updates, lost on a reload
+
+    # The broker is back: the relay's function publishes it; the open page follows by itself.
+    settings.RABBITMQ_URL = reachable
+    letter = Message.objects.get(routing_key=queue_name)
+    assert letter.status == Message.Status.PENDING
+    assert publish_message(letter).status == Message.Status.PUBLISHED
+    expect(status).to_have_text("published")
+    expect(page.locator('#deliveries [data-delivery-status="acked"]')).to_have_count(1)
+    expect(page.locator("#deliveries")).to_contain_text(queue_name)
+    assert page.evaluate("window.__sameDocument") is True, "the page was reloaded"
+
+    # The hostile body is shown as text and never runs (escaped, and the CSP forbids inline script).
+    expect(page.locator("pre.body")).to_have_text(XSS_BODY)
+    assert page.evaluate("window.__xss") is None
+    assert page.dialogs == []
+    assert page.locator("#letter script").count() == 0
+    page.reload()  # only for the picture: without the flash of the first, failed attempt
+    expect(page.locator('#deliveries [data-delivery-status="acked"]')).to_have_count(1)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "letter.png"), full_page=True)
+
+    delivery = Delivery.objects.get(message=letter)
+    assert delivery.status == Delivery.Status.ACKED
+
+    # The admin shows the same trail.
+    page.goto(f"/admin/messaging/message/{letter.pk}/change/")
+    expect(page.locator("body")).to_contain_text("published")
+    inline = page.locator(".inline-group")
+    expect(inline).to_contain_text(queue_name)
+    expect(inline).to_contain_text("acked")
+    assert page.evaluate("window.__xss") is None and page.dialogs == []
+
+    page.goto("/")
+    expect(page.locator("main")).to_contain_text(letter.message_id)
+    page.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
+    assert page.csp_violations == [], page.csp_violations
+    assert worker.proc.poll() is None, worker.output
+
+
+def test_fanout_letter_is_delivered_and_shown_without_reload(page, manage, amqp):
+    exchange = f"t-fanout-{uuid.uuid4().hex[:8]}"
+    try:
+        log_in(page)
+        worker = manage("consume", "--exchange", exchange, "--exchange-type", "fanout")
+        wait_for(lambda: "consuming queues=" in worker.output, message="the worker to bind its queue")
+
+        page.goto("/publish/")
+        page.check('input[name="mode"][value="exchange"]')
+        page.fill('input[name="exchange"]', exchange)
+        page.select_option('select[name="exchange_type"]', "fanout")
+        page.fill('textarea[name="body"]', "to everyone bound")
+        page.click('form.publish button[type="submit"]')
+
+        expect(page.locator(".flash")).to_contain_text("Published.")
+        expect(page.locator("#letter-status")).to_have_text("published")
+        page.evaluate("window.__sameDocument = true")
+        expect(page.locator('#deliveries [data-delivery-status="acked"]')).to_have_count(1)
+        assert page.evaluate("window.__sameDocument") is True, "the page was reloaded"
+        letter = Message.objects.get(exchange=exchange)
+        delivery = Delivery.objects.get(message=letter)
+        assert delivery.status == Delivery.Status.ACKED
+        assert delivery.queue.startswith("amq.gen-")  # the worker's own server-named queue
+        assert page.csp_violations == [], page.csp_violations
+    finally:
+        amqp.exchange_delete(exchange=exchange)
