@@ -10,6 +10,7 @@ import logging
 import traceback
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -148,31 +149,33 @@ COPY_MIN_ROWS = 50  # PostgreSQL: below this, one INSERT round trip beats COPY's
 
 
 def _insert(batch: list[Received], *, worker_id: int | None) -> list[Recorded]:
+    ops = connection.ops
+    adapt_datetime, adapt_json = ops.adapt_datetimefield_value, ops.adapt_json_value
+    received = [adapt_datetime(r.received_at) for r in batch]
     ids = [_message_id(r) for r in batch]
     known = _message_pks(set(ids))
     new: dict[str, tuple] = {}
-    for r, message_id in zip(batch, ids):
+    for r, message_id, received_at in zip(batch, ids, received):
         if message_id not in known and message_id not in new:
-            new[message_id] = _external_message_row(r, message_id)
+            new[message_id] = _external_message_row(r, message_id, received_at, adapt_json)
     if new:
         # Conflicts ignored: a competing worker may record the same letter at the same moment.
         known.update(_insert_rows(
             Message, MESSAGE_COLUMNS, list(new.values()), ignore_conflicts=True, returning=("message_id", "id"),
         ))
         missing = [m for m in new if m not in known]
-        if missing:  # recorded by a competing worker, or written by COPY (which returns nothing)
+        if missing:  # recorded by a competing worker at the same moment
             known.update(_message_pks(missing))
 
     history = _history(batch, ids, known, fresh=set(new))
     rows, recorded = [], []
-    adapt_datetime = connection.ops.adapt_datetimefield_value
-    for r, message_id in zip(batch, ids):
+    for r, message_id, received_at in zip(batch, ids, received):
         message_pk = known[message_id]
         previous = history.setdefault((message_pk, r.queue), [])
         attempt, duplicate = _attempt(r, previous), _handled(previous)
         rows.append((
             message_pk, r.queue, r.consumer_tag, r.delivery_tag, r.redelivered, attempt, duplicate, r.exchange,
-            r.routing_key, Delivery.Status.RECEIVED.value, worker_id, adapt_datetime(r.received_at), "",
+            r.routing_key, RECEIVED, worker_id, received_at, "",
         ))
         recorded.append(Recorded(pk=0, message_pk=message_pk, attempt=attempt, duplicate=duplicate))
         previous.append((Delivery.Status.ACKED, True))  # a later copy in this batch is a duplicate
@@ -186,9 +189,9 @@ def _insert_rows(model, columns: tuple[str, ...], rows: list[tuple], *, ignore_c
     """Insert `rows` in one statement: the ORM's per-object cost dominates at thousands a second.
 
     Values must already be adapted for the database (datetimes, JSON). Returns the `returning`
-    columns of the rows inserted, in order — except that a COPY can only return pre-drawn ids.
-    Large batches on PostgreSQL use COPY; otherwise one multi-row INSERT … RETURNING (SQLite and
-    PostgreSQL keep VALUES order, as Django's bulk_create relies on).
+    columns of the rows inserted, in order (rows skipped as conflicts are left out). Large batches
+    on PostgreSQL use COPY; otherwise one multi-row INSERT … RETURNING (SQLite and PostgreSQL keep
+    VALUES order, as Django's bulk_create relies on).
     """
     if connection.vendor == "postgresql" and len(rows) >= COPY_MIN_ROWS:
         return _copy_rows(model, columns, rows, ignore_conflicts=ignore_conflicts, returning=returning)
@@ -215,18 +218,16 @@ def _insert_values(model, columns, rows, *, ignore_conflicts: bool, returning: t
 
 
 def _copy_rows(model, columns, rows, *, ignore_conflicts: bool, returning: tuple[str, ...]) -> list[tuple]:
+    """COPY `rows` in; ids are drawn from the sequence first so that they can be returned."""
     table = model._meta.db_table
     pk_column = model._meta.pk.column
-    ids: list[tuple] = []
     with connection.cursor() as cursor:
-        if returning == (pk_column,):
-            cursor.execute(
-                "SELECT nextval(pg_get_serial_sequence(%s, %s)) FROM generate_series(1, %s)",
-                [table, pk_column, len(rows)],
-            )
-            ids = [tuple(row) for row in cursor.fetchall()]
-            columns = (pk_column, *columns)
-            rows = [(pk, *row) for (pk,), row in zip(ids, rows)]
+        cursor.execute(
+            "SELECT nextval(pg_get_serial_sequence(%s, %s)) FROM generate_series(1, %s)",
+            [table, pk_column, len(rows)],
+        )
+        rows = [(pk, *row) for (pk,), row in zip(cursor.fetchall(), rows)]
+        columns = (pk_column, *columns)
         sql = f"COPY {connection.ops.quote_name(table)} ({', '.join(columns)}) FROM STDIN"
         try:
             with transaction.atomic():  # a savepoint: a duplicate key only undoes the COPY
@@ -237,8 +238,9 @@ def _copy_rows(model, columns, rows, *, ignore_conflicts: bool, returning: tuple
             if not ignore_conflicts:
                 raise
             # A competing worker recorded one of these letters meanwhile: skip the ones that exist.
-            _insert_values(model, columns, rows, ignore_conflicts=True, returning=())
-    return ids
+            return _insert_values(model, columns, rows, ignore_conflicts=True, returning=returning)
+    positions = [columns.index(c) for c in returning]
+    return [tuple(row[i] for i in positions) for row in rows]
 
 
 def _message_id(r: Received) -> str:
@@ -264,17 +266,34 @@ def _unsettled_match(r: Received) -> str | None:
     )
 
 
-def _external_message_row(r: Received, message_id: str) -> tuple:
-    """A `Message` row (MESSAGE_COLUMNS) for a letter Mailroom did not publish."""
+def _external_message_row(r: Received, message_id: str, received_at, adapt_json) -> tuple:
+    """A `Message` row (MESSAGE_COLUMNS) for a letter Mailroom did not publish.
+
+    `received_at` is already adapted for the database; `adapt_json` is the backend's JSON adapter.
+    """
     p = broker.read_properties(r.properties)
     body = bytes(r.body)
-    adapt_json = connection.ops.adapt_json_value
     return (
-        message_id, Message.Origin.EXTERNAL.value, Message.Status.EXTERNAL.value, r.exchange, "", r.routing_key,
+        message_id, EXTERNAL_ORIGIN, EXTERNAL_STATUS, r.exchange, "", r.routing_key,
         False, body, len(body), hashlib.sha256(body).hexdigest(), p["content_type"][:255],
-        p["content_encoding"][:255], p["correlation_id"], p["delivery_mode"], adapt_json(p["headers"], None),
-        adapt_json(p["properties"], None), "", 0, connection.ops.adapt_datetimefield_value(r.received_at),
+        p["content_encoding"][:255], p["correlation_id"], p["delivery_mode"],
+        adapt_json(p["headers"], None) if p["headers"] else EMPTY_JSON[adapt_json],
+        adapt_json(p["properties"], None) if p["properties"] else EMPTY_JSON[adapt_json], "", 0, received_at,
     )
+
+
+class _EmptyJson(dict):
+    """The adapted value of `{}`, per backend adapter (computed once)."""
+
+    def __missing__(self, adapt_json):
+        value = self[adapt_json] = adapt_json({}, None)
+        return value
+
+
+EMPTY_JSON = _EmptyJson()
+EXTERNAL_ORIGIN = Message.Origin.EXTERNAL.value
+EXTERNAL_STATUS = Message.Status.EXTERNAL.value
+RECEIVED = Delivery.Status.RECEIVED.value
 
 
 def _history(batch, ids, known, *, fresh: set[str]) -> dict[tuple[int, str], list[tuple[str, bool]]]:
@@ -314,8 +333,12 @@ def _handle(r: Received, delivery: Recorded, *, handler: Handler, max_retries: i
         delivery_tag=r.delivery_tag, delivery_id=delivery.pk, message_id=delivery.message_pk,
         action=Delivery.Status.ACKED,
     )
+    # SQLite has one writer: a transaction around the handler would hold the database-wide write
+    # lock for as long as the handler runs, starving every other worker. There the handler's writes
+    # commit as it makes them (handlers must be idempotent anyway: delivery is at-least-once).
+    atomic = nullcontext() if connection.vendor == "sqlite" else transaction.atomic()
     try:
-        with transaction.atomic():
+        with atomic:
             handler(Message.objects.get(pk=delivery.message_pk))
             Delivery.objects.filter(pk=delivery.pk).update(handled_at=timezone.now())
     except Exception:  # noqa: BLE001 — any handler error is recorded, never lost
