@@ -1,0 +1,137 @@
+"""The database side of consuming, on the real database: one letter per message_id, one row per delivery."""
+from __future__ import annotations
+
+import hashlib
+
+import pika
+import pytest
+
+from messaging import recording
+from messaging.models import Delivery, Message
+from messaging.recording import Received, record_batch, record_lost, record_settled
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def received(tag: int, *, message_id: str | None = None, body: bytes = b"hello", redelivered: bool = False,
+             queue: str = "q", headers: dict | None = None, **props) -> Received:
+    return Received(
+        queue=queue, consumer_tag="ctag", delivery_tag=tag, redelivered=redelivered, exchange="", routing_key=queue,
+        properties=pika.BasicProperties(message_id=message_id, headers=headers, **props), body=body,
+    )
+
+
+def ack_all(settlements):
+    record_settled(settlements)
+
+
+def test_outside_letter_gets_message_and_delivery_with_its_properties():
+    headers = {"s": "x", "n": 7, "b": b"\xff\x00", "nested": {"k": [1, "two"]}, "nul": "a\x00b"}
+    [s] = record_batch([received(1, message_id="ext-1", body=b"\x00\x01binary", headers=headers,
+                                 content_type="application/octet-stream", correlation_id="c-1", priority=3,
+                                 app_id="send.py")], worker_id=None)
+    letter = Message.objects.get(message_id="ext-1")
+    assert letter.origin == Message.Origin.EXTERNAL and letter.status == Message.Status.EXTERNAL
+    assert bytes(letter.body) == b"\x00\x01binary"
+    assert letter.body_sha256 == hashlib.sha256(b"\x00\x01binary").hexdigest() and letter.body_size == 8
+    assert letter.content_type == "application/octet-stream" and letter.correlation_id == "c-1"
+    assert letter.headers == {"s": "x", "n": 7, "b": {"$base64": "/wA="}, "nested": {"k": [1, "two"]},
+                              "nul": "a\\u0000b"}
+    assert letter.properties == {"priority": 3, "app_id": "send.py"}
+    delivery = Delivery.objects.get(pk=s.delivery_id)
+    assert (delivery.status, delivery.attempt, delivery.duplicate) == (Delivery.Status.RECEIVED, 1, False)
+    ack_all([s])
+    delivery.refresh_from_db()
+    assert delivery.status == Delivery.Status.ACKED and delivery.settled_at is not None
+
+
+def test_letter_without_message_id_gets_a_generated_one():
+    settlements = record_batch([received(1), received(2)], worker_id=None)
+    assert Message.objects.count() == 2
+    assert all(len(m.message_id) == 36 for m in Message.objects.all())
+    assert len({s.message_id for s in settlements}) == 2
+
+
+def test_mailroom_letter_is_matched_not_duplicated():
+    letter = Message(message_id="ours-1", routing_key="q", status=Message.Status.PUBLISHED)
+    letter.set_body(b"hi")
+    letter.save()
+    [s] = record_batch([received(1, message_id="ours-1")], worker_id=None)
+    assert Message.objects.count() == 1
+    assert s.message_id == letter.pk
+    assert Message.objects.get().status == Message.Status.PUBLISHED  # the publish outcome is kept
+
+
+def test_same_message_id_twice_is_one_letter_and_a_duplicate_delivery():
+    first = record_batch([received(1, message_id="dup"), received(2, message_id="dup")], worker_id=None)
+    ack_all(first)
+    second = record_batch([received(3, message_id="dup")], worker_id=None)
+    assert Message.objects.filter(message_id="dup").count() == 1
+    attempts = list(Delivery.objects.order_by("pk").values_list("attempt", "duplicate"))
+    assert attempts == [(1, False), (2, True), (3, True)]
+    assert [s.duplicate for s in first + second] == [False, True, True]
+
+
+def test_redelivery_after_a_crash_is_a_new_delivery_and_the_old_one_is_marked_requeued():
+    record_batch([received(1, message_id="crash")], worker_id=None)  # recorded, never acked (kill -9)
+    [s] = record_batch([received(1, message_id="crash", redelivered=True)], worker_id=None)
+    old, new = Delivery.objects.order_by("pk")
+    assert old.status == Delivery.Status.REQUEUED and "redelivered" in old.error
+    assert (new.redelivered, new.attempt, new.duplicate) == (True, 2, False)
+    assert Message.objects.count() == 1
+
+
+def test_redelivered_outside_letter_without_message_id_is_matched_by_content():
+    record_batch([received(1, body=b"no id here")], worker_id=None)
+    record_batch([received(1, body=b"no id here", redelivered=True)], worker_id=None)
+    assert Message.objects.count() == 1
+    assert Delivery.objects.count() == 2
+
+
+def test_quorum_delivery_count_header_gives_the_attempt():
+    [s] = record_batch([received(1, message_id="qq", headers={"x-delivery-count": 3})], worker_id=None)
+    assert Delivery.objects.get(pk=s.delivery_id).attempt == 4
+
+
+def test_record_lost_marks_unsettled_deliveries_requeued_only():
+    a, b = record_batch([received(1, message_id="a"), received(2, message_id="b")], worker_id=None)
+    record_settled([a])
+    record_lost([a.delivery_id, b.delivery_id], reason="connection closed")
+    assert Delivery.objects.get(pk=a.delivery_id).status == Delivery.Status.ACKED
+    assert Delivery.objects.get(pk=b.delivery_id).status == Delivery.Status.REQUEUED
+
+
+def test_handler_failure_requeues_then_rejects_and_success_is_not_rerun():
+    calls = []
+
+    def flaky(message):
+        calls.append(message.message_id)
+        if bytes(message.body) == b"poison":
+            raise ValueError("cannot handle")
+        Message.objects.filter(pk=message.pk).update(correlation_id="handled")  # the handler's own write
+
+    handlers = {"q": flaky}
+    for tag in range(1, 4):
+        [s] = record_batch([received(tag, message_id="p", body=b"poison", redelivered=tag > 1)], worker_id=None,
+                           handlers=handlers, max_retries=2)
+        record_settled([s])
+    statuses = list(Delivery.objects.filter(message__message_id="p").order_by("pk").values_list("status", flat=True))
+    assert statuses == ["requeued", "requeued", "rejected"]
+    assert "ValueError: cannot handle" in Delivery.objects.filter(message__message_id="p").first().error
+
+    [ok] = record_batch([received(9, message_id="good")], worker_id=None, handlers=handlers)
+    record_settled([ok])
+    [again] = record_batch([received(10, message_id="good", redelivered=True)], worker_id=None, handlers=handlers)
+    assert again.duplicate and again.action == Delivery.Status.ACKED
+    assert calls.count("good") == 1
+    assert Message.objects.get(message_id="good").correlation_id == "handled"
+
+
+def test_a_big_batch_keeps_order_of_ids():
+    batch = [received(i, message_id=f"m{i}", body=f"body {i}".encode()) for i in range(1, 121)]
+    settlements = record_batch(batch, worker_id=None)
+    for s, r in zip(settlements, batch):
+        d = Delivery.objects.select_related("message").get(pk=s.delivery_id)
+        assert d.delivery_tag == r.delivery_tag and d.message.message_id == r.properties.message_id
+        assert bytes(d.message.body) == r.body
+    assert recording.COPY_MIN_ROWS < 120  # the COPY path ran on PostgreSQL
