@@ -154,6 +154,8 @@ MAILROOM_MAX_BODY_BYTES = env.int("MAILROOM_MAX_BODY_BYTES", default=10 * 1024 *
 MAILROOM_RELAY_GRACE_SECONDS = env.float("MAILROOM_RELAY_GRACE_SECONDS", default=10.0)
 # Queue name -> dotted path of a handler callable run by `consume` for each letter.
 MAILROOM_QUEUE_HANDLERS = env.json("MAILROOM_QUEUE_HANDLERS", default={})
+# Prometheus sends `Authorization: Bearer <token>` to /metrics; empty: only logged-in staff may read it.
+MAILROOM_METRICS_TOKEN = env.str("MAILROOM_METRICS_TOKEN", default="")
 
 # Request bodies may carry a base64 body of MAILROOM_MAX_BODY_BYTES plus the form's fields.
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAILROOM_MAX_BODY_BYTES * 4 // 3 + 1024 * 1024

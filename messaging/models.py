@@ -94,6 +94,9 @@ class Message(models.Model):
         indexes = [
             models.Index(fields=["next_attempt_at"], name="message_relay_idx", condition=models.Q(status="pending")),
             models.Index(fields=["status", "created_at"], name="message_status_created_idx"),
+            # The admin's filters by origin and exchange, newest first, at a million letters.
+            models.Index(fields=["origin", "created_at"], name="message_origin_created_idx"),
+            models.Index(fields=["exchange", "created_at"], name="message_exchange_created_idx"),
         ]
 
     def __str__(self) -> str:
@@ -189,6 +192,10 @@ class Delivery(models.Model):
         indexes = [
             models.Index(fields=["message", "queue", "status"], name="delivery_message_queue_idx"),
             models.Index(fields=["queue", "received_at"], name="delivery_queue_received_idx"),
+            # Small (acked rows leave it): counts of the rare outcomes and the recent failures.
+            models.Index(
+                fields=["status", "received_at"], name="delivery_unacked_idx", condition=~models.Q(status="acked"),
+            ),
         ]
 
     def __str__(self) -> str:

@@ -5,11 +5,13 @@ import hashlib
 
 from django.contrib import messages as flash
 from django.contrib.auth.decorators import login_required, permission_required
-from django.core.paginator import Paginator
 from django.db import transaction
-from django.db.models import Count, Q
+from django.db.models import Exists, OuterRef, Q
 from django.shortcuts import get_object_or_404, redirect, render
 
+from messaging import dashboard as dashboard_figures
+from messaging import queues
+from messaging.counting import CappedCountPaginator
 from messaging.forms import PublishForm
 from messaging.models import Delivery, Message
 from messaging.publishing import create_letter
@@ -47,10 +49,13 @@ def message_list(request):
     if status in Message.Status.values:
         letters = letters.filter(status=status)
     if queue:
-        letters = letters.filter(Q(routing_key=queue, exchange="") | Q(deliveries__queue=queue)).distinct()
+        # EXISTS, not a join + DISTINCT: stays an index probe per letter at a million rows.
+        letters = letters.filter(
+            Q(routing_key=queue, exchange="") | Exists(Delivery.objects.filter(message=OuterRef("pk"), queue=queue))
+        )
     if q:
         letters = letters.filter(Q(message_id=q) | Q(routing_key=q) | Q(correlation_id=q))
-    page = Paginator(letters.order_by("-created_at", "-id"), PAGE_SIZE).get_page(request.GET.get("page"))
+    page = CappedCountPaginator(letters.order_by("-created_at", "-id"), PAGE_SIZE).get_page(request.GET.get("page"))
     return render(request, "messaging/message_list.html", {
         "page": page, "status": status, "queue": queue, "q": q, "statuses": Message.Status.choices,
     })
@@ -80,10 +85,7 @@ def body_view(body: bytes, content_type: str) -> dict:
 
 @login_required
 def dashboard(request):
-    counts = dict(Message.objects.values_list("status").annotate(n=Count("id")).values_list("status", "n"))
-    delivery_counts = dict(Delivery.objects.values_list("status").annotate(n=Count("id")).values_list("status", "n"))
+    broker = queues.broker_view(limit=10)
     return render(request, "messaging/dashboard.html", {
-        "message_counts": [(label, counts.get(value, 0)) for value, label in Message.Status.choices],
-        "delivery_counts": [(label, delivery_counts.get(value, 0)) for value, label in Delivery.Status.choices],
-        "recent": Message.objects.order_by("-created_at", "-id")[:10],
+        **dashboard_figures.summary(), "deepest": broker.deepest(5), "broker": broker,
     })

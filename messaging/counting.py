@@ -1,0 +1,62 @@
+"""Counts that stay cheap at a million rows: exact up to a cap, the planner's estimate beyond it."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+
+from django.core.paginator import Paginator
+from django.db import connections
+from django.db.models import QuerySet
+
+logger = logging.getLogger(__name__)
+
+# Up to this many rows a count is exact: counting them through an index costs a few milliseconds.
+COUNT_CAP = 10_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class Count:
+    """A row count; `estimated` when it went past the cap and comes from the query planner."""
+
+    value: int
+    estimated: bool = False
+
+    def __str__(self) -> str:
+        return f"≈{self.value:,}" if self.estimated else f"{self.value:,}"
+
+
+def planner_estimate(queryset: QuerySet) -> int | None:
+    """PostgreSQL's estimate of the rows `queryset` returns (EXPLAIN, nothing read); None elsewhere."""
+    connection = connections[queryset.db]
+    if connection.vendor != "postgresql":
+        return None
+    sql, params = queryset.order_by().values("pk").query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN (FORMAT JSON) {sql}", params)
+        plan = cursor.fetchone()[0]
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    return int(plan[0]["Plan"]["Plan Rows"])
+
+
+def capped_count(queryset: QuerySet, *, cap: int = COUNT_CAP) -> Count:
+    """Count exactly up to `cap` rows (one bounded query); past it, estimate (PostgreSQL) or count."""
+    n = queryset.order_by().values("pk")[: cap + 1].count()
+    if n <= cap:
+        return Count(value=n)
+    estimate = planner_estimate(queryset)
+    if estimate is None:
+        return Count(value=queryset.count())
+    return Count(value=max(estimate, n), estimated=True)
+
+
+class CappedCountPaginator(Paginator):
+    """A paginator whose count is exact up to COUNT_CAP rows and estimated beyond (no COUNT(*) of the table)."""
+
+    @cached_property
+    def count(self) -> int:
+        if not isinstance(self.object_list, QuerySet):
+            return super().count
+        return capped_count(self.object_list).value

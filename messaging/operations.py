@@ -1,0 +1,132 @@
+"""Operations endpoints: `/healthz` for load balancers and `/metrics` for Prometheus.
+
+`/metrics` reads the database (and the management API, when configured) at scrape time through a
+custom collector: the web processes keep no counters of their own, so every process (and every
+restart) reports the same figures. Access: with MAILROOM_METRICS_TOKEN set, a scraper sends
+`Authorization: Bearer <token>`; without it, only logged-in staff may read it.
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import timedelta
+from http import HTTPStatus
+
+from django.conf import settings
+from django.db import DatabaseError, connection
+from django.http import HttpResponse, JsonResponse
+from django.utils import timezone
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from messaging import broker, rabbitmq_api
+from messaging.counting import capped_count
+from messaging.models import Delivery, Message, Worker
+
+logger = logging.getLogger(__name__)
+
+HEALTH_BROKER_TIMEOUT = 2.0
+
+
+def check_database() -> bool:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            return cursor.fetchone() == (1,)
+    except DatabaseError as exc:
+        logger.warning("healthz database=unavailable error=%s", exc.__class__.__name__)
+        return False
+
+
+def check_broker() -> bool:
+    try:
+        broker.connect(timeout=HEALTH_BROKER_TIMEOUT, client_name="mailroom-healthz").close()
+        return True
+    except Exception as exc:  # noqa: BLE001 — any failure means "not healthy"; the reason goes to the log
+        logger.warning("healthz broker=unavailable error=%s", broker.describe(exc))
+        return False
+
+
+@never_cache
+@require_GET
+def healthz(request):
+    """`{"database": "ok"|"unavailable", "broker": ...}`: 200 when both answer, 503 otherwise."""
+    checks = {"database": check_database(), "broker": check_broker()}
+    body = {name: "ok" if ok else "unavailable" for name, ok in checks.items()}
+    return JsonResponse(body, status=HTTPStatus.OK if all(checks.values()) else HTTPStatus.SERVICE_UNAVAILABLE)
+
+
+class MailroomCollector:
+    """Reads Mailroom's figures when Prometheus scrapes (bounded queries; see messaging.counting)."""
+
+    def collect(self):
+        letters = GaugeMetricFamily(
+            "mailroom_letters", "Letters by status (exact up to 10,000, the planner's estimate beyond).",
+            labels=["status"])
+        for value, _ in Message.Status.choices:
+            letters.add_metric([value], capped_count(Message.objects.filter(status=value)).value)
+        yield letters
+
+        deliveries = GaugeMetricFamily(
+            "mailroom_deliveries", "Deliveries by status (exact up to 10,000, the planner's estimate beyond).",
+            labels=["status"])
+        for value, _ in Delivery.Status.choices:
+            deliveries.add_metric([value], capped_count(Delivery.objects.filter(status=value)).value)
+        yield deliveries
+
+        since = timezone.now() - timedelta(minutes=5)
+        recent = GaugeMetricFamily("mailroom_letters_published_last_5m", "Letters published in the last 5 minutes.")
+        recent.add_metric([], Message.objects.filter(published_at__gte=since).count())
+        yield recent
+
+        heartbeat = GaugeMetricFamily(
+            "mailroom_worker_heartbeat_timestamp_seconds", "Last heartbeat of each running worker (Unix time).",
+            labels=["host", "pid"])
+        alive = 0
+        cutoff = timezone.now() - timedelta(seconds=60)
+        for w in Worker.objects.filter(status=Worker.Status.RUNNING).order_by("-heartbeat_at")[:100]:
+            heartbeat.add_metric([w.host, str(w.pid)], w.heartbeat_at.timestamp())
+            alive += w.heartbeat_at >= cutoff
+        yield heartbeat
+        workers = GaugeMetricFamily("mailroom_workers_alive", "Running workers with a heartbeat in the last minute.")
+        workers.add_metric([], alive)
+        yield workers
+
+        if rabbitmq_api.configured():
+            queues = rabbitmq_api.queues()
+            up = GaugeMetricFamily("mailroom_management_api_up", "1 when the RabbitMQ management API answered.")
+            up.add_metric([], 0 if queues is None else 1)
+            yield up
+            ready = GaugeMetricFamily("mailroom_queue_messages_ready", "Messages ready per queue.", labels=["queue"])
+            unacked = GaugeMetricFamily("mailroom_queue_messages_unacked", "Messages delivered, not yet acked, per queue.",
+                                        labels=["queue"])
+            consumers = GaugeMetricFamily("mailroom_queue_consumers", "Consumers per queue.", labels=["queue"])
+            for q in queues or []:
+                name = q.get("name", "")
+                ready.add_metric([name], q.get("messages_ready") or 0)
+                unacked.add_metric([name], q.get("messages_unacknowledged") or 0)
+                consumers.add_metric([name], q.get("consumers") or 0)
+            yield ready
+            yield unacked
+            yield consumers
+
+
+def metrics_allowed(request) -> bool:
+    token = getattr(settings, "MAILROOM_METRICS_TOKEN", "")
+    if token:
+        header = request.headers.get("Authorization", "")
+        return header.startswith("Bearer ") and secrets.compare_digest(header[7:].encode(), token.encode())
+    return request.user.is_authenticated and request.user.is_staff
+
+
+@never_cache
+@require_GET
+def metrics(request):
+    if not metrics_allowed(request):
+        return HttpResponse("Forbidden: send the metrics token (MAILROOM_METRICS_TOKEN) or log in as staff.\n",
+                            status=HTTPStatus.FORBIDDEN, content_type="text/plain")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MailroomCollector())
+    return HttpResponse(generate_latest(registry), content_type=CONTENT_TYPE_LATEST)

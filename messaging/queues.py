@@ -1,0 +1,144 @@
+"""The broker view (`/queues/`): queues, exchanges and bindings, and the alarms in effect.
+
+From the management HTTP API when RABBITMQ_MANAGEMENT_URL is set (depths, consumers, rates,
+bindings, alarms); without it, from passive declares of the queues known from the history
+(ready and consumer counts only).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from django.contrib.auth.decorators import login_required
+from django.db import connection
+from django.shortcuts import render
+
+from messaging import broker, rabbitmq_api
+from messaging.models import Delivery, Worker
+
+logger = logging.getLogger(__name__)
+
+# Passive declares cost one connection each: look at this many known queues at most.
+MAX_PASSIVE_QUEUES = 30
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueueRow:
+    name: str
+    ready: int | None
+    unacked: int | None = None
+    consumers: int | None = None
+    publish_rate: float | None = None
+    deliver_rate: float | None = None
+    ack_rate: float | None = None
+    kind: str = ""
+    state: str = ""
+    missing: bool = False
+
+    @property
+    def depth(self) -> int:
+        return (self.ready or 0) + (self.unacked or 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExchangeRow:
+    name: str
+    kind: str
+    durable: bool
+    bindings: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerView:
+    source: str  # "management" or "passive"
+    queues: list[QueueRow]
+    exchanges: list[ExchangeRow] | None = None  # None: unknown without the management API
+    alarms: list[str] | None = None  # None: unknown
+    error: str = ""
+
+    def deepest(self, n: int = 5) -> list[QueueRow]:
+        return sorted(self.queues, key=lambda q: -q.depth)[:n]
+
+
+def known_queues(*, limit: int = MAX_PASSIVE_QUEUES) -> list[str]:
+    """Queues named in the history (deliveries) and by the workers, without scanning the table."""
+    table = Delivery._meta.db_table
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            # A loose index scan over (queue, received_at): one index probe per distinct queue.
+            cursor.execute(f"""
+                WITH RECURSIVE q AS (
+                    (SELECT queue FROM {table} ORDER BY queue LIMIT 1)
+                    UNION ALL
+                    SELECT (SELECT d.queue FROM {table} d WHERE d.queue > q.queue ORDER BY d.queue LIMIT 1)
+                    FROM q WHERE q.queue IS NOT NULL
+                ) SELECT queue FROM q WHERE queue IS NOT NULL LIMIT %s""", [limit])
+        else:
+            cursor.execute(f"SELECT DISTINCT queue FROM {table} ORDER BY queue LIMIT %s", [limit])
+        names = {row[0] for row in cursor.fetchall()}
+    for queues in Worker.objects.filter(status=Worker.Status.RUNNING).values_list("queues", flat=True)[:100]:
+        names.update(q for q in queues or [] if isinstance(q, str))
+    return sorted(names)[:limit]
+
+
+def _rate(queue: dict, key: str) -> float | None:
+    details = (queue.get("message_stats") or {}).get(f"{key}_details")
+    return details.get("rate") if details else None
+
+
+def from_management() -> BrokerView | None:
+    queues = rabbitmq_api.queues()
+    if queues is None:
+        return None
+    rows = [
+        QueueRow(
+            name=q.get("name", ""), ready=q.get("messages_ready"), unacked=q.get("messages_unacknowledged"),
+            consumers=q.get("consumers"), publish_rate=_rate(q, "publish"), deliver_rate=_rate(q, "deliver_get"),
+            ack_rate=_rate(q, "ack"), kind=q.get("type", ""), state=q.get("state", ""),
+        )
+        for q in queues
+    ]
+    bindings: dict[str, list[dict]] = {}
+    for b in rabbitmq_api.bindings() or []:
+        bindings.setdefault(b.get("source", ""), []).append({
+            "destination": b.get("destination", ""), "destination_type": b.get("destination_type", ""),
+            "routing_key": b.get("routing_key", ""), "arguments": b.get("arguments") or {},
+        })
+    exchanges = [
+        ExchangeRow(name=e.get("name", ""), kind=e.get("type", ""), durable=bool(e.get("durable")),
+                    bindings=bindings.get(e.get("name", ""), []))
+        for e in rabbitmq_api.exchanges() or []
+    ]
+    return BrokerView(source="management", queues=sorted(rows, key=lambda r: r.name), exchanges=exchanges,
+                      alarms=rabbitmq_api.alarms())
+
+
+def from_passive_declares(*, limit: int = MAX_PASSIVE_QUEUES) -> BrokerView:
+    rows, error = [], ""
+    for name in known_queues(limit=limit):
+        try:
+            state = broker.queue_state(name, timeout=2)
+        except Exception as exc:  # noqa: BLE001 — the page shows the broker as unreachable instead of failing
+            error = broker.describe(exc)
+            logger.warning("queue view: broker unavailable: %s", error)
+            break
+        rows.append(QueueRow(name=name, ready=state.message_count, consumers=state.consumer_count) if state
+                    else QueueRow(name=name, ready=None, missing=True))
+    return BrokerView(source="passive", queues=rows, error=error)
+
+
+def broker_view(*, limit: int = MAX_PASSIVE_QUEUES) -> BrokerView:
+    """The broker as the management API shows it, or as passive declares can tell."""
+    if rabbitmq_api.configured():
+        view = from_management()
+        if view is not None:
+            return view
+        fallback = from_passive_declares(limit=limit)
+        return BrokerView(source="passive", queues=fallback.queues,
+                          error=fallback.error or "the management API did not answer; showing passive declares")
+    return from_passive_declares(limit=limit)
+
+
+@login_required
+def queues(request):
+    return render(request, "messaging/queues.html", {"view": broker_view()})

@@ -1,0 +1,172 @@
+"""The admin as an audit tool: both roles, read-only history, search, filters, exports, republish."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from http import HTTPStatus
+
+import pytest
+from django.contrib.auth.models import Group, User
+from django.core.management import call_command
+from django.urls import reverse
+
+from messaging.models import Delivery, Message
+from tests.audit_data import delivery, letter, fast_passwords  # noqa: F401 — autouse
+
+pytestmark = pytest.mark.django_db
+
+CHANGELIST = "admin:messaging_message_changelist"
+
+
+def member(role: str) -> User:
+    user = User.objects.create_user(f"{role}-user", password="x", is_staff=True)
+    user.groups.add(Group.objects.get(name=role))
+    return user
+
+
+@pytest.fixture
+def auditor(client):
+    client.force_login(member("auditor"))
+    return client
+
+
+@pytest.fixture
+def publisher(client):
+    client.force_login(member("publisher"))
+    return client
+
+
+@pytest.fixture
+def trail():
+    m = letter(message_id="find-me", routing_key="orders", correlation_id="corr-1", headers={"k": "v"},
+               body=b"\xff\x00binary")
+    delivery(m, queue="orders", status=Delivery.Status.REQUEUED, attempt=1, error="boom")
+    delivery(m, queue="orders", status=Delivery.Status.ACKED, attempt=2, redelivered=True)
+    letter(message_id="unrelated-letter", routing_key="elsewhere")
+    return m
+
+
+def test_roles_have_exactly_their_permissions():
+    perms = {g.name: {p.codename for p in g.permissions.all()} for g in Group.objects.all()}
+    assert "add_message" in perms["publisher"] and "view_delivery" in perms["publisher"]
+    assert all(p.startswith("view_") for p in perms["auditor"])
+    assert {"view_message", "view_delivery", "view_worker"} <= perms["auditor"]
+
+
+def test_roles_command_recreates_and_grants(capsys):
+    Group.objects.filter(name="auditor").delete()
+    User.objects.create_user("carol")
+    call_command("roles", "--grant", "carol", "auditor")
+    carol = User.objects.get(username="carol")
+    assert carol.is_staff and carol.groups.filter(name="auditor").exists()
+    assert carol.has_perm("messaging.view_delivery") and not carol.has_perm("messaging.add_message")
+
+
+def test_auditor_finds_a_letter_by_message_id_and_sees_its_trail(auditor, trail):
+    listing = auditor.get(reverse(CHANGELIST), {"q": "find-me"})
+    assert listing.status_code == HTTPStatus.OK
+    html = listing.content.decode()
+    assert "find-me" in html and "unrelated-letter" not in html
+    change_url = reverse("admin:messaging_message_change", args=[trail.pk])
+    assert change_url in html  # one click from the result to the trail
+    page = auditor.get(change_url).content.decode()
+    assert "requeued" in page and "acked" in page and "boom" in page
+    assert "Save" not in page  # read-only: no form to change it
+    for term in ("corr-1", "orders"):  # correlation_id and routing key search too
+        assert "find-me" in auditor.get(reverse(CHANGELIST), {"q": term}).content.decode()
+
+
+def test_auditor_changes_and_publishes_nothing(auditor, trail):
+    change_url = reverse("admin:messaging_message_change", args=[trail.pk])
+    response = auditor.post(change_url, {"routing_key": "hacked"})
+    assert response.status_code == HTTPStatus.FORBIDDEN
+    assert auditor.get(reverse("admin:messaging_message_add")).status_code == HTTPStatus.FORBIDDEN
+    assert auditor.get(reverse("admin:messaging_message_delete", args=[trail.pk])).status_code == HTTPStatus.FORBIDDEN
+    assert auditor.get(reverse("publish")).status_code == HTTPStatus.FORBIDDEN
+    before = Message.objects.count()
+    response = auditor.post(reverse(CHANGELIST), {"action": "republish_letters", "_selected_action": [trail.pk],
+                                                  "confirmed": "yes"})
+    assert Message.objects.count() == before
+    trail.refresh_from_db()
+    assert trail.routing_key == "orders"
+    listing = auditor.get(reverse(CHANGELIST)).content.decode()
+    assert "republish_letters" not in listing and "export_csv" in listing
+    assert auditor.get(reverse("admin:messaging_delivery_changelist")).status_code == HTTPStatus.OK
+    assert auditor.get(reverse("admin:messaging_worker_changelist")).status_code == HTTPStatus.OK
+
+
+def test_publisher_sees_history_and_may_republish(publisher, trail, queue_name, amqp,
+                                                  django_capture_on_commit_callbacks):
+    amqp.queue_declare(queue=queue_name, durable=True)
+    Message.objects.filter(pk=trail.pk).update(routing_key=queue_name)
+    listing = publisher.get(reverse(CHANGELIST)).content.decode()
+    assert "republish_letters" in listing
+    data = {"action": "republish_letters", "_selected_action": [trail.pk]}
+    confirm = publisher.post(reverse(CHANGELIST), data)
+    assert confirm.status_code == HTTPStatus.OK and "Yes, republish" in confirm.content.decode()
+    assert Message.objects.filter(republished_from=trail).count() == 0  # nothing until confirmed
+    with django_capture_on_commit_callbacks(execute=True):  # the publish happens on commit
+        done = publisher.post(reverse(CHANGELIST), {**data, "confirmed": "yes"})
+    assert done.status_code == HTTPStatus.FOUND
+    copy = Message.objects.get(republished_from=trail)
+    assert copy.status == Message.Status.PUBLISHED and copy.origin == Message.Origin.REPUBLISH
+    assert bytes(copy.body) == b"\xff\x00binary" and copy.published_by.username == "publisher-user"
+    assert copy.message_id != trail.message_id
+    method, _, body = amqp.basic_get(queue_name, auto_ack=True)
+    assert body == b"\xff\x00binary"
+    # The copy's page links back to the original.
+    page = publisher.get(reverse("admin:messaging_message_change", args=[copy.pk])).content.decode()
+    assert reverse("admin:messaging_message_change", args=[trail.pk]) in page
+    # But still cannot change a letter.
+    assert publisher.post(reverse("admin:messaging_message_change", args=[trail.pk]), {}).status_code == 403
+
+
+def test_list_columns_and_filters(admin_client, trail):
+    html = admin_client.get(reverse(CHANGELIST)).content.decode()
+    assert "last delivery" in html.lower() and 'class="field-deliveries">2<' in html
+    assert 'class="field-last_delivery">acked<' in html
+    for params, expect, absent in [
+        ({"status": "published"}, "find-me", None),
+        ({"queue": "orders"}, "find-me", "unrelated-letter"),
+        ({"delivery_status": "requeued"}, "find-me", "unrelated-letter"),
+        ({"exchange": "-"}, "find-me", None),
+        ({"exchange": "nope"}, None, "find-me"),
+        ({"origin": "external"}, None, "find-me"),
+    ]:
+        page = admin_client.get(reverse(CHANGELIST), params)
+        assert page.status_code == HTTPStatus.OK, params
+        text = page.content.decode()
+        if expect:
+            assert expect in text, params
+        if absent:
+            assert absent not in text, params
+    by_year = admin_client.get(reverse(CHANGELIST), {"created_at__year": trail.created_at.year})
+    assert by_year.status_code == HTTPStatus.OK and "find-me" in by_year.content.decode()
+    deliveries = admin_client.get(reverse("admin:messaging_delivery_changelist"), {"q": "find-me"}).content.decode()
+    assert deliveries.count("find-me") >= 2
+
+
+def test_export_csv_and_json(admin_client, trail):
+    selected = {"_selected_action": [trail.pk]}
+    response = admin_client.post(reverse(CHANGELIST), {"action": "export_csv", **selected})
+    assert response.status_code == HTTPStatus.OK and response["Content-Type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["message_id"] == "find-me" and row["routing_key"] == "orders" and row["correlation_id"] == "corr-1"
+    assert row["delivery_count"] == "2" and row["last_delivery_status"] == "acked"
+    assert row["body_encoding"] == "base64" and json.loads(row["headers"]) == {"k": "v"}
+
+    response = admin_client.post(reverse(CHANGELIST), {"action": "export_json", **selected})
+    data = json.loads(b"".join(response.streaming_content))
+    assert [d["message_id"] for d in data] == ["find-me"]
+    assert [d["status"] for d in data[0]["deliveries"]] == ["requeued", "acked"]
+    assert data[0]["deliveries"][1]["redelivered"] is True and data[0]["headers"] == {"k": "v"}
+
+
+def test_csv_export_defuses_formulas(admin_client):
+    m = letter(routing_key="=HYPERLINK(\"http://evil\")")
+    response = admin_client.post(reverse(CHANGELIST), {"action": "export_csv", "_selected_action": [m.pk]})
+    row = next(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
+    assert row["routing_key"].startswith("'=")

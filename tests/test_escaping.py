@@ -1,0 +1,47 @@
+"""Every page escapes a `<script>` in a letter's body, headers, routing key and message_id."""
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import pytest
+from django.urls import reverse
+
+from messaging.models import Delivery, Message
+from tests.audit_data import HOSTILE, delivery, letter, fast_passwords  # noqa: F401 — autouse
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def hostile():
+    m = letter(message_id=f"id{HOSTILE}", routing_key=f"rk{HOSTILE}", body=HOSTILE.encode(),
+               headers={HOSTILE: HOSTILE}, correlation_id=HOSTILE, last_error=HOSTILE, status=Message.Status.FAILED)
+    delivery(m, queue=f"q{HOSTILE}", status=Delivery.Status.REJECTED, error=HOSTILE)
+    return m
+
+
+def pages(m: Message) -> list[str]:
+    return [
+        reverse("dashboard"),
+        reverse("message-list"),
+        reverse("message-list") + "?status=failed",
+        reverse("message-detail", args=[m.message_id]),
+        reverse("queues"),
+        reverse("admin:messaging_message_changelist"),
+        reverse("admin:messaging_message_change", args=[m.pk]),
+        reverse("admin:messaging_delivery_changelist"),
+        reverse("admin:messaging_delivery_change", args=[m.deliveries.get().pk]),
+    ]
+
+
+def test_every_page_escapes_a_script(admin_client, hostile):
+    for url in pages(hostile):
+        response = admin_client.get(url)
+        assert response.status_code == HTTPStatus.OK, url
+        html = response.content.decode()
+        assert "<script>alert" not in html, url
+    # And the hostile values are there, escaped, where a page shows them.
+    detail = admin_client.get(reverse("admin:messaging_message_change", args=[hostile.pk])).content.decode()
+    assert "&lt;script&gt;alert(" in detail
+    listing = admin_client.get(reverse("admin:messaging_message_changelist")).content.decode()
+    assert "rk&lt;script&gt;" in listing
