@@ -47,7 +47,7 @@ class Message(models.Model):
         EXTERNAL = "external", "another producer"
 
     message_id = models.CharField(
-        max_length=255, unique=True, default=new_message_id,
+        max_length=255, default=new_message_id,
         help_text="The AMQP message_id property; a UUID when the producer gave none.",
     )
     origin = models.CharField(max_length=16, choices=Origin.choices, default=Origin.FORM)
@@ -56,7 +56,7 @@ class Message(models.Model):
         max_length=16, blank=True,
         help_text="Type to declare the exchange with when `declare` is set ('' for the default exchange).",
     )
-    routing_key = models.CharField(max_length=255, blank=True, db_index=True)
+    routing_key = models.CharField(max_length=255, blank=True)
     declare = models.BooleanField(
         default=False, help_text="Declare the queue or exchange (durable) before publishing if it is missing.",
     )
@@ -65,7 +65,7 @@ class Message(models.Model):
     body_sha256 = models.CharField(max_length=64, blank=True)
     content_type = models.CharField(max_length=255, blank=True)
     content_encoding = models.CharField(max_length=255, blank=True)
-    correlation_id = models.CharField(max_length=255, blank=True, db_index=True)
+    correlation_id = models.CharField(max_length=255, blank=True)
     delivery_mode = models.PositiveSmallIntegerField(default=2, help_text="2 = persistent, 1 = transient.")
     headers = models.JSONField(default=dict, blank=True, help_text="AMQP headers, as JSON-safe values.")
     properties = models.JSONField(
@@ -91,7 +91,12 @@ class Message(models.Model):
     class Meta:
         ordering = ["-created_at", "-id"]
         # Every index slows the consumer's inserts: keep the ones the pages and the relay need.
+        # Unique and plain indexes declared here rather than with unique=/db_index= on the fields:
+        # PostgreSQL then gets no extra LIKE (varchar_pattern_ops) index per text column.
+        constraints = [models.UniqueConstraint(fields=["message_id"], name="message_message_id_unique")]
         indexes = [
+            models.Index(fields=["routing_key"], name="message_routing_key_idx"),
+            models.Index(fields=["correlation_id"], name="message_correlation_id_idx"),
             models.Index(fields=["next_attempt_at"], name="message_relay_idx", condition=models.Q(status="pending")),
             models.Index(fields=["status", "created_at"], name="message_status_created_idx"),
             # The admin's filters by origin and exchange, newest first, at a million letters.
