@@ -12,10 +12,11 @@ from pathlib import Path
 import pika
 import pytest
 from django.contrib.auth.models import User
+from django.db import transaction
 from playwright.sync_api import expect, sync_playwright
 
 from messaging.models import Delivery, Message
-from messaging.publishing import publish_message
+from messaging.publishing import create_letter, publish_message
 from tests.conftest import ROOT, queue_depth, wait_for
 
 logger = logging.getLogger(__name__)
@@ -132,8 +133,15 @@ def test_queue_letter_goes_pending_published_acked_without_reload(page, settings
     expect(inline).to_contain_text("acked")
     assert page.evaluate("window.__xss") is None and page.dialogs == []
 
+    # A little traffic for the dashboard's picture, then the dashboard itself.
+    for i in range(20):
+        with transaction.atomic():
+            create_letter(routing_key=queue_name, body=f"letter {i}".encode(), content_type="text/plain")
+    wait_for(lambda: Delivery.objects.filter(queue=queue_name, status=Delivery.Status.ACKED).count() == 21,
+             message="the traffic to be acked")
     page.goto("/")
-    expect(page.locator("main")).to_contain_text(letter.message_id)
+    expect(page.locator("main")).to_contain_text(queue_name)  # its worker, alive
+    expect(page.locator("main")).to_contain_text("published (21)")
     page.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
     assert page.csp_violations == [], page.csp_violations
     assert worker.proc.poll() is None, worker.output
