@@ -8,6 +8,11 @@ say() { printf '%s\n' "$*" >&2; }
 
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
+# RABBITMQ_URL from the environment, else from .env (as Django and honcho read it), else the default.
+if [[ -z "${RABBITMQ_URL:-}" && -f .env ]]; then
+  RABBITMQ_URL="$(sed -n 's/^[[:space:]]*RABBITMQ_URL[[:space:]]*=[[:space:]]*//p' .env | tail -n1 | tr -d '"'"'"'')"
+fi
+
 # host and port of the first address in RABBITMQ_URL (default localhost:5672)
 rabbit_host_port() {
   local url="${RABBITMQ_URL:-amqp://guest:guest@localhost:5672/%2F}"
@@ -33,6 +38,10 @@ ensure_rabbitmq() {
       say "(or point RABBITMQ_URL at a running broker). Re-run with MAILROOM_INSTALL_SERVICES=1 as root to let this script install it."
       return 1
     fi
+  fi
+  if timeout 20 rabbitmqctl -q status >/dev/null 2>&1; then
+    say "A local RabbitMQ node is running, but nothing answers at $host:$port: check the port in RABBITMQ_URL."
+    return 1
   fi
   say "Starting rabbitmq-server ..."
   rabbitmq-server -detached >/dev/null 2>&1 || true
