@@ -153,21 +153,25 @@ def _insert(batch: list[Received], *, worker_id: int | None) -> list[Recorded]:
     adapt_datetime, adapt_json = ops.adapt_datetimefield_value, ops.adapt_json_value
     received = [adapt_datetime(r.received_at) for r in batch]
     ids = [_message_id(r) for r in batch]
-    known = _message_pks(set(ids))
-    new: dict[str, tuple] = {}
-    for r, message_id, received_at in zip(batch, ids, received):
-        if message_id not in known and message_id not in new:
-            new[message_id] = _external_message_row(r, message_id, received_at, adapt_json)
-    if new:
-        # Conflicts ignored: a competing worker may record the same letter at the same moment.
-        known.update(_insert_rows(
-            Message, MESSAGE_COLUMNS, list(new.values()), ignore_conflicts=True, returning=("message_id", "id"),
-        ))
-        missing = [m for m in new if m not in known]
-        if missing:  # recorded by a competing worker at the same moment
-            known.update(_message_pks(missing))
+    if connection.vendor == "postgresql" and len(batch) < COPY_MIN_ROWS:
+        known, fresh = _find_or_insert_letters(batch, ids, received, adapt_json)
+    else:
+        known = _message_pks(set(ids))
+        new: dict[str, tuple] = {}
+        for r, message_id, received_at in zip(batch, ids, received):
+            if message_id not in known and message_id not in new:
+                new[message_id] = _external_message_row(r, message_id, received_at, adapt_json)
+        if new:
+            # Conflicts ignored: a competing worker may record the same letter at the same moment.
+            known.update(_insert_rows(
+                Message, MESSAGE_COLUMNS, list(new.values()), ignore_conflicts=True, returning=("message_id", "id"),
+            ))
+        fresh = set(new)
+    missing = [m for m in set(ids) if m not in known]
+    if missing:  # recorded by a competing worker at the same moment
+        known.update(_message_pks(missing))
 
-    history = _history(batch, ids, known, fresh=set(new))
+    history = _history(batch, ids, known, fresh=fresh)
     rows, recorded = [], []
     for r, message_id, received_at in zip(batch, ids, received):
         message_pk = known[message_id]
@@ -182,6 +186,28 @@ def _insert(batch: list[Received], *, worker_id: int | None) -> list[Recorded]:
     for item, (pk,) in zip(recorded, _insert_rows(Delivery, DELIVERY_COLUMNS, rows, returning=("id",)), strict=True):
         item.pk = pk
     return recorded
+
+
+def _find_or_insert_letters(batch, ids, received, adapt_json) -> tuple[dict[str, int], set[str]]:
+    """PostgreSQL, small batches: find the known letters and insert the others in one round trip.
+
+    Returns {message_id: pk} and the message_ids inserted now. The outer SELECT does not see the
+    CTE's rows (one snapshot), so each letter comes back once.
+    """
+    rows: dict[str, tuple] = {}
+    for r, message_id, received_at in zip(batch, ids, received):
+        if message_id not in rows:
+            rows[message_id] = _external_message_row(r, message_id, received_at, adapt_json)
+    table = Message._meta.db_table
+    placeholders = "(" + ", ".join(["%s"] * len(MESSAGE_COLUMNS)) + ")"
+    sql = (
+        f"WITH inserted AS (INSERT INTO {table} ({', '.join(MESSAGE_COLUMNS)}) "
+        f"VALUES {', '.join([placeholders] * len(rows))} ON CONFLICT DO NOTHING RETURNING message_id, id) "
+        f"SELECT message_id, id, true FROM inserted "
+        f"UNION ALL SELECT message_id, id, false FROM {table} WHERE message_id = ANY(%s)"
+    )
+    found = _execute(sql, [value for row in rows.values() for value in row] + [list(rows)])
+    return {m: pk for m, pk, _ in found}, {m for m, _, inserted in found if inserted}
 
 
 def _insert_rows(model, columns: tuple[str, ...], rows: list[tuple], *, ignore_conflicts: bool = False,
