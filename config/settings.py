@@ -73,7 +73,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
             # Writers queue at BEGIN instead of failing mid-transaction; WAL lets the web
             # pages read while the worker writes.
             "transaction_mode": "IMMEDIATE",
-            "timeout": 20,
+            "timeout": env.float("MAILROOM_SQLITE_TIMEOUT", default=20.0),  # seconds a writer waits for the lock
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         }
     )

@@ -15,7 +15,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
-from django.db import DatabaseError, close_old_connections
+from django.db import Error as DatabaseError  # also InterfaceError: "connection already closed"
+from django.db import close_old_connections
 from django.db import connection as db_connection
 from django.utils import timezone
 from django.utils.module_loading import import_string
@@ -38,8 +39,8 @@ class QueueGone(Exception):
 @dataclass(frozen=True, kw_only=True)
 class ConsumeOptions:
     queues: tuple[str, ...] = ()
-    prefetch: int = 200
-    batch_size: int = 100
+    prefetch: int = 1000
+    batch_size: int = 200
     max_messages: int | None = None
     inactivity_timeout: float | None = None
     handler: str = ""
@@ -99,6 +100,10 @@ class Worker:
         self._last_heartbeat = 0.0
         self._connection = None
         self._channel = None
+        self._consumers = 0  # consumers on the channel; fewer means the broker cancelled one
+        self._draining = False  # stopping: record nothing more, only finish the batch in hand
+        self._settled_below = 1
+        self._settled_above: set[int] = set()
 
     # --- lifecycle -------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -120,6 +125,14 @@ class Worker:
                     code = 1
                     break
                 except (QueueGone, *broker.CONNECTION_ERRORS, broker.pe.AMQPError) as exc:
+                    if getattr(exc, "reply_code", None) in broker.FATAL_REPLY_CODES:
+                        # e.g. no permission on the queue (403): retrying cannot help.
+                        logger.error("cannot consume: %s (check the user's permissions)", broker.describe(exc))
+                        self._drop_connection(reason=broker.describe(exc))
+                        code = 1
+                        break
+                    if self._consumers:  # it was consuming: start the backoff afresh
+                        delays = backoff_delays()
                     self._drop_connection(reason=broker.describe(exc))
                     if self._done():
                         break
@@ -165,13 +178,17 @@ class Worker:
             channel, queue = self._declare(channel, name)
             channel.basic_consume(queue=queue, on_message_callback=self._receiver(queue))
         self._channel = channel
+        self._consumers = len(channel.consumer_tags)
+        self._draining = False
+        self._settled_below = 1  # every delivery tag below this one is settled on this channel
+        self._settled_above: set[int] = set()
         logger.info("consuming queues=%s prefetch=%s batch=%s", ",".join(o.queues) or "(server-named)", prefetch, o.batch_size)
         while not self._done():
             # Returns on deliveries, or when the database thread finishes a batch (see _submit).
             self._connection.process_data_events(time_limit=0.5)
             self._pump()
-            if not self._channel.consumer_tags:
-                raise QueueGone("the broker cancelled the consumer (queue deleted?)")
+            if len(self._channel.consumer_tags) < self._consumers:
+                raise QueueGone("the broker cancelled a consumer (queue deleted?); declaring it again")
             if self._in_flight is None:
                 self._heartbeat()
         self._finish()
@@ -203,7 +220,7 @@ class Worker:
         limit = self.options.max_messages
 
         def on_delivery(_channel, method, properties, body) -> None:
-            if limit is not None and self.counts.received >= limit:
+            if self._draining or (limit is not None and self.counts.received >= limit):
                 return  # left unacked: the broker gives it back when we close
             self.counts.received += 1
             pending.append(recording.Received(
@@ -219,11 +236,11 @@ class Worker:
 
         Deliveries buffered but not yet recorded are left unacked: the broker requeues them on close.
         """
+        self._draining = True
         self._pending.clear()
         while self._in_flight is not None or self._unsettled:
             self._connection.process_data_events(time_limit=0.2)
             self._pump()
-            self._pending.clear()
         self._close()
 
     def _drop_connection(self, *, reason: str) -> None:
@@ -251,6 +268,7 @@ class Worker:
         except (*broker.CONNECTION_ERRORS, broker.pe.AMQPError):
             pass
         self._connection = self._channel = None
+        self._consumers = 0
 
     # --- batches: one recorded on the database thread while pika keeps receiving --------------------
     def _pump(self) -> None:
@@ -280,7 +298,7 @@ class Worker:
                 self._unsettled.extend(settlements)
         if time.monotonic() < self._db_retry_at:
             return
-        if self._pending:
+        if self._pending and not self._draining:
             batch = self._pending[: self.options.batch_size]
             del self._pending[: len(batch)]
             self._last_activity = time.monotonic()
@@ -309,14 +327,24 @@ class Worker:
 
     def _settle(self, settlements: list[recording.Settlement]) -> None:
         channel = self._channel
-        if all(s.action == Delivery.Status.ACKED for s in settlements):
-            channel.basic_ack(delivery_tag=max(s.delivery_tag for s in settlements), multiple=True)
+        tags = sorted(s.delivery_tag for s in settlements)
+        if (
+            tags[0] == self._settled_below and tags[-1] - tags[0] + 1 == len(tags)
+            and all(s.action == Delivery.Status.ACKED for s in settlements)
+        ):
+            # One ack for the whole batch — but only when it covers nothing else: `multiple` also
+            # acks every earlier unsettled tag, e.g. a delivery dropped unrecorded while stopping.
+            channel.basic_ack(delivery_tag=tags[-1], multiple=True)
         else:
             for s in settlements:
                 if s.action == Delivery.Status.ACKED:
                     channel.basic_ack(delivery_tag=s.delivery_tag)
                 else:
                     channel.basic_nack(delivery_tag=s.delivery_tag, requeue=s.action == Delivery.Status.REQUEUED)
+        self._settled_above.update(tags)
+        while self._settled_below in self._settled_above:
+            self._settled_above.discard(self._settled_below)
+            self._settled_below += 1
         for s in settlements:
             setattr(self.counts, s.action, getattr(self.counts, s.action) + 1)
             self.counts.duplicates += s.duplicate

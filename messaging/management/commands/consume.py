@@ -34,9 +34,11 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("queues", nargs="*", help="Queues to consume; none with --exchange binds a server-named queue.")
-        parser.add_argument("--prefetch", type=positive_int, default=200, help="basic.qos prefetch count (default 200).")
-        parser.add_argument("--batch-size", type=positive_int, default=100,
-                            help="Most deliveries recorded in one commit and acked at once (default 100).")
+        parser.add_argument("--prefetch", type=positive_int, default=1000,
+                            help="basic.qos prefetch count (default 1000, what bench/consume.py shows best; "
+                                 "use a small one, e.g. 1-10, with slow handlers so competing workers share fairly).")
+        parser.add_argument("--batch-size", type=positive_int, default=200,
+                            help="Most deliveries recorded in one commit and acked at once (default 200).")
         parser.add_argument("--max-messages", type=positive_int, help="Exit after N deliveries.")
         parser.add_argument("--inactivity-timeout", type=positive_float, help="Exit after S seconds without a delivery.")
         parser.add_argument("--handler", default="", help="Dotted path of a callable run with each letter (Message).")

@@ -1,0 +1,224 @@
+"""Faults injected for real into a running `consume` (see RELIABILITY.md's fault table).
+
+Each test asserts the contract afterwards: exactly N distinct letters recorded, each acked once,
+earlier deliveries recorded as requeued (attempt n, redelivered), the queue empty.
+Node-wide injections (close_all_connections, stop_app) are marked `node` and restore the broker.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sqlite3
+import time
+from contextlib import contextmanager
+
+import psycopg
+import pytest
+from django.db import connection
+
+from messaging.models import Delivery, Worker
+from tests.conftest import wait_for
+from tests.consuming_checks import (
+    acked_count, assert_exactly_once, consumers, publish, queue_counts, rabbitmqctl,
+)
+
+logger = logging.getLogger(__name__)
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+N = 200
+
+
+def consuming(queue: str):
+    def check():
+        try:
+            return consumers(queue) >= 1
+        except Exception:  # noqa: BLE001 — the broker may be restarting
+            return False
+    return check
+
+
+def test_kill_9_mid_stream_then_restart(queue_name, manage):
+    ids = publish(queue_name, N, declare=True)
+    args = ["consume", queue_name, "--handler", "tests.handlers.pause", "--batch-size", "20", "--prefetch", "50"]
+    victim = manage(*args)
+    wait_for(lambda: acked_count(queue_name) >= 40, timeout=30, message="a few batches acked")
+    victim.proc.kill()
+    victim.proc.wait()
+    assert acked_count(queue_name) < N, "the stream ended before the kill: nothing was injected"
+
+    successor = manage("consume", queue_name, "--inactivity-timeout", "3")
+    assert successor.wait(timeout=60) == 0, successor.output
+    # An ack may reach the broker an instant before the kill, its settlement never written: at
+    # most one batch can stay 'received' (the letter is not redelivered, so it is not lost).
+    figures = assert_exactly_once(queue_name, ids, settled_unknown_ok=20)
+    assert figures["redelivered"] >= 1, "the deliveries in hand at the kill were not redelivered"
+    assert Delivery.objects.filter(queue=queue_name, status="requeued", redelivered=False).exists()
+
+
+def test_sigterm_mid_stream_exits_0_with_nothing_half_written(queue_name, manage):
+    ids = publish(queue_name, N, declare=True)
+    worker = manage("consume", queue_name, "--handler", "tests.handlers.pause", "--batch-size", "20",
+                    "--prefetch", "50")
+    wait_for(lambda: acked_count(queue_name) >= 40, timeout=30, message="a few batches acked")
+    worker.signal(signal.SIGTERM)
+    started = time.monotonic()
+    assert worker.wait(timeout=10) == 0, worker.output
+    logger.info("SIGTERM to exit: %.2fs", time.monotonic() - started)
+    acked = acked_count(queue_name)
+    assert acked < N, "the stream ended before the signal: nothing was injected"
+    assert set(Delivery.objects.filter(queue=queue_name).values_list("status", flat=True)) == {"acked"}
+    # rows + ready + unacked = published: what was buffered but not recorded went back to the queue.
+    assert queue_counts(queue_name) == (N - acked, 0)
+    assert Worker.objects.get().status == Worker.Status.STOPPED
+
+    successor = manage("consume", queue_name, "--inactivity-timeout", "3")
+    assert successor.wait(timeout=60) == 0, successor.output
+    assert_exactly_once(queue_name, ids)
+
+
+@pytest.mark.node
+def test_close_all_connections_three_times(queue_name, manage):
+    worker = manage("consume", queue_name, "--handler", "tests.handlers.pause", "--batch-size", "20",
+                    "--prefetch", "50")
+    wait_for(consuming(queue_name), message="the worker to consume")
+    ids = []
+    for round_ in range(3):
+        ids += publish(queue_name, N // 4, prefix=f"round{round_}-{queue_name}")
+        wait_for(lambda: acked_count(queue_name) >= len(ids) - 30, timeout=30, message="letters acked")
+        rabbitmqctl("close_all_connections", "mailroom fault test")
+        time.sleep(0.5)
+        wait_for(consuming(queue_name), timeout=20, message="the worker to reconnect")
+    ids += publish(queue_name, N // 4, prefix=f"last-{queue_name}")
+    wait_for(lambda: acked_count(queue_name) == len(ids), timeout=30, message="all letters acked")
+    assert worker.proc.poll() is None, "the worker exited instead of reconnecting"
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=10) == 0, worker.output
+    assert worker.output.count("CONNECTION_FORCED") >= 3, worker.output[-3000:]
+    assert "reconnects=3" in worker.output
+    assert_exactly_once(queue_name, ids)
+
+
+@pytest.mark.node
+def test_broker_stop_app_and_start_app(queue_name, manage):
+    ids = publish(queue_name, N // 2, declare=True)
+    worker = manage("consume", queue_name, "--handler", "tests.handlers.pause", "--batch-size", "20",
+                    "--prefetch", "50")
+    wait_for(lambda: acked_count(queue_name) >= 20, timeout=30, message="a first batch acked")
+    try:
+        rabbitmqctl("stop_app")
+        time.sleep(3)
+        assert worker.proc.poll() is None, worker.output
+    finally:
+        rabbitmqctl("start_app")
+        rabbitmqctl("await_startup")
+    wait_for(consuming(queue_name), timeout=40, message="the worker to reconnect after the restart")
+    ids += publish(queue_name, N // 2, prefix=f"after-{queue_name}")
+    wait_for(lambda: acked_count(queue_name) == N, timeout=40, message="all letters acked")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=10) == 0, worker.output
+    assert "reconnecting in" in worker.output
+    assert_exactly_once(queue_name, ids)
+
+
+# --- the database goes away ---------------------------------------------------------------------
+@contextmanager
+def database_outage(queue: str):
+    """Lock the database against the worker (and on PostgreSQL, kill its sessions) while inside.
+
+    Yields a function that counts the letters acked on `queue`, read through the lock holder.
+    """
+    s = connection.settings_dict
+    if connection.vendor == "sqlite":
+        holder = sqlite3.connect(s["NAME"], isolation_level=None, timeout=10)
+        holder.execute("BEGIN EXCLUSIVE")
+        kill = None
+    else:
+        holder = psycopg.connect(host=s["HOST"] or "127.0.0.1", port=s["PORT"] or 5432, user=s["USER"],
+                                 password=s["PASSWORD"] or None, dbname=s["NAME"])
+        holder.execute(f"LOCK TABLE {Delivery._meta.db_table}, messaging_worker IN ACCESS EXCLUSIVE MODE")
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            mine = cursor.fetchone()[0]
+
+        def kill():
+            # Everyone on this test database but us: the worker's sessions die mid-query.
+            return holder.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid NOT IN (pg_backend_pid(), %s)", [mine],
+            ).fetchone()[0]
+
+    def acked() -> int:
+        return holder.execute(
+            f"SELECT count(DISTINCT message_id) FROM {Delivery._meta.db_table} WHERE queue = %s AND status = 'acked'"
+            .replace("%s", "?" if kill is None else "%s"), [queue],
+        ).fetchone()[0]
+
+    try:
+        yield acked, kill
+    finally:
+        holder.rollback() if kill else holder.execute("ROLLBACK")
+        holder.close()
+
+
+def test_database_locked_or_killed_nothing_acked_then_resumes(queue_name, manage):
+    from tests.conftest import subprocess_env
+
+    before = publish(queue_name, 20, declare=True, prefix=f"before-{queue_name}")
+    worker = manage("consume", queue_name, "--batch-size", "50", env=subprocess_env(MAILROOM_SQLITE_TIMEOUT="1"))
+    wait_for(lambda: acked_count(queue_name) == 20, timeout=30, message="the first letters acked")
+    published = 20
+    with database_outage(queue_name) as (acked, kill):
+        during = publish(queue_name, N // 2, prefix=f"during-{queue_name}")
+        published += len(during)
+        wait_for(lambda: queue_counts(queue_name) == (0, len(during)), timeout=15, message="all delivered, unacked")
+        if kill:
+            time.sleep(1)
+            assert kill() >= 1, "no worker session to terminate"
+        for _ in range(4):
+            ready, unacked = queue_counts(queue_name)
+            rows = acked()
+            assert rows == 20, "a letter was acked while the database was down"
+            assert rows + ready + unacked == published
+            time.sleep(0.5)
+        assert worker.proc.poll() is None, worker.output
+    wait_for(lambda: acked_count(queue_name) == published, timeout=40, message="all letters acked after the outage")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=10) == 0, worker.output
+    assert "database unavailable" in worker.output
+    assert_exactly_once(queue_name, before + during)
+
+
+# --- slow handlers, deleted queues ----------------------------------------------------------------
+def test_handler_sleeping_past_the_heartbeat_keeps_the_connection(queue_name, manage, tmp_path):
+    from tests.conftest import subprocess_env
+
+    slow = publish(queue_name, 1, body=b"slow", declare=True)
+    quick = publish(queue_name, 5)
+    worker = manage("consume", queue_name, "--heartbeat", "2", "--handler", "tests.handlers.sleep_on_slow",
+                    env=subprocess_env(HANDLER_LOG=str(tmp_path / "log"), HANDLER_SLEEP="6"))
+    wait_for(lambda: acked_count(queue_name) == 6, timeout=30, message="all letters acked")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=10) == 0, worker.output
+    assert "reconnects=0" in worker.output and "connection lost" not in worker.output
+    assert_exactly_once(queue_name, slow + quick)
+    assert Delivery.objects.filter(queue=queue_name).count() == 6  # acked once, never redelivered
+
+
+def test_queue_deleted_under_the_worker_is_declared_again(queue_name, manage):
+    first = publish(queue_name, 5, declare=True)
+    worker = manage("consume", queue_name)
+    wait_for(lambda: acked_count(queue_name) == 5, timeout=30, message="the first letters acked")
+    from tests.consuming_checks import connect
+
+    conn = connect()
+    conn.channel().queue_delete(queue=queue_name)
+    conn.close()
+    wait_for(consuming(queue_name), timeout=20, message="the queue declared again and consumed")
+    second = publish(queue_name, 5)
+    wait_for(lambda: acked_count(queue_name) == 10, timeout=30, message="letters on the new queue acked")
+    assert worker.proc.poll() is None, worker.output
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=10) == 0, worker.output
+    assert "queue deleted?" in worker.output
+    assert_exactly_once(queue_name, first + second)

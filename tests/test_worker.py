@@ -1,0 +1,174 @@
+"""The `consume` worker's options, signals, the RabbitMQ tutorial patterns, and the worker registry."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import urllib.request
+import uuid
+
+import pika
+import pytest
+
+from messaging.models import Delivery, Message, Worker
+from tests.conftest import delete_queue, wait_for
+from tests.consuming_checks import acked_count, assert_exactly_once, connect, consumers, publish, queue_counts
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def exchange_name(queue_name):
+    name = f"{queue_name}-x"
+    yield name
+    conn = connect()
+    conn.channel().exchange_delete(exchange=name)
+    conn.close()
+
+
+def server_named_queues(exchange: str) -> list[str]:
+    """Queues bound to `exchange`, from the management API."""
+    url = f"http://127.0.0.1:15672/api/exchanges/%2F/{exchange}/bindings/source"
+    request = urllib.request.Request(url, headers={"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="})  # guest:guest
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return sorted({b["destination"] for b in json.load(response)})
+
+
+# --- options and signals ----------------------------------------------------------------------------
+@pytest.mark.parametrize("args, error", [
+    ([], "Name a queue, or give --exchange"),
+    (["q", "--max-retries", "-1"], "--max-retries must be 0 or more"),
+    (["q", "--prefetch", "0"], "--prefetch"),
+    (["q", "--queue-type", "stream"], "--queue-type"),
+])
+def test_bad_options_are_refused(manage, args, error):
+    worker = manage("consume", *args)
+    assert worker.wait(timeout=30) != 0
+    assert error in worker.output
+
+
+def test_sigint_finishes_the_batch_and_exits_0_a_second_signal_exits_1(queue_name, manage):
+    ids = publish(queue_name, 50, declare=True)
+    worker = manage("consume", queue_name, "--handler", "tests.handlers.sleep_briefly", "--batch-size", "5",
+                    "--prefetch", "10")
+    wait_for(lambda: acked_count(queue_name) >= 5, timeout=30, message="a first batch acked")
+    worker.signal(signal.SIGINT)
+    assert worker.wait(timeout=10) == 0, worker.output
+    # Nothing half-written: every delivery recorded is settled; the rest is back in the queue.
+    statuses = set(Delivery.objects.filter(queue=queue_name).values_list("status", flat=True))
+    assert statuses == {"acked"}
+    assert queue_counts(queue_name) == (50 - acked_count(queue_name), 0)
+    assert Worker.objects.get().status == Worker.Status.STOPPED
+
+    stubborn = manage("consume", queue_name, "--handler", "tests.handlers.sleep_briefly", "--batch-size", "50")
+    wait_for(lambda: Delivery.objects.filter(queue=queue_name).count() > acked_count(queue_name) or
+             acked_count(queue_name) == 50, timeout=30, message="a second batch in hand")
+    stubborn.signal(signal.SIGTERM)
+    stubborn.signal(signal.SIGTERM)
+    assert stubborn.wait(timeout=10) == 1, stubborn.output
+
+    finisher = manage("consume", queue_name, "--inactivity-timeout", "3")
+    assert finisher.wait(timeout=30) == 0, finisher.output
+    assert_exactly_once(queue_name, ids, settled_unknown_ok=50)
+
+
+def test_inactivity_timeout_and_max_messages(queue_name, manage):
+    ids = publish(queue_name, 7, declare=True)
+    worker = manage("consume", queue_name, "--max-messages", "5", "-v", "2")
+    assert worker.wait(timeout=30) == 0, worker.output
+    assert acked_count(queue_name) == 5
+    assert queue_counts(queue_name) == (2, 0)
+    assert worker.output.count(" acked") >= 5  # a line per delivery at -v 2
+    idle = manage("consume", queue_name, "--inactivity-timeout", "2")
+    assert idle.wait(timeout=30) == 0, idle.output
+    assert "no delivery for 2.0s" in idle.output
+    assert_exactly_once(queue_name, ids)
+
+
+# --- the tutorials --------------------------------------------------------------------------------
+def test_work_queues_compete_with_fair_dispatch(queue_name, manage):
+    """Tutorial 2: two workers on one queue; prefetch 1 sends more tasks to the faster one."""
+    slow = manage("consume", queue_name, "--prefetch", "1", "--handler", "tests.handlers.sleep_briefly")
+    wait_for(lambda: consumers(queue_name) == 1, message="the slow worker")
+    fast = manage("consume", queue_name, "--prefetch", "1")
+    wait_for(lambda: consumers(queue_name) == 2, message="the fast worker")
+    ids = publish(queue_name, 30)
+    wait_for(lambda: acked_count(queue_name) == 30, timeout=30, message="all tasks acked")
+    for w in (slow, fast):
+        w.signal(signal.SIGTERM)
+        assert w.wait(timeout=10) == 0, w.output
+    assert_exactly_once(queue_name, ids)
+    by_worker = {w.pid: w.deliveries.count() for w in Worker.objects.all()}
+    slow_count, fast_count = by_worker[slow.proc.pid], by_worker[fast.proc.pid]
+    assert slow_count >= 1 and fast_count > slow_count, by_worker
+
+
+def test_publish_subscribe_binds_exclusive_server_named_queues(exchange_name, manage):
+    """Tutorial 3: every worker gets every letter on its own exclusive, server-named queue."""
+    workers = [manage("consume", "--exchange", exchange_name, "--exchange-type", "fanout") for _ in range(2)]
+    queues = wait_for(lambda: len(q := server_named_queues(exchange_name)) == 2 and q, message="two queues bound")
+    assert all(q.startswith("amq.gen-") for q in queues)
+    ids = publish("", 5, exchange=exchange_name, routing_key="")
+    wait_for(lambda: Delivery.objects.filter(status="acked").count() == 10, timeout=30, message="10 deliveries")
+    for w in workers:
+        w.signal(signal.SIGTERM)
+        assert w.wait(timeout=10) == 0, w.output
+    assert Message.objects.count() == 5  # one letter, two deliveries
+    for q in queues:
+        assert_exactly_once(q, ids)
+    assert wait_for(lambda: not server_named_queues(exchange_name), message="exclusive queues gone")
+
+
+def test_routing_and_topics_with_repeated_binding_keys(exchange_name, manage):
+    """Tutorials 4 and 5: only the letters matching a binding key reach the worker."""
+    worker = manage("consume", "--exchange", exchange_name, "--exchange-type", "topic",
+                    "--binding-key", "kern.*", "--binding-key", "*.critical")
+    [queue] = wait_for(lambda: server_named_queues(exchange_name), message="the queue bound")
+    kern = publish("", 1, exchange=exchange_name, routing_key="kern.info")
+    critical = publish("", 1, exchange=exchange_name, routing_key="app.critical")
+    publish("", 1, exchange=exchange_name, routing_key="app.info")
+    wait_for(lambda: acked_count(queue) == 2, timeout=30, message="two deliveries")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=10) == 0, worker.output
+    assert sorted(Delivery.objects.values_list("routing_key", flat=True)) == ["app.critical", "kern.info"]
+    assert_exactly_once(queue, kern + critical)
+
+
+def test_quorum_queue_and_existing_queue_used_as_it_is(queue_name, manage):
+    worker = manage("consume", queue_name, "--queue-type", "quorum", "--max-messages", "3", "--inactivity-timeout", "20")
+    wait_for(lambda: consumers(queue_name) == 1, message="the worker")
+    request = urllib.request.Request(f"http://127.0.0.1:15672/api/queues/%2F/{queue_name}",
+                                     headers={"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert json.load(response)["type"] == "quorum"
+    ids = publish(queue_name, 3)
+    assert worker.wait(timeout=30) == 0, worker.output
+    # A plain `consume` of the same queue uses it as it is instead of failing on the arguments.
+    more = publish(queue_name, 2)
+    plain = manage("consume", queue_name, "--max-messages", "2", "--inactivity-timeout", "20")
+    assert plain.wait(timeout=30) == 0, plain.output
+    assert "type=quorum" in plain.output
+    assert_exactly_once(queue_name, ids + more)
+
+
+def test_two_queues_in_one_worker_and_its_registry_row(queue_name, manage):
+    other = f"{queue_name}-b"
+    try:
+        worker = manage("consume", queue_name, other)
+        wait_for(lambda: consumers(queue_name) == 1 and consumers(other) == 1, message="both queues consumed")
+        a, b = publish(queue_name, 4), publish(other, 3)
+        row = wait_for(lambda: Worker.objects.filter(acked=7).first(), timeout=20, message="the registry counts")
+        assert (row.host, row.pid, row.queues, row.status) == (socket.gethostname(), worker.proc.pid,
+                                                               [queue_name, other], "running")
+        assert row.alive and row.heartbeat_at > row.started_at
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(timeout=10) == 0, worker.output
+        row.refresh_from_db()
+        assert row.status == "stopped" and row.stopped_at is not None and not row.alive
+        assert (row.acked, row.requeued, row.rejected) == (7, 0, 0)
+        assert set(Delivery.objects.values_list("worker_id", flat=True)) == {row.pk}
+        assert_exactly_once(queue_name, a)
+        assert_exactly_once(other, b)
+    finally:
+        delete_queue(other)
