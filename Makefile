@@ -28,7 +28,7 @@ run: setup services
 	$(PY) manage.py collectstatic --noinput -v0
 	$(PY) manage.py ensure_admin
 	@echo "Mailroom: http://$${MAILROOM_BIND:-127.0.0.1:8000}/ (web, worker for the queue 'hello', relay). Ctrl-C stops them all."
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/honcho start
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/honcho start || test $$? -eq 130  # 130: stopped by Ctrl-C
 
 # The tests, on SQLite and then on PostgreSQL, against the real RabbitMQ.
 test: setup

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import socket
@@ -11,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from http import HTTPStatus
+from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -207,3 +209,55 @@ def _answers(base: str, headers: dict[str, str]) -> bool:
     except OSError:
         time.sleep(0.2)
         return False
+
+
+@pytest.mark.django_db(transaction=True)
+def test_ensure_admin_creates_one_superuser_and_says_how_to_log_in(monkeypatch):
+    from io import StringIO
+
+    from django.contrib.auth.models import User
+    from django.core.management import call_command
+
+    monkeypatch.setenv("MAILROOM_BIND", "0.0.0.0:8123")
+    out = StringIO()
+    call_command("ensure_admin", stdout=out)
+    password = re.search(r"with password '([^']+)'", out.getvalue()).group(1)
+    assert "http://127.0.0.1:8123/accounts/login/" in out.getvalue()
+    admin = User.objects.get(is_superuser=True)
+    assert admin.username == "admin" and admin.check_password(password)
+    out = StringIO()
+    call_command("ensure_admin", stdout=out)
+    assert "A superuser exists" in out.getvalue()
+    assert User.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_procfile_runs_under_honcho_and_ctrl_c_stops_everything(tmp_path):
+    """What `make run` ends with: honcho runs the Procfile; SIGINT (Ctrl-C) stops every process cleanly."""
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**subprocess_env(MAILROOM_BIND=f"127.0.0.1:{port}", MAILROOM_RELAY_GRACE_SECONDS="1"),
+           "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "DJANGO_STATIC_ROOT": str(tmp_path / "static")}
+    collected = manage_py("collectstatic", "--noinput", "-v0", env=env)  # as `make run` does first
+    assert collected.returncode == 0, collected.stderr
+    log = open(tmp_path / "honcho.log", "wb")
+    honcho = subprocess.Popen([f"{bin_dir}/honcho", "start", "-f", str(ROOT / "Procfile")], cwd=ROOT, env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    output = lambda: (tmp_path / "honcho.log").read_text(errors="replace")  # noqa: E731
+    try:
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}", {}), timeout=60, message="the web process")
+        wait_for(lambda: "consuming queues=hello" in output(), timeout=60, message="the worker")
+        started = re.findall(r"(\S+)\.1 started \(pid=(\d+)\)", output())
+        assert {"web", "worker"} <= {name for name, _ in started}, output()
+        honcho.send_signal(signal.SIGINT)
+        assert honcho.wait(timeout=30) == 130, output()  # honcho's code for "stopped by SIGINT"
+    finally:
+        if honcho.poll() is None:
+            os.killpg(honcho.pid, signal.SIGKILL)
+            honcho.wait()
+        log.close()
+    text = output()
+    for name, pid in started:
+        assert f"{name}.1 stopped (rc=0)" in text, text[-3000:]
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    assert "consume stopped:" in text
