@@ -6,7 +6,36 @@ import json
 from django import forms
 
 from messaging import broker
-from messaging.publishing import LetterError, validate_letter
+from messaging.publishing import PROPERTY_FIELDS, LetterError, clean_properties, decode_body, validate_letter
+
+HEADER_ROWS = 4
+HEADER_TYPES = [("string", "String"), ("number", "Number"), ("boolean", "Boolean"), ("list", "List (JSON)")]
+
+
+def typed_header(name: str, kind: str, text: str):
+    """A header value from the form's text and type (as the management UI's header rows)."""
+    if kind == "number":
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                return float(text)
+            except ValueError:
+                raise forms.ValidationError(f"Header {name!r}: {text!r} is not a number.") from None
+    if kind == "boolean":
+        lowered = text.strip().lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise forms.ValidationError(f"Header {name!r}: a boolean is true or false.")
+        return lowered in ("true", "1", "yes")
+    if kind == "list":
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise forms.ValidationError(f"Header {name!r}: the list is not valid JSON: {exc}") from exc
+        if not isinstance(value, list):
+            raise forms.ValidationError(f"Header {name!r}: a list is written as a JSON array, e.g. [1, \"a\"].")
+        return value
+    return text
 
 
 class PublishForm(forms.Form):
@@ -17,21 +46,55 @@ class PublishForm(forms.Form):
         choices=[(MODE_QUEUE, "To a queue (default exchange)"), (MODE_EXCHANGE, "To an exchange")],
         initial=MODE_QUEUE, widget=forms.RadioSelect,
     )
-    queue = forms.CharField(required=False, max_length=255, help_text="Queue mode: the routing key is the queue name.")
-    exchange = forms.CharField(required=False, max_length=255)
+    queue = forms.CharField(required=False, max_length=1000, help_text="Queue mode: the routing key is the queue name.")
+    exchange = forms.CharField(
+        required=False, max_length=1000,
+        help_text="Existing amq.* exchanges (amq.direct, amq.topic…) can be published to but not declared.",
+    )
     exchange_type = forms.ChoiceField(choices=[(t, t) for t in broker.EXCHANGE_TYPES], initial="direct", required=False)
-    routing_key = forms.CharField(required=False, max_length=255, help_text="Exchange mode: the routing key.")
+    routing_key = forms.CharField(required=False, max_length=1000, help_text="Exchange mode: the routing key.")
     declare = forms.BooleanField(
         required=False, initial=True, label="Declare the queue/exchange if missing",
         help_text="Durable; an existing one is used as it is, whatever its arguments.",
     )
-    body = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 6}), strip=False)
-    content_type = forms.CharField(required=False, initial="text/plain", max_length=255)
+    body = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 6}), strip=False, label="Payload")
+    body_encoding = forms.ChoiceField(
+        choices=[("string", "Text (UTF-8)"), ("base64", "Base64 (binary bodies)")], initial="string", required=False,
+        label="Payload encoding",
+    )
     headers = forms.CharField(
         required=False, widget=forms.Textarea(attrs={"rows": 3}),
-        help_text='JSON object, e.g. {"x-trace": "abc", "attempt": 1}',
+        help_text='JSON object, e.g. {"x-trace": "abc", "attempt": 1, "retry": true, "tags": ["a", "b"]}',
     )
     persistent = forms.BooleanField(required=False, initial=True, label="Persistent (delivery mode 2)")
+    content_type = forms.CharField(required=False, initial="text/plain", max_length=1000)
+    content_encoding = forms.CharField(required=False, max_length=1000)
+    priority = forms.IntegerField(required=False, min_value=0, max_value=255)
+    correlation_id = forms.CharField(required=False, max_length=1000)
+    reply_to = forms.CharField(required=False, max_length=1000)
+    expiration = forms.CharField(required=False, max_length=20, help_text="Per-message TTL in milliseconds.")
+    message_id = forms.CharField(required=False, max_length=1000, help_text="Empty: a UUID is generated.")
+    timestamp = forms.IntegerField(required=False, min_value=0, help_text="Seconds since 1970 (UTC).")
+    type = forms.CharField(required=False, max_length=1000)
+    user_id = forms.CharField(
+        required=False, max_length=1000,
+        help_text="RabbitMQ refuses a user_id other than the connection's user (the letter is then failed).",
+    )
+    app_id = forms.CharField(required=False, max_length=1000)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for row in range(HEADER_ROWS):
+            self.fields[f"header_name_{row}"] = forms.CharField(required=False, max_length=1000, label="Header")
+            self.fields[f"header_type_{row}"] = forms.ChoiceField(choices=HEADER_TYPES, required=False, label="type")
+            self.fields[f"header_value_{row}"] = forms.CharField(required=False, strip=False, label="value")
+
+    def header_rows(self):
+        return [(self[f"header_name_{r}"], self[f"header_type_{r}"], self[f"header_value_{r}"]) for r in range(HEADER_ROWS)]
+
+    def property_fields(self):
+        return [self[name] for name in ("content_type", "content_encoding", "priority", "correlation_id", "reply_to",
+                                        "expiration", "message_id", "timestamp", "type", "user_id", "app_id")]
 
     def clean_headers(self) -> dict:
         text = self.cleaned_data["headers"].strip()
@@ -49,6 +112,16 @@ class PublishForm(forms.Form):
         data = super().clean()
         if self.errors:
             return data
+        headers = dict(data.get("headers") or {})
+        for row in range(HEADER_ROWS):
+            name = data.get(f"header_name_{row}", "")
+            if name:
+                try:
+                    headers[name] = typed_header(name, data.get(f"header_type_{row}") or "string",
+                                                 data.get(f"header_value_{row}", ""))
+                except forms.ValidationError as exc:
+                    self.add_error(f"header_value_{row}", exc)
+        data["headers"] = headers
         if data["mode"] == self.MODE_QUEUE:
             if not data.get("queue"):
                 self.add_error("queue", "Name the queue.")
@@ -57,12 +130,16 @@ class PublishForm(forms.Form):
         elif not data.get("exchange"):
             self.add_error("exchange", "Name the exchange.")
             return data
-        data["body_bytes"] = data.get("body", "").encode("utf-8")
         try:
+            data["body_bytes"] = decode_body(data.get("body", ""), encoding=data.get("body_encoding") or "string")
+            data["properties"] = clean_properties({name: data.get(name) for name in PROPERTY_FIELDS})
             validate_letter(
                 exchange=data["exchange"], routing_key=data["routing_key"], body=data["body_bytes"],
-                headers=data["headers"], exchange_type=data["exchange_type"] if data["declare"] else "",
+                headers=headers, exchange_type=data["exchange_type"] if data["declare"] else "",
             )
+            for name in ("content_type", "content_encoding", "correlation_id", "message_id"):
+                if len(data.get(name, "").encode("utf-8")) > broker.MAX_SHORTSTR_BYTES:
+                    self.add_error(name, f"Longer than {broker.MAX_SHORTSTR_BYTES} bytes (UTF-8).")
         except LetterError as exc:
             raise forms.ValidationError(str(exc)) from exc
         return data
@@ -73,5 +150,13 @@ class PublishForm(forms.Form):
         return {
             "exchange": d["exchange"], "exchange_type": d["exchange_type"], "declare": d["declare"],
             "routing_key": d["routing_key"], "body": d["body_bytes"], "content_type": d["content_type"],
-            "headers": d["headers"], "delivery_mode": 2 if d["persistent"] else 1,
+            "content_encoding": d["content_encoding"], "correlation_id": d["correlation_id"],
+            "message_id": d["message_id"], "headers": d["headers"], "properties": d["properties"],
+            "delivery_mode": 2 if d["persistent"] else 1,
         }
+
+
+class RepublishForm(forms.Form):
+    """The confirmation step of a republish (a POST with the CSRF token is the confirmation)."""
+
+    confirm = forms.BooleanField(required=True, widget=forms.HiddenInput, initial=True)

@@ -1,17 +1,23 @@
 """Publishing a letter: write it as pending (the outbox), publish after commit, record the outcome.
 
-The form, the API, the admin and `manage.py publish` all call `create_letter`; the relay calls
-`publish_message` for whatever is still pending.
+The form, the API, the admin and `manage.py publish` all call `create_letter`; after the commit
+`publish_message` publishes it on this thread's long-lived channel. Whatever stays pending (a crash
+between commit and publish, a broker that was down or blocked, a nack) is published by the relay
+(`messaging.relay`), which records its outcomes with `record_outcomes`.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import functools
 import logging
 import random
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from messaging import broker
@@ -21,6 +27,11 @@ logger = logging.getLogger(__name__)
 
 RETRY_BASE_SECONDS = 1.0
 RETRY_CAP_SECONDS = 300.0
+BLOCKED_PREFIX = "broker blocked"
+
+# The standard AMQP properties a publisher may set besides message_id, content_type,
+# content_encoding, correlation_id and delivery_mode (which have their own fields).
+PROPERTY_FIELDS = ("priority", "reply_to", "expiration", "timestamp", "type", "user_id", "app_id")
 
 
 class LetterError(ValueError):
@@ -35,19 +46,87 @@ def check_short_string(value: str, *, field: str) -> None:
 def validate_letter(
     *, exchange: str, routing_key: str, body: bytes, headers: dict[str, Any], exchange_type: str = "",
 ) -> None:
-    """Refuse what the broker would refuse, before anything is written."""
+    """Refuse what the broker would refuse, before anything is written.
+
+    Publishing to an existing `amq.*` exchange (amq.direct, amq.topic...) is fine; declaring one is
+    refused by RabbitMQ (403), so a letter that asks to declare one is refused here.
+    """
     check_short_string(exchange, field="The exchange name")
     check_short_string(routing_key, field="The routing key")
     if exchange.startswith("amq.") and exchange_type:
-        raise LetterError("Exchanges named amq.* are reserved by RabbitMQ and cannot be declared.")
+        raise LetterError("Exchanges named amq.* are reserved by RabbitMQ and cannot be declared; "
+                          "publish to an existing one without declaring it.")
     if exchange_type and exchange_type not in broker.EXCHANGE_TYPES:
         raise LetterError(f"Unknown exchange type {exchange_type!r}.")
     if not exchange and not routing_key:
         raise LetterError("A queue name (routing key) is needed on the default exchange.")
     if len(body) > settings.MAILROOM_MAX_BODY_BYTES:
         raise LetterError(f"The body is {len(body)} bytes; the limit is {settings.MAILROOM_MAX_BODY_BYTES} bytes.")
-    for key in headers:
+    if not isinstance(headers, dict):
+        raise LetterError("Headers must be an object of name: value.")
+    check_header_table(headers)
+    problem = broker.header_encoding_error(headers)
+    if problem:
+        raise LetterError(problem[0].upper() + problem[1:] + ".")
+
+
+def check_header_table(table: dict, *, depth: int = 0) -> None:
+    """Header names of at most 255 bytes; values a string, number, boolean, null, list or table."""
+    if depth > 10:
+        raise LetterError("Headers are nested too deeply.")
+    for key, value in table.items():
         check_short_string(str(key), field=f"Header name {str(key)[:40]!r}")
+        check_header_value(value, depth=depth)
+
+
+def check_header_value(value: Any, *, depth: int) -> None:
+    if isinstance(value, dict):
+        check_header_table(value, depth=depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            check_header_value(item, depth=depth + 1)
+    elif isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        raise LetterError("A header number does not fit in 64 bits.")
+    elif not (value is None or isinstance(value, (str, int, float, bool))):
+        raise LetterError(f"Unsupported header value type {type(value).__name__}.")
+
+
+def clean_properties(properties: dict[str, Any] | None) -> dict[str, Any]:
+    """The standard properties, checked (priority 0-255, expiration in ms, timestamp in seconds); empty ones dropped."""
+    cleaned: dict[str, Any] = {}
+    for name, value in (properties or {}).items():
+        if name not in PROPERTY_FIELDS:
+            raise LetterError(f"Unknown property {name!r}; known: {', '.join(PROPERTY_FIELDS)}.")
+        if value is None or value == "":
+            continue
+        if name == "priority":
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+                raise LetterError("priority must be a whole number from 0 to 255.")
+        elif name == "timestamp":
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+                raise LetterError("timestamp must be a whole number of seconds since 1970.")
+        elif name == "expiration":
+            value = str(value)
+            if not value.isdigit() or not value.isascii():
+                raise LetterError("expiration must be a whole number of milliseconds (as text), e.g. '60000'.")
+        elif not isinstance(value, str):
+            raise LetterError(f"{name} must be text.")
+        else:
+            check_short_string(value, field=name)
+        cleaned[name] = value
+    return cleaned
+
+
+def decode_body(text: str, *, encoding: str) -> bytes:
+    """The body bytes of a form or API payload given as 'string' (UTF-8) or 'base64'."""
+    if encoding == "base64":
+        try:
+            return base64.b64decode("".join(text.split()), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise LetterError(f"The body is not valid base64: {exc}") from exc
+    if encoding not in ("string", ""):
+        raise LetterError("The payload encoding must be 'string' or 'base64'.")
+    return text.encode("utf-8")
 
 
 def create_letter(
@@ -72,15 +151,22 @@ def create_letter(
     headers = headers or {}
     validate_letter(exchange=exchange, routing_key=routing_key, body=body, headers=headers,
                     exchange_type=exchange_type if declare else "")
+    properties = clean_properties(properties)
+    for value, field in ((content_type, "content_type"), (content_encoding, "content_encoding"),
+                         (correlation_id, "correlation_id")):
+        check_short_string(value, field=field)
+    if delivery_mode not in (1, 2):
+        raise LetterError("delivery_mode must be 1 (transient) or 2 (persistent).")
     if message_id:
         check_short_string(message_id, field="The message_id")
         if Message.objects.filter(message_id=message_id).exists():
             raise LetterError(f"A letter with message_id {message_id!r} already exists.")
     message = Message(
-        exchange=exchange, exchange_type=exchange_type, declare=declare, routing_key=routing_key,
-        content_type=content_type, content_encoding=content_encoding, correlation_id=correlation_id,
-        delivery_mode=delivery_mode, headers=broker.json_safe(headers), properties=properties or {},
-        origin=origin, published_by=user if getattr(user, "is_authenticated", False) else None,
+        exchange=exchange, exchange_type=exchange_type, declare=declare,
+        routing_key=routing_key, content_type=content_type, content_encoding=content_encoding,
+        correlation_id=correlation_id, delivery_mode=delivery_mode, headers=broker.json_safe(headers),
+        properties=properties, origin=origin,
+        published_by=user if getattr(user, "is_authenticated", False) else None,
         republished_from=republished_from, status=Message.Status.PENDING,
         # The relay leaves the letter to this request for a while, so the two never race.
         next_attempt_at=timezone.now() + timedelta(seconds=settings.MAILROOM_RELAY_GRACE_SECONDS),
@@ -94,13 +180,14 @@ def create_letter(
 
 
 def republish(original: Message, *, user=None) -> Message:
-    """A new letter with `original`'s content and destination, recording where it came from."""
+    """A new letter with `original`'s content and destination, recording where it came from and who sent it."""
     return create_letter(
         exchange=original.exchange, exchange_type=original.exchange_type, declare=original.declare,
         routing_key=original.routing_key, body=bytes(original.body), content_type=original.content_type,
         content_encoding=original.content_encoding, correlation_id=original.correlation_id,
-        delivery_mode=original.delivery_mode, headers=original.headers, properties=original.properties,
-        origin=Message.Origin.REPUBLISH, user=user, republished_from=original,
+        delivery_mode=original.delivery_mode if original.delivery_mode in (1, 2) else 2,
+        headers=original.headers, origin=Message.Origin.REPUBLISH, user=user, republished_from=original,
+        properties={k: v for k, v in (original.properties or {}).items() if k in PROPERTY_FIELDS},
     )
 
 
@@ -110,22 +197,148 @@ def retry_delay(attempts: int) -> timedelta:
     return timedelta(seconds=random.uniform(ceiling / 2, ceiling))
 
 
-def publish_message(message: Message) -> Message:
-    """Publish one pending letter on this thread's long-lived channel and record the outcome."""
-    Message.objects.filter(pk=message.pk).update(attempts=message.attempts + 1)
-    message.attempts += 1
+def outcome_fields(status: str, reason: str = "", *, attempts: int = 1) -> dict[str, Any]:
+    """The columns one UPDATE writes for an outcome (`attempts` = the attempt just made, for the backoff)."""
+    now = timezone.now()
+    if status == Message.Status.PUBLISHED:
+        return {"status": status, "published_at": now, "last_error": "", "next_attempt_at": None}
+    if status == Message.Status.UNROUTABLE:
+        return {"status": status, "published_at": now, "last_error": reason, "next_attempt_at": None}
+    if status == Message.Status.FAILED:
+        return {"status": status, "last_error": reason, "next_attempt_at": None}
+    return {"status": Message.Status.PENDING, "last_error": reason, "next_attempt_at": now + retry_delay(attempts)}
+
+
+def publish_once(message) -> tuple[str, str]:
+    """Publish `message` on this thread's long-lived channel; return its outcome as (status, reason)."""
     try:
         broker.publisher().publish(message, declare=message.declare)
     except broker.Unroutable as exc:
-        message.mark_unroutable(f"returned by the broker: {exc}")
         logger.warning("message_id=%s unroutable reason=%s", message.message_id, exc)
+        return Message.Status.UNROUTABLE, f"returned by the broker: {exc}"
     except broker.PublishRefused as exc:
-        message.mark_failed(str(exc))
         logger.warning("message_id=%s failed reason=%s", message.message_id, exc)
+        return Message.Status.FAILED, str(exc)
     except broker.BrokerError as exc:
-        message.mark_retry(str(exc), delay=retry_delay(message.attempts))
-        logger.warning("message_id=%s still pending attempt=%s reason=%s", message.message_id, message.attempts, exc)
-    else:
-        message.mark_published()
-        logger.info("message_id=%s published to %s", message.message_id, message.destination)
+        logger.warning("message_id=%s still pending attempt=%s reason=%s", message.message_id, message.attempts + 1, exc)
+        return Message.Status.PENDING, str(exc)
+    return Message.Status.PUBLISHED, ""
+
+
+def publish_message(message: Message) -> Message:
+    """Publish one pending letter on this thread's long-lived channel and record the outcome (one UPDATE)."""
+    status, reason = publish_once(message)
+    message.attempts += 1
+    fields = outcome_fields(status, reason, attempts=message.attempts)
+    record_outcome(message.pk, fields)
+    for name, value in fields.items():
+        setattr(message, name, value)
     return message
+
+
+def record_outcome(pk: int, fields: dict[str, Any]) -> None:
+    """`attempts + 1` and the outcome's columns in one UPDATE (plain SQL: the ORM's overhead is as
+    large as the write on this hot path)."""
+    names = tuple(fields)
+    sql = _outcome_sql(connection.vendor, names)
+    meta = Message._meta
+    params = [meta.get_field(name).get_db_prep_save(fields[name], connection) for name in names]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*params, pk])
+
+
+@functools.cache
+def _outcome_sql(vendor: str, names: tuple[str, ...]) -> str:
+    meta, quote = Message._meta, connection.ops.quote_name
+    attempts = quote(meta.get_field("attempts").column)
+    sets = ", ".join(f"{quote(meta.get_field(name).column)} = %s" for name in names)
+    return f"UPDATE {quote(meta.db_table)} SET {attempts} = {attempts} + 1, {sets} WHERE {quote(meta.pk.column)} = %s"
+
+
+# --- routing preview (management API) -------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class RoutePreview:
+    """Where a letter would go, from the broker's bindings: the queues it reaches, or why none."""
+
+    known: bool  # False when the management API is not configured or does not answer
+    queues: tuple[str, ...] = ()
+    note: str = ""
+
+    @property
+    def text(self) -> str:
+        if not self.known:
+            return self.note or "Routing preview unavailable (RABBITMQ_MANAGEMENT_URL is not set or does not answer)."
+        if self.queues:
+            return "reaches queues " + ", ".join(self.queues) + (f" ({self.note})" if self.note else "")
+        return self.note or "no queue is bound: it would be returned"
+
+
+def preview_route(*, exchange: str, routing_key: str, headers: dict[str, Any], declare: bool = False) -> RoutePreview:
+    """Which queues a letter would reach now, computed from the management API's bindings."""
+    from messaging import rabbitmq_api
+
+    if not rabbitmq_api.configured():
+        return RoutePreview(known=False)
+    if not exchange:
+        queues = rabbitmq_api.queues()
+        if queues is None:
+            return RoutePreview(known=False)
+        if any(q.get("name") == routing_key for q in queues):
+            return RoutePreview(known=True, queues=(routing_key,))
+        if declare:
+            return RoutePreview(known=True, queues=(routing_key,), note="the queue will be declared")
+        return RoutePreview(known=True, note="no queue is bound: it would be returned (no such queue)")
+    exchanges, bindings = rabbitmq_api.exchanges(), rabbitmq_api.bindings()
+    if exchanges is None or bindings is None:
+        return RoutePreview(known=False)
+    types = {e.get("name"): e.get("type") for e in exchanges}
+    if exchange not in types:
+        if declare:
+            return RoutePreview(known=True, note="the exchange will be declared; no queue is bound: it would be returned")
+        return RoutePreview(known=True, note=f"no exchange named {exchange!r}: the letter would fail (404)")
+    reached: set[str] = set()
+    _route(exchange, routing_key, headers, types, bindings, reached, seen=set())
+    return RoutePreview(known=True, queues=tuple(sorted(reached)))
+
+
+def _route(exchange, routing_key, headers, types, bindings, reached, *, seen) -> None:
+    if exchange in seen:
+        return
+    seen.add(exchange)
+    kind = types.get(exchange, "direct")
+    for binding in bindings:
+        if binding.get("source") != exchange or not _matches(kind, binding, routing_key, headers):
+            continue
+        if binding.get("destination_type") == "queue":
+            reached.add(binding.get("destination"))
+        else:  # exchange-to-exchange binding
+            _route(binding.get("destination"), routing_key, headers, types, bindings, reached, seen=seen)
+
+
+def _matches(kind: str, binding: dict, routing_key: str, headers: dict[str, Any]) -> bool:
+    key = binding.get("routing_key", "")
+    if kind == "fanout":
+        return True
+    if kind == "topic":
+        return topic_matches(key, routing_key)
+    if kind == "headers":
+        args = dict(binding.get("arguments") or {})
+        mode = str(args.pop("x-match", "all"))
+        with_x = mode.endswith("-with-x")
+        wanted = {k: v for k, v in args.items() if with_x or not k.startswith("x-")}
+        hits = [k in headers and headers[k] == v for k, v in wanted.items()]
+        return any(hits) if mode.startswith("any") else all(hits)
+    return key == routing_key  # direct (and x-* plugin types, approximately)
+
+
+def topic_matches(pattern: str, routing_key: str) -> bool:
+    """AMQP topic matching: '*' is exactly one word, '#' zero or more."""
+    def match(p: list[str], k: list[str]) -> bool:
+        if not p:
+            return not k
+        if p[0] == "#":
+            return any(match(p[1:], k[i:]) for i in range(len(k) + 1))
+        if not k:
+            return False
+        return (p[0] == "*" or p[0] == k[0]) and match(p[1:], k[1:])
+    return match(pattern.split(".") if pattern else [], routing_key.split(".") if routing_key else [])

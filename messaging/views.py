@@ -10,11 +10,11 @@ from django.db.models import Exists, OuterRef, Q
 from django.shortcuts import get_object_or_404, redirect, render
 
 from messaging import dashboard as dashboard_figures
-from messaging import queues
+from messaging import publishing, queues
 from messaging.counting import CappedCountPaginator
 from messaging.forms import PublishForm
 from messaging.models import Delivery, Message
-from messaging.publishing import create_letter
+from messaging.publishing import LetterError, create_letter, preview_route
 
 PAGE_SIZE = 50
 
@@ -23,19 +23,49 @@ PAGE_SIZE = 50
 @permission_required("messaging.add_message", raise_exception=True)
 def publish(request):
     form = PublishForm(request.POST or None)
+    preview = None
     if request.method == "POST" and form.is_valid():
-        with transaction.atomic():
-            message = create_letter(**form.letter_kwargs(), origin=Message.Origin.FORM, user=request.user)
-        message.refresh_from_db()
-        if message.status == Message.Status.PENDING:
-            flash.warning(request, f"Not published yet: {message.last_error or 'waiting for the broker'}. "
-                                   "It is kept as pending and the relay will retry.")
-        elif message.status != Message.Status.PUBLISHED:
-            flash.error(request, f"{message.get_status_display()}: {message.last_error}")
+        if "preview" in request.POST:  # re-render with where the letter would go; nothing is written
+            d = form.cleaned_data
+            preview = preview_route(exchange=d["exchange"], routing_key=d["routing_key"], headers=d["headers"],
+                                    declare=d["declare"])
         else:
-            flash.success(request, "Published.")
-        return redirect("message-detail", message_id=message.message_id)
-    return render(request, "messaging/publish.html", {"form": form})
+            try:
+                with transaction.atomic():
+                    message = create_letter(**form.letter_kwargs(), origin=Message.Origin.FORM, user=request.user)
+            except LetterError as exc:  # e.g. a message_id already used
+                form.add_error(None, str(exc))
+            else:
+                return _after_publish(request, message)
+    return render(request, "messaging/publish.html", {"form": form, "preview": preview})
+
+
+def _after_publish(request, message: Message):
+    """Tell the user the outcome recorded after the commit, then show the letter."""
+    if message.status == Message.Status.PENDING:
+        flash.warning(request, f"Not published yet: {message.last_error or 'waiting for the broker'}. "
+                               "It is kept as pending and the relay will retry.")
+    elif message.status != Message.Status.PUBLISHED:
+        flash.error(request, f"{message.get_status_display()}: {message.last_error}")
+    else:
+        flash.success(request, "Published.")
+    return redirect("message-detail", message_id=message.message_id)
+
+
+@login_required
+@permission_required("messaging.add_message", raise_exception=True)
+def republish(request, message_id: str):
+    """Confirm, then publish a copy of a letter that records its original and who republished it."""
+    original = get_object_or_404(Message, message_id=message_id)
+    if request.method == "POST":
+        try:
+            with transaction.atomic():
+                copy = publishing.republish(original, user=request.user)
+        except LetterError as exc:
+            flash.error(request, f"Cannot republish: {exc}")
+            return redirect("message-detail", message_id=original.message_id)
+        return _after_publish(request, copy)
+    return render(request, "messaging/republish_confirm.html", {"message": original})
 
 
 @login_required

@@ -8,7 +8,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from messaging.models import Message
-from messaging.publishing import LetterError, create_letter
+from messaging.publishing import LetterError, create_letter, decode_body
 
 
 class Command(BaseCommand):
@@ -26,25 +26,28 @@ class Command(BaseCommand):
         parser.add_argument("--message-id", default="")
         parser.add_argument("--correlation-id", default="")
         parser.add_argument("--transient", action="store_true", help="delivery_mode 1 instead of persistent.")
+        parser.add_argument("--content-encoding", default="")
+        parser.add_argument("--base64", action="store_true", help="BODY is base64 (a binary body).")
+        parser.add_argument("--property", action="append", default=[], metavar="NAME=VALUE",
+                            help="A standard property (priority, reply_to, expiration, timestamp, type, user_id, "
+                                 "app_id); repeatable; VALUE is parsed as JSON when it can be.")
 
     def handle(self, *args, **options):
         body = sys.stdin.buffer.read() if options["body"] == "-" else options["body"].encode("utf-8")
-        headers = {}
-        for item in options["header"]:
-            name, sep, value = item.partition("=")
-            if not sep:
-                raise CommandError(f"--header needs NAME=VALUE, got {item!r}")
-            try:
-                headers[name] = json.loads(value)
-            except ValueError:
-                headers[name] = value
+        headers = pairs(options["header"], option="--header")
+        properties = pairs(options["property"], option="--property")
+        if "expiration" in properties:
+            properties["expiration"] = str(properties["expiration"])
         try:
+            if options["base64"]:
+                body = decode_body(body.decode("ascii", errors="replace"), encoding="base64")
             with transaction.atomic():
                 message = create_letter(
                     exchange=options["exchange"], exchange_type=options["exchange_type"],
                     declare=options["declare"], routing_key=options["routing_key"], body=body,
                     content_type=options["content_type"], headers=headers, message_id=options["message_id"],
                     correlation_id=options["correlation_id"], delivery_mode=1 if options["transient"] else 2,
+                    content_encoding=options["content_encoding"], properties=properties,
                     origin=Message.Origin.COMMAND,
                 )
         except LetterError as exc:
@@ -53,3 +56,17 @@ class Command(BaseCommand):
         self.stdout.write(f"{message.message_id} {message.status}" + (f" ({message.last_error})" if message.last_error else ""))
         if message.status == Message.Status.FAILED:
             raise CommandError(f"not published: {message.last_error}")
+
+
+def pairs(items: list[str], *, option: str) -> dict:
+    """NAME=VALUE options as a dict; VALUE parsed as JSON when it can be (numbers, booleans, lists)."""
+    result = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise CommandError(f"{option} needs NAME=VALUE, got {item!r}")
+        try:
+            result[name] = json.loads(value)
+        except ValueError:
+            result[name] = value
+    return result

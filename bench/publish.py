@@ -1,0 +1,189 @@
+"""Publish benchmark: Mailroom's outbox against bare pika, same broker, same run.
+
+    .venv/bin/python bench/publish.py                       # SQLite (a throwaway file)
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/mailroom_bench .venv/bin/python bench/publish.py
+
+Prints, each as a ratio to bare pika measured in the same run (medians of interleaved rounds):
+  * relay throughput: `Relay` (claim → pipelined confirms → one UPDATE per outcome) vs a bare pika
+    publisher with pipelined confirms (SelectConnection, window 1000, no database);
+  * single publish step, p50: `publish_message` on a committed row (reused channel, one UPDATE) vs a
+    bare confirmed `basic_publish` on an open BlockingConnection channel.
+Targets (issue #4): relay ≥ 0.5×; single publish step ≤ 1.5×.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+RESULTS = ROOT / "bench" / "results"
+RESULTS.mkdir(parents=True, exist_ok=True)
+if "DATABASE_URL" not in os.environ:
+    db = RESULTS / "publish.sqlite3"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    os.environ["DATABASE_URL"] = f"sqlite:///{db}"
+
+import django  # noqa: E402
+
+if os.environ["DATABASE_URL"].startswith("postgres"):
+    # The benchmark's own database, created when missing.
+    from urllib.parse import urlsplit
+
+    import psycopg
+
+    name = urlsplit(os.environ["DATABASE_URL"]).path.lstrip("/")
+    admin_url = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin_url.replace("postgres://", "postgresql://", 1), autocommit=True) as pg:
+        if not pg.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+            pg.execute(f'CREATE DATABASE "{name}"')
+
+django.setup()
+
+import pika  # noqa: E402  — the bench's bare side uses pika directly
+from django.conf import settings  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.db import connection  # noqa: E402
+from django.utils import timezone  # noqa: E402
+
+from messaging.models import Message  # noqa: E402
+from messaging.publishing import publish_message  # noqa: E402
+from messaging.relay import Relay, RelayOptions  # noqa: E402
+
+URL = settings.RABBITMQ_URL.split(",")[0]
+BODY = b'{"greeting": "Hello World!", "n": 0000000}' + b" " * 58  # 100 bytes
+logger = logging.getLogger("bench.publish")
+
+
+def bare_pipelined(queue: str, count: int, *, window: int = 1000) -> float:
+    """Messages per second of a bare pika publisher keeping `window` confirms in flight."""
+    state = {"sent": 0, "acked": 0, "t0": 0.0, "t1": 0.0}
+
+    def on_open(conn):
+        conn.channel(on_open_callback=on_channel)
+
+    def on_channel(channel):
+        state["channel"] = channel
+        channel.confirm_delivery(ack_nack_callback=on_confirm, callback=lambda frame: start())
+
+    def start():
+        state["t0"] = time.perf_counter()
+        pump()
+
+    def pump():
+        channel = state["channel"]
+        while state["sent"] < count and state["sent"] - state["acked"] < window:
+            state["sent"] += 1
+            props = pika.BasicProperties(message_id=str(uuid.uuid4()), content_type="application/json", delivery_mode=2)
+            channel.basic_publish("", queue, BODY, props, mandatory=True)
+
+    def on_confirm(frame):
+        method = frame.method
+        state["acked"] = method.delivery_tag if method.multiple else state["acked"] + 1
+        if state["acked"] >= count:
+            state["t1"] = time.perf_counter()
+            conn.close()
+        else:
+            pump()
+
+    conn = pika.SelectConnection(pika.URLParameters(URL), on_open_callback=on_open,
+                                 on_close_callback=lambda c, reason: c.ioloop.stop())
+    conn.ioloop.start()
+    return count / (state["t1"] - state["t0"])
+
+
+def pending_letters(queue: str, count: int) -> list[Message]:
+    now = timezone.now()
+    letters = []
+    for _ in range(count):
+        letter = Message(routing_key=queue, content_type="application/json", status=Message.Status.PENDING,
+                         next_attempt_at=now, origin=Message.Origin.API)
+        letter.set_body(BODY)
+        letters.append(letter)
+    return Message.objects.bulk_create(letters, batch_size=500)
+
+
+def relay_rate(queue: str, count: int) -> float:
+    pending_letters(queue, count)
+    relay = Relay(RelayOptions(once=True, batch_size=1000, window=1000))
+    started = time.perf_counter()
+    relay.run()
+    elapsed = time.perf_counter() - started
+    assert relay.totals[Message.Status.PUBLISHED] == count, relay.totals
+    return count / elapsed
+
+
+def bare_single_p50(queue: str, count: int) -> float:
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    channel = conn.channel()
+    channel.confirm_delivery()
+    times = []
+    for _ in range(count):
+        props = pika.BasicProperties(message_id=str(uuid.uuid4()), content_type="application/json", delivery_mode=2)
+        started = time.perf_counter()
+        channel.basic_publish("", queue, BODY, props, mandatory=True)
+        times.append(time.perf_counter() - started)
+    conn.close()
+    return statistics.median(times)
+
+
+def mailroom_single_p50(queue: str, count: int) -> float:
+    letters = pending_letters(queue, count)
+    publish_message(letters[0])  # the thread's channel opens once, as in a running web process
+    times = []
+    for letter in letters[1:]:
+        started = time.perf_counter()
+        publish_message(letter)
+        times.append(time.perf_counter() - started)
+    assert all(letter.status == Message.Status.PUBLISHED for letter in letters)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=20000, help="Letters per throughput round (default 20000).")
+    parser.add_argument("--single", type=int, default=1000, help="Letters per latency round (default 1000).")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("messaging").setLevel(logging.WARNING)
+    call_command("migrate", verbosity=0)
+    queue = f"bench-publish-{uuid.uuid4().hex[:8]}"
+    conn = pika.BlockingConnection(pika.URLParameters(URL))
+    channel = conn.channel()
+    channel.queue_declare(queue=queue, durable=True)
+    bare, relayed, bare_step, step = [], [], [], []
+    try:
+        for _ in range(args.rounds):
+            bare.append(bare_pipelined(queue, args.count))
+            relayed.append(relay_rate(queue, args.count))
+            channel.queue_purge(queue)
+            bare_step.append(bare_single_p50(queue, args.single))
+            step.append(mailroom_single_p50(queue, args.single))
+            channel.queue_purge(queue)
+            Message.objects.all().delete()
+    finally:
+        channel.queue_delete(queue=queue)
+        conn.close()
+    vendor = connection.vendor
+    b, r = statistics.median(bare), statistics.median(relayed)
+    bs, s = statistics.median(bare_step), statistics.median(step)
+    sys.stdout.write(
+        f"database={vendor} letters={args.count}x{args.rounds} single={args.single}x{args.rounds}\n"
+        f"relay throughput: bare pika pipelined {b:,.0f} msg/s, Mailroom relay {r:,.0f} msg/s, "
+        f"ratio {r / b:.2f} (target >= 0.5)\n"
+        f"single publish p50: bare pika {bs * 1e3:.3f} ms, Mailroom {s * 1e3:.3f} ms, "
+        f"ratio {s / bs:.2f} (target <= 1.5)\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""`manage.py relay`: publish whatever is still pending (the outbox relay)."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+from django.core.management.base import BaseCommand
+
+from messaging.management.commands.consume import VERBOSITY_LEVELS, positive_float, positive_int
+from messaging.relay import Relay, RelayOptions
+
+
+class Command(BaseCommand):
+    help = (
+        "Publish pending letters (crashed requests, broker down or blocked, nacks) in batches with pipelined "
+        "confirms, with backoff. Several relays may run at once. SIGINT/SIGTERM finish the batch in hand."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--once", action="store_true", help="Publish what is due now, then exit.")
+        parser.add_argument("--batch-size", type=positive_int, default=1000, help="Letters claimed at once (default 1000).")
+        parser.add_argument("--window", type=positive_int, default=1000, help="Unconfirmed letters in flight (default 1000).")
+        parser.add_argument("--idle", type=positive_float, default=1.0, help="Seconds between polls when nothing is due.")
+        parser.add_argument("--lease", type=positive_float, default=60.0,
+                            help="Seconds a claimed batch is kept from other relays (default 60).")
+
+    def handle(self, *args, **options):
+        logging.getLogger("messaging").setLevel(VERBOSITY_LEVELS.get(options["verbosity"], logging.INFO))
+        relay = Relay(RelayOptions(
+            batch_size=options["batch_size"], once=options["once"], idle_seconds=options["idle"],
+            lease_seconds=options["lease"], window=options["window"],
+        ))
+
+        def on_signal(signum, frame):
+            if relay.stop_requested.is_set():
+                os._exit(1)  # second signal: leave now; the batch in hand is retried after its lease
+            relay.request_stop()
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        code = relay.run()
+        self.stdout.write(" ".join(f"{k}={v}" for k, v in sorted(relay.totals.items())) or "relayed=0")
+        if code:
+            raise SystemExit(code)

@@ -1,0 +1,239 @@
+"""The outbox relay: publish every letter still pending, in batches with pipelined confirms.
+
+A letter stays pending when the web request that wrote it crashed before publishing, when the
+broker was down or blocked, or when it nacked. The relay claims due rows and pushes their
+`next_attempt_at` forward as a lease in one statement (`FOR UPDATE SKIP LOCKED` on PostgreSQL;
+SQLite serializes writers with BEGIN IMMEDIATE), so several relays never publish a letter at
+once. It publishes a batch with confirms in flight and records the outcomes with one UPDATE per
+outcome; the database work overlaps the broker's.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import close_old_connections, connection, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from messaging import broker
+from messaging.models import Message
+from messaging.publishing import outcome_fields, publish_once
+
+logger = logging.getLogger(__name__)
+
+COLUMNS = (
+    "pk", "message_id", "exchange", "exchange_type", "routing_key", "declare", "body", "content_type",
+    "content_encoding", "correlation_id", "delivery_mode", "headers", "properties", "attempts",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RelayOptions:
+    batch_size: int = 1000
+    once: bool = False
+    idle_seconds: float = 1.0
+    lease_seconds: float = 60.0
+    window: int = 1000
+    timeout: float | None = None  # broker timeout; MAILROOM_PUBLISH_TIMEOUT when None
+
+
+def _json(value):
+    # JSON columns come back as text from a raw cursor (Django's JSONField decodes them itself).
+    if isinstance(value, (str, bytes)):
+        return json.loads(value) if value not in ("{}", "", b"{}") else {}
+    return value or {}
+
+
+class Letter:
+    """A claimed row: what `Publisher.publish`, `build_properties` and the pipelined publisher read."""
+
+    __slots__ = COLUMNS
+
+    def __init__(self, row: tuple) -> None:
+        for name, value in zip(COLUMNS, row):
+            setattr(self, name, value)
+        self.body = bytes(self.body)
+        self.declare = bool(self.declare)
+        self.headers = _json(self.headers)
+        self.properties = _json(self.properties)
+
+    @property
+    def destination(self) -> str:
+        return f"exchange {self.exchange!r}, key {self.routing_key!r}" if self.exchange else f"queue {self.routing_key!r}"
+
+
+class Outgoing:
+    """A letter as the pipelined publisher sends it (properties built once)."""
+
+    __slots__ = ("message_id", "exchange", "routing_key", "body", "properties")
+
+    def __init__(self, letter: Letter) -> None:
+        self.message_id = letter.message_id
+        self.exchange = letter.exchange
+        self.routing_key = letter.routing_key
+        self.body = letter.body
+        self.properties = broker.outgoing_properties(letter)
+
+
+class Batch:
+    """Letters claimed together and their outcomes as (status, reason)."""
+
+    def __init__(self, letters: list[Letter]) -> None:
+        self.letters = letters
+        self.outcomes: list[tuple[str, str] | None] = [None] * len(letters)
+        self.sendable: list[int] = []
+
+
+class Relay:
+    """Claims due letters, publishes them with pipelined confirms, records the outcomes."""
+
+    def __init__(self, options: RelayOptions) -> None:
+        self.options = options
+        self.stop_requested = threading.Event()
+        self.totals: Counter[str] = Counter()
+        timeout = options.timeout or settings.MAILROOM_PUBLISH_TIMEOUT
+        self.pipeline = broker.PipelinedPublisher(timeout=timeout, window=options.window)
+        # A batch is at most one window, so a whole batch is in flight at once.
+        self.batch_size = min(options.batch_size, options.window)
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
+
+    def run(self) -> int:
+        """Relay until stopped (or, with `once`, until nothing is due). Returns the exit code."""
+        logger.info("relay started batch_size=%s once=%s", self.batch_size, self.options.once)
+        try:
+            while not self.stop_requested.is_set():
+                close_old_connections()
+                self.relay_due()
+                if self.options.once:
+                    break
+                self.stop_requested.wait(self.options.idle_seconds)
+        finally:
+            self.pipeline.close()
+            broker.publisher().close()
+        logger.info("relay stopped %s", " ".join(f"{k}={v}" for k, v in sorted(self.totals.items())) or "relayed=0")
+        return 0
+
+    def relay_due(self) -> int:
+        """Publish batches until nothing is due (or a stop is requested); returns how many were relayed.
+
+        The next batch is claimed while the broker confirms this one, and this one is recorded
+        while the broker works on the next.
+        """
+        relayed = 0
+        current = self._send(self.claim())
+        while current is not None:
+            upcoming = self.claim() if not self.stop_requested.is_set() else []
+            self._collect(current)
+            following = self._send(upcoming)
+            self._record(current)
+            relayed += len(current.letters)
+            current = following
+        return relayed
+
+    def claim(self) -> list[Letter]:
+        """Due letters, leased to this relay by pushing their next attempt forward (one statement).
+
+        `UPDATE ... WHERE id IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED) RETURNING ...`: on
+        PostgreSQL concurrent relays skip each other's rows; SQLite serializes writers anyway
+        (BEGIN IMMEDIATE). Both have RETURNING (SQLite 3.35+).
+        """
+        now = timezone.now()
+        meta = Message._meta
+        quote = connection.ops.quote_name
+        columns = ", ".join(quote(meta.pk.column if name == "pk" else meta.get_field(name).column) for name in COLUMNS)
+        lock = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
+        table, pk = quote(meta.db_table), quote(meta.pk.column)
+        due_at = meta.get_field("next_attempt_at")
+        due, status = quote(due_at.column), quote(meta.get_field("status").column)
+        sql = (
+            f"UPDATE {table} SET {due} = %s WHERE {pk} IN ("
+            f"SELECT {pk} FROM {table} WHERE {status} = %s AND {due} <= %s ORDER BY {due} LIMIT %s{lock}"
+            f") RETURNING {columns}"
+        )
+        lease = now + timedelta(seconds=self.options.lease_seconds)
+        params = [due_at.get_db_prep_value(lease, connection), Message.Status.PENDING,
+                  due_at.get_db_prep_value(now, connection), self.batch_size]
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            rows = cursor.fetchall()
+        return [Letter(row) for row in rows]
+
+    def relay_batch(self) -> int:
+        """Publish one batch of due letters and record it; returns how many were claimed."""
+        batch = self._send(self.claim())
+        if batch is None:
+            return 0
+        self._collect(batch)
+        self._record(batch)
+        return len(batch.letters)
+
+    def _send(self, letters: list[Letter]) -> Batch | None:
+        if not letters:
+            return None
+        batch = Batch(letters)
+        batch.sendable = self._prepare_destinations(batch)
+        if batch.sendable:
+            self.pipeline.send([Outgoing(letters[i]) for i in batch.sendable])
+        return batch
+
+    def _collect(self, batch: Batch) -> None:
+        if batch.sendable:
+            for index, result in zip(batch.sendable, self.pipeline.collect()):
+                batch.outcomes[index] = self._translate(batch.letters[index], result)
+
+    def _prepare_destinations(self, batch: Batch) -> list[int]:
+        """Declare or check each exchange once per batch; letters to a missing one fail without publishing."""
+        verdicts: dict[tuple, tuple[str, str] | None] = {}
+        sendable = []
+        for index, letter in enumerate(batch.letters):
+            if not (letter.declare or letter.exchange):
+                sendable.append(index)
+                continue
+            key = (letter.exchange, "" if letter.exchange else letter.routing_key, letter.declare, letter.exchange_type)
+            if key not in verdicts:
+                try:
+                    broker.publisher().prepare(exchange=letter.exchange, routing_key=letter.routing_key,
+                                               declare=letter.declare, exchange_type=letter.exchange_type)
+                    verdicts[key] = None
+                except broker.PublishRefused as exc:
+                    verdicts[key] = (Message.Status.FAILED, str(exc))
+                except broker.BrokerError as exc:
+                    verdicts[key] = (Message.Status.PENDING, str(exc))
+            if verdicts[key] is None:
+                sendable.append(index)
+            else:
+                batch.outcomes[index] = verdicts[key]
+        return sendable
+
+    def _translate(self, letter: Letter, result: broker.Outcome) -> tuple[str, str]:
+        if result.status == broker.Outcome.PUBLISHED:
+            return Message.Status.PUBLISHED, ""
+        if result.status == broker.Outcome.UNROUTABLE:
+            return Message.Status.UNROUTABLE, f"returned by the broker: {result.reason}"
+        if result.status == broker.Outcome.REFUSED:
+            # The broker closed the channel (e.g. a letter over its size limit): publish each
+            # unconfirmed letter alone on the blocking channel to learn which one it was.
+            return publish_once(letter)
+        return Message.Status.PENDING, result.reason
+
+    def _record(self, batch: Batch) -> None:
+        """One UPDATE per outcome (status, reason) of the batch."""
+        groups: dict[tuple[str, str, int], list[int]] = defaultdict(list)
+        for letter, (status, reason) in zip(batch.letters, batch.outcomes):
+            attempts = letter.attempts + 1 if status == Message.Status.PENDING else 0
+            groups[(status, reason, attempts)].append(letter.pk)
+        for (status, reason, attempts), pks in groups.items():
+            Message.objects.filter(pk__in=pks, status=Message.Status.PENDING).update(
+                attempts=F("attempts") + 1, **outcome_fields(status, reason, attempts=attempts),
+            )
+            self.totals[status] += len(pks)
+            log = logger.info if status == Message.Status.PUBLISHED else logger.warning
+            log("relay %s=%s%s", status, len(pks), f" reason={reason}" if reason else "")

@@ -1,0 +1,194 @@
+"""Publishing outcomes recorded truthfully, with the real broker: published, unroutable, failed, pending."""
+from __future__ import annotations
+
+import base64
+import subprocess
+import uuid
+
+import pika
+import pytest
+from django.conf import settings
+from django.db import transaction
+
+from messaging import broker
+from messaging.models import Message
+from messaging.publishing import LetterError, create_letter, preview_route, publish_message, republish, topic_matches
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+BINARY = bytes(range(256)) * 3 + b"\x00\xff\x00"
+
+
+def send(**kwargs) -> Message:
+    with transaction.atomic():
+        letter = create_letter(**kwargs)
+    letter.refresh_from_db()
+    return letter
+
+
+def rabbitmqctl(*args: str) -> str:
+    out = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"rabbitmqctl {' '.join(args)}: {out.stderr}"
+    return out.stdout
+
+
+def test_published_unroutable_failed_then_next_publish_works(amqp, queue_name):
+    published = send(routing_key=queue_name, body=b"one", declare=True)
+    assert published.status == Message.Status.PUBLISHED and published.attempts == 1 and published.published_at
+
+    unroutable = send(routing_key=f"{queue_name}-nobody", body=b"two")
+    assert unroutable.status == Message.Status.UNROUTABLE
+    assert "312 NO_ROUTE" in unroutable.last_error
+
+    missing = send(exchange=f"no-such-{uuid.uuid4().hex}", routing_key="k", body=b"three")
+    assert missing.status == Message.Status.FAILED
+    assert "404" in missing.last_error and missing.next_attempt_at is None
+
+    after = send(routing_key=queue_name, body=b"four")  # the channel closed by the 404 is replaced
+    assert after.status == Message.Status.PUBLISHED
+    bodies = [amqp.basic_get(queue_name, auto_ack=True)[2] for _ in range(2)]
+    assert bodies == [b"one", b"four"]
+
+
+def test_existing_amq_exchange_can_be_published_to_but_not_declared(queue_name):
+    with pytest.raises(LetterError, match="reserved"):
+        send(exchange="amq.direct", exchange_type="direct", declare=True, routing_key=queue_name, body=b"x")
+    letter = send(exchange="amq.direct", routing_key=f"{queue_name}-unbound", body=b"x")
+    assert letter.status == Message.Status.UNROUTABLE  # amq.direct exists; nothing bound to this key
+
+
+def test_binary_body_headers_and_properties_arrive_byte_for_byte(amqp, queue_name):
+    letter = send(
+        routing_key=queue_name, body=BINARY, declare=True, content_type="application/octet-stream",
+        content_encoding="identity", correlation_id="corr-1", delivery_mode=1,
+        headers={"n": 7, "f": 1.5, "yes": True, "tags": ["a", 2], "nested": {"k": "v"}, "é": "ü"},
+        properties={"priority": 5, "reply_to": "replies", "expiration": "60000", "timestamp": 1700000000,
+                    "type": "greeting", "user_id": "guest", "app_id": "mailroom-tests"},
+    )
+    assert letter.status == Message.Status.PUBLISHED, letter.last_error
+    assert bytes(Message.objects.get(pk=letter.pk).body) == BINARY
+    method, props, body = amqp.basic_get(queue_name, auto_ack=True)
+    assert body == BINARY
+    assert props.message_id == letter.message_id
+    assert (props.content_type, props.content_encoding, props.correlation_id) == (
+        "application/octet-stream", "identity", "corr-1")
+    assert props.delivery_mode == 1 and props.priority == 5 and props.reply_to == "replies"
+    assert props.expiration == "60000" and props.timestamp == 1700000000 and props.type == "greeting"
+    assert props.user_id == "guest" and props.app_id == "mailroom-tests"
+    assert props.headers["n"] == 7 and props.headers["yes"] is True and props.headers["f"] == 1.5
+    assert props.headers["tags"] == ["a", 2] and props.headers["nested"] == {"k": "v"}
+    assert props.headers["é"] == "ü"
+
+
+def test_wrong_user_id_is_failed_and_the_channel_recovers(amqp, queue_name):
+    bad = send(routing_key=queue_name, body=b"x", declare=True, properties={"user_id": "somebody-else"})
+    assert bad.status == Message.Status.FAILED and "406" in bad.last_error
+    assert send(routing_key=queue_name, body=b"y").status == Message.Status.PUBLISHED
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"routing_key": "é" * 128}, "routing key is longer than 255 bytes"),
+    ({"routing_key": "q", "exchange": "x" * 256}, "exchange name is longer than 255 bytes"),
+    ({"routing_key": "q", "headers": {"h" * 256: 1}}, "Header name"),
+    ({"routing_key": "q", "headers": {"big": 2**70}}, "64 bits"),
+    ({"routing_key": "q", "properties": {"priority": 300}}, "priority"),
+    ({"routing_key": "q", "properties": {"expiration": "soon"}}, "expiration"),
+    ({"routing_key": "q", "properties": {"colour": "blue"}}, "Unknown property"),
+    ({"routing_key": "q", "delivery_mode": 3}, "delivery_mode"),
+    ({"routing_key": ""}, "queue name"),
+])
+def test_invalid_letters_are_refused_before_anything_is_written(kwargs, message):
+    with pytest.raises(LetterError, match=message):
+        send(body=b"x", **kwargs)
+    assert not Message.objects.exists()
+
+
+def test_body_over_the_limit_is_refused(settings):
+    settings.MAILROOM_MAX_BODY_BYTES = 1000
+    with pytest.raises(LetterError, match="limit is 1000 bytes"):
+        send(routing_key="q", body=b"x" * 1001)
+    assert not Message.objects.exists()
+
+
+def test_duplicate_message_id_is_refused(queue_name):
+    send(routing_key=queue_name, body=b"x", declare=True, message_id="dup-1")
+    with pytest.raises(LetterError, match="already exists"):
+        send(routing_key=queue_name, body=b"x", message_id="dup-1")
+
+
+def test_one_connection_reused_across_publishes(queue_name):
+    send(routing_key=queue_name, body=b"x", declare=True)
+    connection = broker.publisher()._connection
+    for _ in range(5):
+        send(routing_key=queue_name, body=b"x")
+    assert broker.publisher()._connection is connection and connection.is_open
+
+
+def test_publish_step_writes_one_update(queue_name, django_assert_num_queries):
+    send(routing_key=queue_name, body=b"warm", declare=True)
+    with transaction.atomic():
+        letter = Message.objects.create(routing_key=queue_name, body=b"x", status=Message.Status.PENDING)
+    with django_assert_num_queries(1):
+        publish_message(letter)
+    letter.refresh_from_db()
+    assert letter.status == Message.Status.PUBLISHED and letter.attempts == 1
+
+
+def test_republish_records_lineage_and_publisher(django_user_model, amqp, queue_name):
+    user = django_user_model.objects.create_user("rita", password="pw-for-tests")
+    original = send(routing_key=queue_name, body=BINARY, declare=True, headers={"a": 1}, properties={"type": "t"})
+    with transaction.atomic():
+        copy = republish(original, user=user)
+    copy.refresh_from_db()
+    assert copy.pk != original.pk and copy.message_id != original.message_id
+    assert copy.republished_from == original and copy.published_by == user
+    assert copy.origin == Message.Origin.REPUBLISH and copy.status == Message.Status.PUBLISHED
+    assert bytes(copy.body) == BINARY and copy.headers == {"a": 1} and copy.properties == {"type": "t"}
+    bodies = [amqp.basic_get(queue_name, auto_ack=True)[2] for _ in range(2)]
+    assert bodies == [BINARY, BINARY]
+
+
+def test_topic_matching():
+    assert topic_matches("a.*.c", "a.b.c") and topic_matches("#", "") and topic_matches("a.#", "a")
+    assert topic_matches("*.b.#", "x.b.y.z") and not topic_matches("a.*", "a") and not topic_matches("a.b", "a.c")
+
+
+def test_routing_preview_from_the_management_api(settings, amqp, queue_name):
+    settings.RABBITMQ_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672/"
+    exchange = f"t-preview-{uuid.uuid4().hex[:8]}"
+    amqp.exchange_declare(exchange, exchange_type="topic", auto_delete=False)
+    try:
+        amqp.queue_declare(queue_name, durable=True)
+        amqp.queue_bind(queue_name, exchange, routing_key="orders.*")
+        reach = preview_route(exchange=exchange, routing_key="orders.new", headers={})
+        assert reach.known and reach.queues == (queue_name,) and reach.text == f"reaches queues {queue_name}"
+        none = preview_route(exchange=exchange, routing_key="invoices.new", headers={})
+        assert none.queues == () and none.text == "no queue is bound: it would be returned"
+        assert preview_route(exchange="", routing_key=queue_name, headers={}).queues == (queue_name,)
+        assert "404" in preview_route(exchange=f"{exchange}-missing", routing_key="k", headers={}).text
+    finally:
+        amqp.exchange_delete(exchange)
+    settings.RABBITMQ_MANAGEMENT_URL = ""
+    assert not preview_route(exchange="", routing_key=queue_name, headers={}).known
+
+
+@pytest.mark.node
+def test_letter_over_the_broker_size_limit_is_failed(amqp, queue_name):
+    rabbitmqctl("eval", "application:set_env(rabbit, max_message_size, 100000).")
+    try:
+        broker.publisher().close()  # the limit is read when a channel opens
+        big = send(routing_key=queue_name, body=b"x" * 200_000, declare=True)
+        assert big.status == Message.Status.FAILED and "406" in big.last_error, big.last_error
+        assert send(routing_key=queue_name, body=b"small").status == Message.Status.PUBLISHED
+    finally:
+        rabbitmqctl("eval", "application:set_env(rabbit, max_message_size, 134217728).")
+        broker.publisher().close()
+    assert amqp.basic_get(queue_name, auto_ack=True)[2] == b"small"
+
+
+def test_base64_body_decodes_exactly():
+    from messaging.publishing import decode_body
+
+    assert decode_body(base64.b64encode(BINARY).decode(), encoding="base64") == BINARY
+    with pytest.raises(LetterError, match="base64"):
+        decode_body("not base64!", encoding="base64")
