@@ -1,0 +1,213 @@
+"""The outbox relay with the real broker: crashes after commit, concurrent relays, a stopped broker, a disk alarm."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pika
+import pytest
+from django.conf import settings
+from django.contrib.auth.models import Permission, User
+from django.utils import timezone
+
+from messaging import broker
+from messaging.api import create_token
+from messaging.models import Delivery, Message
+from tests.conftest import ROOT, queue_depth, subprocess_env, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672/"
+
+
+def rabbitmqctl(*args: str) -> str:
+    out = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, f"rabbitmqctl {' '.join(args)}: {out.stderr}"
+    return out.stdout
+
+
+def broker_answers() -> bool:
+    try:
+        pika.BlockingConnection(pika.URLParameters(settings.RABBITMQ_URL.split(",")[0])).close()
+        return True
+    except pika.exceptions.AMQPError:
+        return False
+
+
+@pytest.fixture
+def short_timeout(settings):
+    """A fresh publisher for this thread with a 2 s broker timeout (it reads the setting when created)."""
+    settings.MAILROOM_PUBLISH_TIMEOUT = 2.0
+    broker.publisher().close()
+    del broker._local.publisher
+    yield
+    broker.publisher().close()
+    del broker._local.publisher
+
+
+@pytest.fixture
+def publisher_user():
+    user = User.objects.create_user("paula", password="pw-for-tests")
+    user.user_permissions.add(*Permission.objects.filter(codename__in=["add_message", "view_message"]))
+    return user
+
+
+def pending_letters(queue: str, count: int) -> None:
+    now = timezone.now()
+    letters = []
+    for i in range(count):
+        letter = Message(routing_key=queue, status=Message.Status.PENDING, next_attempt_at=now, origin=Message.Origin.API)
+        letter.set_body(f"letter {i}".encode())
+        letters.append(letter)
+    Message.objects.bulk_create(letters)
+
+
+def test_crash_between_commit_and_publish_is_relayed_once(manage, queue_name):
+    message_id = f"crash-{uuid.uuid4().hex}"
+    # The process dies in its first on_commit callback: the row is committed, the publish never happens.
+    code = (
+        "import os\n"
+        "from django.db import transaction\n"
+        "from messaging.publishing import create_letter\n"
+        "with transaction.atomic():\n"
+        "    transaction.on_commit(lambda: os._exit(0))\n"
+        f"    create_letter(routing_key={queue_name!r}, body=b'crash', declare=True, message_id={message_id!r})\n"
+    )
+    out = subprocess.run([sys.executable, str(ROOT / "manage.py"), "shell", "-c", code], cwd=ROOT,
+                         env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    letter = Message.objects.get(message_id=message_id)
+    assert letter.status == Message.Status.PENDING and letter.attempts == 0
+    assert letter.next_attempt_at > timezone.now()  # left to the (dead) request for the grace period
+
+    early = manage("relay", "--once")
+    assert early.wait() == 0, early.output
+    assert Message.objects.get(message_id=message_id).status == Message.Status.PENDING  # not due yet
+
+    Message.objects.filter(message_id=message_id).update(next_attempt_at=timezone.now())  # the grace has passed
+    for _ in range(2):  # a second pass finds nothing to do
+        relay = manage("relay", "--once")
+        assert relay.wait() == 0, relay.output
+    letter.refresh_from_db()
+    assert letter.status == Message.Status.PUBLISHED and letter.attempts == 1
+    assert queue_depth(queue_name) == (1, 0)
+
+
+def test_concurrent_relays_publish_each_letter_once(manage, amqp, queue_name):
+    amqp.queue_declare(queue_name, durable=True)
+    pending_letters(queue_name, 3000)
+    relays = [manage("relay", "--once", "--batch-size", "100") for _ in range(3)]
+    for relay in relays:
+        assert relay.wait(timeout=90) == 0, relay.output
+    assert Message.objects.filter(status=Message.Status.PUBLISHED).count() == 3000
+    assert set(Message.objects.values_list("attempts", flat=True)) == {1}
+    assert queue_depth(queue_name) == (3000, 0)
+    assert sum("published=" in r.output for r in relays) >= 2  # the work was shared
+
+
+def test_relay_records_unroutable_and_failed_in_a_batch(amqp, queue_name):
+    from messaging.relay import Relay, RelayOptions
+
+    amqp.queue_declare(queue_name, durable=True)
+    pending_letters(queue_name, 5)
+    now = timezone.now()
+    nobody = Message.objects.create(routing_key=f"{queue_name}-nobody", body=b"x", next_attempt_at=now)
+    missing = Message.objects.create(exchange=f"missing-{uuid.uuid4().hex}", routing_key="k", body=b"x", next_attempt_at=now)
+    relay = Relay(RelayOptions(once=True))
+    relay.run()
+    nobody.refresh_from_db()
+    missing.refresh_from_db()
+    assert nobody.status == Message.Status.UNROUTABLE and "312 NO_ROUTE" in nobody.last_error
+    assert missing.status == Message.Status.FAILED and "404" in missing.last_error
+    assert Message.objects.filter(status=Message.Status.PUBLISHED).count() == 5
+    assert queue_depth(queue_name) == (5, 0)
+
+
+def test_relay_stops_gracefully_on_sigterm(manage, amqp, queue_name):
+    amqp.queue_declare(queue_name, durable=True)
+    relay = manage("relay", "--idle", "0.2")
+    pending_letters(queue_name, 50)
+    wait_for(lambda: not Message.objects.pending().exists(), timeout=30, message="the relay to publish")
+    relay.signal(signal.SIGTERM)
+    assert relay.wait(timeout=10) == 0, relay.output
+    assert "relay stopped" in relay.output and "published=50" in relay.output
+
+
+@pytest.mark.node
+@pytest.mark.slow
+def test_broker_stopped_nothing_published_is_lost(client, publisher_user, short_timeout, manage, queue_name):
+    client.force_login(publisher_user)
+    _, key = create_token(user=publisher_user, name="tests")
+    rabbitmqctl("stop_app")
+    try:
+        wait_for(lambda: not broker_answers(), timeout=30, message="the broker to stop")
+        for i in range(10):
+            started = time.monotonic()
+            response = client.post("/publish/", {"mode": "queue", "queue": queue_name, "body": f"form {i}",
+                                                 "declare": "on", "persistent": "on"})
+            assert response.status_code == 302
+            assert time.monotonic() - started < 10
+        for i in range(10):
+            started = time.monotonic()
+            response = client.post("/api/messages/", json.dumps({"routing_key": queue_name, "body": f"api {i}",
+                                                                 "declare": True}),
+                                   content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {key}")
+            assert response.status_code == 202, response.content
+            assert response.json()["status"] == "pending"
+            assert time.monotonic() - started < 10
+        letters = Message.objects.filter(routing_key=queue_name)
+        assert letters.count() == 20
+        assert set(letters.values_list("status", flat=True)) == {Message.Status.PENDING}
+        assert all(letter.last_error and letter.attempts == 1 for letter in letters)
+    finally:
+        rabbitmqctl("start_app")
+    wait_for(broker_answers, timeout=60, message="the broker to start")
+    relay = manage("relay", "--idle", "0.2")
+    worker = manage("consume", queue_name, "--max-messages", "20", "--inactivity-timeout", "30")
+    assert worker.wait(timeout=90) == 0, worker.output + relay.output
+    assert set(Message.objects.filter(routing_key=queue_name).values_list("status", flat=True)) == {"published"}
+    deliveries = Delivery.objects.filter(queue=queue_name)
+    assert deliveries.count() == 20 and deliveries.values("message").distinct().count() == 20
+    assert set(deliveries.values_list("status", flat=True)) == {Delivery.Status.ACKED}
+    relay.signal(signal.SIGTERM)
+    assert relay.wait(timeout=15) == 0, relay.output
+
+
+@pytest.mark.node
+@pytest.mark.slow
+def test_disk_alarm_blocks_then_relay_publishes(client, publisher_user, short_timeout, settings, manage, amqp,
+                                                queue_name):
+    from messaging import rabbitmq_api
+
+    amqp.queue_declare(queue_name, durable=True)
+    client.force_login(publisher_user)
+    settings.RABBITMQ_MANAGEMENT_URL = MANAGEMENT_URL
+    rabbitmqctl("set_disk_free_limit", "1000000GB")
+    try:
+        wait_for(lambda: rabbitmq_api.alarms(), timeout=30, message="the disk alarm")
+        started = time.monotonic()
+        response = client.post("/publish/", {"mode": "queue", "queue": queue_name, "body": "blocked",
+                                             "persistent": "on"})
+        assert response.status_code == 302
+        assert time.monotonic() - started < 8  # blocked_connection_timeout, not forever
+        letter = Message.objects.get(routing_key=queue_name)
+        assert letter.status == Message.Status.PENDING
+        assert letter.last_error.startswith("broker blocked"), letter.last_error
+        page = client.get("/messages/").content.decode()
+        assert "blocking publishers" in page
+        relay = manage("relay", "--idle", "0.2", env=subprocess_env(MAILROOM_PUBLISH_TIMEOUT="2"))
+        time.sleep(1)
+    finally:
+        rabbitmqctl("set_disk_free_limit", "50MB")
+    wait_for(lambda: not rabbitmq_api.alarms(), timeout=30, message="the alarm to clear")
+    Message.objects.filter(pk=letter.pk).update(next_attempt_at=timezone.now())  # skip the backoff
+    wait_for(lambda: Message.objects.get(pk=letter.pk).status == Message.Status.PUBLISHED, timeout=30,
+             message="the relay to publish after the alarm")
+    assert amqp.basic_get(queue_name, auto_ack=True)[2] == b"blocked"
+    assert "blocking publishers" not in client.get("/messages/").content.decode()
+    relay.signal(signal.SIGTERM)
+    assert relay.wait(timeout=20) == 0, relay.output
