@@ -36,6 +36,10 @@ class QueueGone(Exception):
     """The broker cancelled our consumer (the queue was deleted)."""
 
 
+class ChannelLost(Exception):
+    """The broker closed the channel (and with it our consumers) but not the connection."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class ConsumeOptions:
     queues: tuple[str, ...] = ()
@@ -124,7 +128,7 @@ class Worker:
                     logger.error("cannot consume: %s (check RABBITMQ_URL's user, password and vhost)", exc)
                     code = 1
                     break
-                except (QueueGone, *broker.CONNECTION_ERRORS, broker.pe.AMQPError) as exc:
+                except (QueueGone, ChannelLost, *broker.CONNECTION_ERRORS, broker.pe.AMQPError) as exc:
                     if getattr(exc, "reply_code", None) in broker.FATAL_REPLY_CODES:
                         # e.g. no permission on the queue (403): retrying cannot help.
                         logger.error("cannot consume: %s (check the user's permissions)", broker.describe(exc))
@@ -187,10 +191,12 @@ class Worker:
             # Returns on deliveries, or when the database thread finishes a batch (see _submit).
             self._connection.process_data_events(time_limit=0.5)
             self._pump()
+            if self._channel.is_closed:
+                # e.g. a delivery unacked past consumer_timeout (406): its deliveries are requeued.
+                raise ChannelLost("the broker closed the channel (consumer_timeout?); opening another")
             if len(self._channel.consumer_tags) < self._consumers:
                 raise QueueGone("the broker cancelled a consumer (queue deleted?); declaring it again")
-            if self._in_flight is None:
-                self._heartbeat()
+            self._heartbeat()
         self._finish()
 
     def _declare(self, channel, name: str):
@@ -403,9 +409,17 @@ class Worker:
         return None
 
     def _register(self) -> int:
-        row = WorkerRow.objects.create(
-            host=socket.gethostname(), pid=os.getpid(), queues=list(self.options.queues),
-        )
+        host = socket.gethostname()
+        # Workers of this host that died without a clean exit (kill -9, OOM) still say 'running'.
+        for pk, pid, heartbeat_at in WorkerRow.objects.filter(host=host, status=WorkerRow.Status.RUNNING).values_list(
+            "pk", "pid", "heartbeat_at",
+        ):
+            if pid != os.getpid() and not _process_exists(pid):
+                WorkerRow.objects.filter(pk=pk, status=WorkerRow.Status.RUNNING).update(
+                    status=WorkerRow.Status.STOPPED, stopped_at=heartbeat_at,
+                )
+                logger.info("worker %s:%s died without stopping; marked stopped", host, pid)
+        row = WorkerRow.objects.create(host=host, pid=os.getpid(), queues=list(self.options.queues))
         return row.pk
 
     def _heartbeat(self) -> None:
@@ -413,10 +427,18 @@ class Worker:
         if now - self._last_heartbeat < WORKER_HEARTBEAT_SECONDS:
             return
         self._last_heartbeat = now
+        # Queued behind the batch in flight, never waited for: a busy worker's heartbeat is not
+        # held up (and does not hold up pika) — under a steady stream a batch is always in flight.
+        c = self.counts
+        self._db.submit(self._in_db_thread, self._save_heartbeat, acked=c.acked, requeued=c.requeued,
+                        rejected=c.rejected)
+
+    def _save_heartbeat(self, **counts) -> None:
         try:
-            self._db_call(self._save_counts)
+            WorkerRow.objects.filter(pk=self._worker_id).update(heartbeat_at=timezone.now(), **counts)
         except DatabaseError as exc:
             logger.warning("worker heartbeat not saved: %s", exc)
+            raise
 
     def _save_counts(self, **extra) -> None:
         WorkerRow.objects.filter(pk=self._worker_id).update(
@@ -440,3 +462,13 @@ class Worker:
         for path in paths.values():
             import_string(path)  # fail at start, not at the first letter
         return paths
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True

@@ -54,6 +54,9 @@ def test_kill_9_mid_stream_then_restart(queue_name, manage):
     figures = assert_exactly_once(queue_name, ids, settled_unknown_ok=20)
     assert figures["redelivered"] >= 1, "the deliveries in hand at the kill were not redelivered"
     assert Delivery.objects.filter(queue=queue_name, status="requeued", redelivered=False).exists()
+    # The registry tells the truth: the successor marked its dead predecessor stopped.
+    assert Worker.objects.get(pid=victim.proc.pid).status == Worker.Status.STOPPED
+    assert Worker.objects.get(pid=successor.proc.pid).status == Worker.Status.STOPPED
 
 
 def test_sigterm_mid_stream_exits_0_with_nothing_half_written(queue_name, manage):
@@ -221,4 +224,30 @@ def test_queue_deleted_under_the_worker_is_declared_again(queue_name, manage):
     worker.signal(signal.SIGTERM)
     assert worker.wait(timeout=10) == 0, worker.output
     assert "queue deleted?" in worker.output
+    assert_exactly_once(queue_name, first + second)
+
+
+def test_channel_closed_by_the_broker_opens_another(queue_name, caplog):
+    """A 406 channel close (what consumer_timeout does, minutes late on 3.10) while connected."""
+    import threading
+
+    from messaging.consuming import ConsumeOptions, Worker as ConsumeWorker
+
+    first = publish(queue_name, 10, declare=True)
+    worker = ConsumeWorker(ConsumeOptions(queues=(queue_name,), batch_size=5))
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: acked_count(queue_name) == 10, timeout=30, message="the first letters acked")
+        connection = worker._connection
+        # An ack of a tag never delivered: the broker closes the channel with 406 PRECONDITION_FAILED.
+        connection.add_callback_threadsafe(lambda: worker._channel.basic_ack(delivery_tag=10_000))
+        wait_for(lambda: worker.counts.reconnects == 1, timeout=20, message="the worker to open another channel")
+        second = publish(queue_name, 10)
+        wait_for(lambda: acked_count(queue_name) == 20, timeout=30, message="letters after the close acked")
+    finally:
+        worker.request_stop()
+        thread.join(timeout=15)
+    assert not thread.is_alive()
+    assert "the broker closed the channel" in caplog.text
     assert_exactly_once(queue_name, first + second)

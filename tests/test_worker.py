@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import socket
+import time
 import urllib.request
 import uuid
 
@@ -65,6 +66,7 @@ def test_sigint_finishes_the_batch_and_exits_0_a_second_signal_exits_1(queue_nam
     wait_for(lambda: Delivery.objects.filter(queue=queue_name).count() > acked_count(queue_name) or
              acked_count(queue_name) == 50, timeout=30, message="a second batch in hand")
     stubborn.signal(signal.SIGTERM)
+    time.sleep(0.5)  # two signals at once would be delivered as one
     stubborn.signal(signal.SIGTERM)
     assert stubborn.wait(timeout=10) == 1, stubborn.output
 
@@ -172,3 +174,19 @@ def test_two_queues_in_one_worker_and_its_registry_row(queue_name, manage):
         assert_exactly_once(other, b)
     finally:
         delete_queue(other)
+
+
+# --- errors retrying cannot fix ------------------------------------------------------------------
+@pytest.mark.parametrize("url, said", [
+    ("amqp://guest:not-the-password@127.0.0.1:5672/%2F", "refused the login"),
+    ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "ProbableAccessDeniedError"),
+])
+def test_wrong_credentials_or_vhost_exit_non_zero_without_a_reconnect_storm(queue_name, manage, url, said):
+    from tests.conftest import subprocess_env
+
+    worker = manage("consume", queue_name, env=subprocess_env(RABBITMQ_URL=url))
+    assert worker.wait(timeout=20) == 1, worker.output
+    assert "cannot consume" in worker.output and said in worker.output
+    assert "reconnecting" not in worker.output
+    assert "not-the-password" not in worker.output
+    assert Worker.objects.get().status == Worker.Status.STOPPED
