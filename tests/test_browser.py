@@ -97,7 +97,7 @@ def test_queue_letter_goes_pending_published_acked_without_reload(page, settings
     page.fill('input[name="queue"]', queue_name)
     page.fill('textarea[name="body"]', XSS_BODY)
     page.fill('textarea[name="headers"]', '{"x-trace": "browser", "attempt": 1}')
-    page.click('form.publish button[type="submit"]')
+    page.get_by_role("button", name="Publish", exact=True).click()
 
     status = page.locator("#letter-status")
     expect(status).to_have_text("pending")
@@ -161,7 +161,7 @@ def test_fanout_letter_is_delivered_and_shown_without_reload(page, manage, amqp)
         page.fill('input[name="exchange"]', exchange)
         page.select_option('select[name="exchange_type"]', "fanout")
         page.fill('textarea[name="body"]', "to everyone bound")
-        page.click('form.publish button[type="submit"]')
+        page.get_by_role("button", name="Publish", exact=True).click()
 
         expect(page.locator(".flash")).to_contain_text("Published.")
         expect(page.locator("#letter-status")).to_have_text("published")

@@ -244,20 +244,29 @@ def test_procfile_runs_under_honcho_and_ctrl_c_stops_everything(tmp_path):
     honcho = subprocess.Popen([f"{bin_dir}/honcho", "start", "-f", str(ROOT / "Procfile")], cwd=ROOT, env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     output = lambda: (tmp_path / "honcho.log").read_text(errors="replace")  # noqa: E731
+    started = lambda: re.findall(r"(\S+)\.1 started \(pid=(\d+)\)", output())  # noqa: E731
     try:
         wait_for(lambda: _answers(f"http://127.0.0.1:{port}", {}), timeout=60, message="the web process")
         wait_for(lambda: "consuming queues=hello" in output(), timeout=60, message="the worker")
-        started = re.findall(r"(\S+)\.1 started \(pid=(\d+)\)", output())
-        assert {"web", "worker"} <= {name for name, _ in started}, output()
+        assert {"web", "worker"} <= {name for name, _ in started()}, output()
         honcho.send_signal(signal.SIGINT)
         assert honcho.wait(timeout=30) == 130, output()  # honcho's code for "stopped by SIGINT"
     finally:
         if honcho.poll() is None:
-            os.killpg(honcho.pid, signal.SIGKILL)
-            honcho.wait()
+            honcho.send_signal(signal.SIGINT)
+            try:
+                honcho.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                honcho.kill()
+                honcho.wait()
+        for _, pid in started():  # each process runs in a session of its own: never leave one behind
+            try:
+                os.killpg(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         log.close()
     text = output()
-    for name, pid in started:
+    for name, pid in started():
         assert f"{name}.1 stopped (rc=0)" in text, text[-3000:]
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
     assert "consume stopped:" in text
