@@ -58,11 +58,15 @@ class ConsumeOptions:
 
 
 def backoff_delays(*, start: float = BACKOFF_START, cap: float = BACKOFF_CAP):
-    """Capped exponential backoff with jitter: ~1 s, 2 s, 4 s … up to `cap`."""
+    """Capped exponential backoff with jitter: 1–2 s, 2–4 s, 4–8 s … then between cap/2 and `cap`.
+
+    Never sooner than `start` (at most one attempt a second); the jitter spreads the workers a
+    broker restart disconnected all at once.
+    """
     attempt = 0
     while True:
-        ceiling = min(cap, start * 2**attempt)
-        yield random.uniform(ceiling / 2, ceiling)
+        ceiling = min(cap, start * 2 ** (attempt + 1))
+        yield random.uniform(max(start, ceiling / 2), ceiling)
         attempt += 1
 
 
@@ -150,6 +154,7 @@ class Worker:
                 self._db_call(self._unregister)
             except DatabaseError as exc:
                 logger.error("could not mark the worker stopped: %s", exc)
+            self._db.submit(lambda: db_connection.close())  # the database thread's own connection
             self._db.shutdown(wait=True)
         logger.info(
             "consume stopped: received=%s acked=%s requeued=%s rejected=%s duplicates=%s reconnects=%s",

@@ -190,3 +190,14 @@ def test_wrong_credentials_or_vhost_exit_non_zero_without_a_reconnect_storm(queu
     assert "reconnecting" not in worker.output
     assert "not-the-password" not in worker.output
     assert Worker.objects.get().status == Worker.Status.STOPPED
+
+
+def test_reconnect_backoff_is_capped_exponential_with_jitter():
+    from itertools import islice
+
+    from messaging.consuming import backoff_delays
+
+    runs = [list(islice(backoff_delays(), 12)) for _ in range(20)]
+    assert all(1.0 <= d <= 30.0 for run in runs for d in run)  # at most one attempt a second, capped
+    assert all(run[0] <= 2.0 and run[3] >= 8.0 and run[-1] >= 15.0 for run in runs)  # grows, then stays high
+    assert len({run[-1] for run in runs}) > 1  # jittered: workers do not reconnect in lockstep
