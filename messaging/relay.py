@@ -230,10 +230,12 @@ class Relay:
         for letter, (status, reason) in zip(batch.letters, batch.outcomes):
             attempts = letter.attempts + 1 if status == Message.Status.PENDING else 0
             groups[(status, reason, attempts)].append(letter.pk)
-        for (status, reason, attempts), pks in groups.items():
-            Message.objects.filter(pk__in=pks, status=Message.Status.PENDING).update(
-                attempts=F("attempts") + 1, **outcome_fields(status, reason, attempts=attempts),
-            )
+        with transaction.atomic():  # one commit for the batch
+            for (status, reason, attempts), pks in groups.items():
+                Message.objects.filter(pk__in=pks, status=Message.Status.PENDING).update(
+                    attempts=F("attempts") + 1, **outcome_fields(status, reason, attempts=attempts),
+                )
+        for (status, reason, _), pks in groups.items():
             self.totals[status] += len(pks)
             log = logger.info if status == Message.Status.PUBLISHED else logger.warning
             log("relay %s=%s%s", status, len(pks), f" reason={reason}" if reason else "")
