@@ -110,6 +110,7 @@ class Worker:
         self._channel = None
         self._consumers = 0  # consumers on the channel; fewer means the broker cancelled one
         self._draining = False  # stopping: record nothing more, only finish the batch in hand
+        self._database_down = False  # it failed while starting or stopping: do not wait for it again
         self._settled_below = 1
         self._settled_above: set[int] = set()
 
@@ -151,7 +152,10 @@ class Worker:
         finally:
             self._close()
             try:
-                self._db_call(self._unregister)
+                if self._database_down:
+                    logger.error("database unavailable: the worker row is not marked stopped")
+                else:
+                    self._db_call(self._unregister)
             except DatabaseError as exc:
                 logger.error("could not mark the worker stopped: %s", exc)
             self._db.submit(lambda: db_connection.close())  # the database thread's own connection
@@ -252,6 +256,15 @@ class Worker:
         while self._in_flight is not None or self._unsettled:
             self._connection.process_data_events(time_limit=0.2)
             self._pump()
+            if self._db_retry_at > time.monotonic():
+                # Stopping is not worth waiting for a database that fails: what was not committed
+                # stays unacked (the broker requeues it); acks already sent stay 'received' rows.
+                logger.error(
+                    "database unavailable while stopping: %s buffered deliveries left unacked, %s acks not written",
+                    len(self._pending), len(self._unsettled),
+                )
+                self._database_down = True
+                break
         self._close()
 
     def _drop_connection(self, *, reason: str) -> None:
@@ -411,6 +424,7 @@ class Worker:
                 delay = next(delays)
                 logger.error("database unavailable (%s); retrying in %.1fs", exc, delay)
                 self.stop_requested.wait(delay)
+        self._database_down = True
         return None
 
     def _register(self) -> int:

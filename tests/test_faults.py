@@ -192,6 +192,28 @@ def test_database_locked_or_killed_nothing_acked_then_resumes(queue_name, manage
     assert_exactly_once(queue_name, before + during)
 
 
+def test_sigterm_during_a_database_outage_exits_without_acking(queue_name, manage):
+    from tests.conftest import subprocess_env
+
+    before = publish(queue_name, 5, declare=True, prefix=f"before-{queue_name}")
+    worker = manage("consume", queue_name, env=subprocess_env(MAILROOM_SQLITE_TIMEOUT="1"))
+    wait_for(lambda: acked_count(queue_name) == 5, timeout=30, message="the first letters acked")
+    with database_outage(queue_name) as (acked, kill):
+        during = publish(queue_name, 20, prefix=f"during-{queue_name}")
+        wait_for(lambda: queue_counts(queue_name) == (0, 20), timeout=15, message="all delivered, unacked")
+        worker.signal(signal.SIGTERM)
+        if kill:
+            time.sleep(0.5)
+            kill()
+        assert worker.wait(timeout=10) == 0, worker.output
+        assert queue_counts(queue_name) == (20, 0)  # nothing acked, all back in the queue
+        assert acked() == 5
+    assert "database unavailable" in worker.output
+    successor = manage("consume", queue_name, "--inactivity-timeout", "3")
+    assert successor.wait(timeout=60) == 0, successor.output
+    assert_exactly_once(queue_name, before + during)
+
+
 # --- slow handlers, deleted queues ----------------------------------------------------------------
 def test_handler_sleeping_past_the_heartbeat_keeps_the_connection(queue_name, manage, tmp_path):
     from tests.conftest import subprocess_env
