@@ -95,7 +95,8 @@ class Message(models.Model):
         # PostgreSQL then gets no extra LIKE (varchar_pattern_ops) index per text column.
         constraints = [models.UniqueConstraint(fields=["message_id"], name="message_message_id_unique")]
         indexes = [
-            models.Index(fields=["routing_key"], name="message_routing_key_idx"),
+            # By routing key, newest first: search, and "letters sent straight to queue X".
+            models.Index(fields=["routing_key", "created_at"], name="message_routing_created_idx"),
             models.Index(fields=["correlation_id"], name="message_correlation_id_idx"),
             models.Index(fields=["next_attempt_at"], name="message_relay_idx", condition=models.Q(status="pending")),
             models.Index(fields=["status", "created_at"], name="message_status_created_idx"),
@@ -196,10 +197,12 @@ class Delivery(models.Model):
         verbose_name_plural = "deliveries"
         indexes = [
             models.Index(fields=["message", "queue", "status"], name="delivery_message_queue_idx"),
-            models.Index(fields=["queue", "received_at"], name="delivery_queue_received_idx"),
-            # Small (acked rows leave it): counts of the rare outcomes and the recent failures.
+            # The letter id rides along (index-only scans): "letters of the latest deliveries on a queue".
+            models.Index(fields=["queue", "received_at", "message"], name="delivery_queue_recent_idx"),
+            # Small (acked rows leave it): counts of the rare outcomes, the recent failures and their letters.
             models.Index(
-                fields=["status", "received_at"], name="delivery_unacked_idx", condition=~models.Q(status="acked"),
+                fields=["status", "received_at", "message"], name="delivery_unacked_recent_idx",
+                condition=~models.Q(status="acked"),
             ),
         ]
 

@@ -1,0 +1,89 @@
+"""`/healthz` (database and broker) and `/metrics` (Prometheus, read from the database at scrape time)."""
+from __future__ import annotations
+
+import subprocess
+from http import HTTPStatus
+
+import pytest
+from django.urls import reverse
+from prometheus_client.parser import text_string_to_metric_families
+
+from messaging.models import Delivery, Message, Worker
+from tests.audit_data import delivery, fast_passwords, letter  # noqa: F401 — autouse
+
+pytestmark = pytest.mark.django_db
+
+MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672/"
+
+
+def samples(response) -> dict[tuple[str, tuple], float]:
+    found = {}
+    for family in text_string_to_metric_families(response.content.decode()):
+        for s in family.samples:
+            found[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return found
+
+
+def test_healthz_ok(client):
+    response = client.get(reverse("healthz"))
+    assert response.status_code == HTTPStatus.OK
+    assert response.json() == {"database": "ok", "broker": "ok"}
+    assert "no-cache" in response["Cache-Control"] or "max-age=0" in response["Cache-Control"]
+
+
+def test_healthz_reports_the_broker_down(client, monkeypatch, settings):
+    settings.RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:1/%2F"  # nothing listens there
+    response = client.get(reverse("healthz"))
+    assert response.status_code == HTTPStatus.SERVICE_UNAVAILABLE
+    assert response.json() == {"database": "ok", "broker": "unavailable"}
+    assert "guest" not in response.content.decode()
+
+
+@pytest.mark.node
+def test_healthz_turns_503_when_the_broker_is_stopped(client):
+    try:
+        subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=60)
+        response = client.get(reverse("healthz"))
+        assert response.status_code == HTTPStatus.SERVICE_UNAVAILABLE
+        assert response.json()["broker"] == "unavailable"
+    finally:
+        subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
+        subprocess.run(["rabbitmqctl", "await_startup"], check=True, capture_output=True, timeout=120)
+    assert client.get(reverse("healthz")).status_code == HTTPStatus.OK
+
+
+def test_metrics_need_the_token_or_staff(client, settings, django_user_model):
+    settings.MAILROOM_METRICS_TOKEN = ""
+    assert client.get(reverse("metrics")).status_code == HTTPStatus.FORBIDDEN
+    user = django_user_model.objects.create_user("plain")
+    client.force_login(user)
+    assert client.get(reverse("metrics")).status_code == HTTPStatus.FORBIDDEN
+    user.is_staff = True
+    user.save()
+    assert client.get(reverse("metrics")).status_code == HTTPStatus.OK
+    client.logout()
+    settings.MAILROOM_METRICS_TOKEN = "s3cret-token"
+    assert client.get(reverse("metrics"), HTTP_AUTHORIZATION="Bearer wrong").status_code == HTTPStatus.FORBIDDEN
+    assert client.get(reverse("metrics"), HTTP_AUTHORIZATION="Bearer s3cret-token").status_code == HTTPStatus.OK
+
+
+def test_metrics_read_the_database_at_scrape_time(client, settings, queue_name, amqp):
+    settings.MAILROOM_METRICS_TOKEN = "t"
+    settings.RABBITMQ_MANAGEMENT_URL = MANAGEMENT_URL
+    amqp.queue_declare(queue=queue_name, durable=True)
+    before = samples(client.get(reverse("metrics"), HTTP_AUTHORIZATION="Bearer t"))
+    published = before.get(("mailroom_letters", (("status", "published"),)), 0)
+    m = letter()
+    letter(status=Message.Status.FAILED, published_at=None)
+    delivery(m, status=Delivery.Status.REJECTED)
+    Worker.objects.create(host="metrics-host", pid=4242, queues=[queue_name])
+    response = client.get(reverse("metrics"), HTTP_AUTHORIZATION="Bearer t")
+    assert response["Content-Type"].startswith("text/plain")
+    after = samples(response)
+    assert after[("mailroom_letters", (("status", "published"),))] == published + 1
+    assert after[("mailroom_letters", (("status", "failed"),))] >= 1
+    assert after[("mailroom_deliveries", (("status", "rejected"),))] >= 1
+    assert after[("mailroom_workers_alive", ())] >= 1
+    assert ("mailroom_worker_heartbeat_timestamp_seconds", (("host", "metrics-host"), ("pid", "4242"))) in after
+    assert after[("mailroom_management_api_up", ())] == 1
+    assert after[("mailroom_queue_messages_ready", (("queue", queue_name),))] == 0

@@ -1,0 +1,94 @@
+"""Every audit page runs a bounded number of queries, whatever the size of the history.
+
+The history here is a few thousand rows (CI); bench/scale.py times the same pages at a million.
+"""
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import pytest
+from django.contrib.auth.models import User
+from django.test import Client
+from django.urls import reverse
+
+from messaging.counting import RECENT_DELIVERIES
+from messaging.models import Delivery, Message
+from tests.audit_data import fast_passwords, seed  # noqa: F401 — autouse
+
+LETTERS = 3000
+
+
+@pytest.fixture(scope="module")
+def history(django_db_setup, django_db_blocker):
+    with django_db_blocker.unblock():
+        seed(LETTERS, queues=("qc-a", "qc-b"))
+        yield
+        Delivery.objects.filter(queue__in=["qc-a", "qc-b"]).delete()
+        Message.objects.filter(message_id__startswith="seed-").delete()
+
+
+@pytest.fixture
+def staff(history, db):
+    user = User.objects.create_superuser("counter")
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def letter_of(index: int) -> Message:
+    return Message.objects.order_by("created_at", "id").exclude(status="failed")[index]
+
+
+def pages() -> list[tuple[str, int]]:
+    """(url, most queries allowed)."""
+    m = letter_of(100)
+    admin_list = reverse("admin:messaging_message_changelist")
+    delivery_list = reverse("admin:messaging_delivery_changelist")
+    return [
+        (admin_list, 10),
+        (admin_list + "?status=failed", 10),
+        (admin_list + "?origin=api", 10),
+        (admin_list + "?exchange=audit.x", 10),
+        (admin_list + "?queue=qc-a", 10),
+        (admin_list + "?delivery_status=rejected", 10),
+        (admin_list + f"?q={m.message_id}", 10),
+        (admin_list + f"?q={m.correlation_id}", 10),
+        (admin_list + f"?created_at__year={m.created_at.year}&created_at__month={m.created_at.month}", 10),
+        (admin_list + "?p=3", 10),
+        (reverse("admin:messaging_message_change", args=[m.pk]), 10),
+        (delivery_list, 10),
+        (delivery_list + "?status=rejected", 10),
+        (delivery_list + "?queue=qc-b", 10),
+        (delivery_list + f"?q={m.message_id}", 10),
+        (reverse("admin:messaging_delivery_change", args=[m.deliveries.first().pk]), 8),
+        (reverse("message-list"), 6),
+        (reverse("message-list") + "?status=failed", 6),
+        (reverse("message-list") + "?queue=qc-a", 8),
+        (reverse("message-list") + f"?q={m.message_id}", 6),
+        (reverse("message-list") + "?page=5", 6),
+        (reverse("message-detail", args=[m.message_id]), 6),
+        (reverse("dashboard"), 22),
+        (reverse("queues"), 6),
+    ]
+
+
+@pytest.mark.django_db
+def test_pages_use_a_bounded_number_of_queries(staff, django_assert_max_num_queries, settings):
+    settings.RABBITMQ_MANAGEMENT_URL = ""
+    for url, most in pages():
+        with django_assert_max_num_queries(most, info=url):
+            response = staff.get(url)
+        assert response.status_code == HTTPStatus.OK, url
+
+
+@pytest.mark.django_db
+def test_the_lists_show_the_seeded_history(staff):
+    html = staff.get(reverse("admin:messaging_message_changelist")).content.decode()
+    assert 'class="field-deliveries">2<' in html
+    page = staff.get(reverse("admin:messaging_message_changelist") + "?delivery_status=rejected").content.decode()
+    assert "seed-" in page
+    # A queue's letters: those of its latest RECENT_DELIVERIES deliveries and the latest sent to it directly.
+    page = staff.get(reverse("message-list") + "?queue=qc-a").context["page"]
+    assert RECENT_DELIVERIES <= page.paginator.count <= 2 * RECENT_DELIVERIES
+    newest = Message.objects.filter(deliveries__queue="qc-a").order_by("-created_at", "-id").first()
+    assert page.object_list[0].message_id == newest.message_id
