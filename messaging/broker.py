@@ -263,6 +263,14 @@ class Publisher:
         self._declared: set[tuple[str, str]] = set()
 
     def _ensure_channel(self):
+        if self._connection is not None and self._connection.is_open:
+            # An idle connection may have been closed by the broker (restart, heartbeat timeout,
+            # close_all_connections) since the last publish: notice it now, before publishing on it.
+            try:
+                self._connection.process_data_events(time_limit=0)
+            except (*CONNECTION_ERRORS, pe.AMQPError) as exc:
+                logger.info("publisher connection was lost while idle (%s); reconnecting", describe(exc))
+                self.close()
         if self._connection is None or not self._connection.is_open:
             self._declared.clear()
             self._connection = connect(timeout=self.timeout, client_name=self.client_name)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import subprocess
+import time
 import uuid
 
 import pika
@@ -202,3 +203,16 @@ def test_base64_body_decodes_exactly():
     assert decode_body(base64.b64encode(BINARY).decode(), encoding="base64") == BINARY
     with pytest.raises(LetterError, match="base64"):
         decode_body("not base64!", encoding="base64")
+
+
+def test_connection_closed_while_idle_is_replaced_before_publishing(queue_name):
+    assert send(routing_key=queue_name, body=b"one", declare=True).status == Message.Status.PUBLISHED
+    port = broker.publisher()._connection._impl._transport._sock.getsockname()[1]
+    rows = rabbitmqctl("list_connections", "-q", "--no-table-headers", "pid", "name").splitlines()
+    ours = [row.split("\t")[0] for row in rows if f":{port} ->" in row]
+    assert len(ours) == 1, rows
+    rabbitmqctl("close_connection", ours[0], "closed by a test while idle")  # only this test's connection
+    time.sleep(0.5)
+    assert broker.publisher()._connection.is_open  # pika has not noticed yet: nothing serviced it
+    after = send(routing_key=queue_name, body=b"two")
+    assert after.status == Message.Status.PUBLISHED and after.attempts == 1, after.last_error
