@@ -204,9 +204,12 @@ DELIVERY_EXPORT_FIELDS = [
 ]
 
 
-def export_rows(queryset):
-    """Each selected letter as a dict (with its deliveries), read in chunks so memory stays flat."""
+def export_rows(queryset, *, deliveries: bool = False):
+    """Each selected letter as a dict, read in chunks so memory stays flat (deliveries: one query a chunk)."""
     letters = with_delivery_summary(queryset.select_related("published_by", "republished_from")).order_by("-created_at", "-id")
+    if deliveries:
+        letters = letters.prefetch_related(
+            models.Prefetch("deliveries", queryset=Delivery.objects.order_by("received_at", "id")))
     for letter in letters.iterator(chunk_size=EXPORT_CHUNK):
         body, encoding = body_text(bytes(letter.body))
         row = {f: getattr(letter, f, None) for f in EXPORT_FIELDS}
@@ -369,11 +372,8 @@ class MessageAdmin(ReadOnlyAdmin):
         def chunks():
             yield "["
             first = True
-            for letter, row in export_rows(queryset):
-                row["deliveries"] = [
-                    {f: getattr(d, f) for f in DELIVERY_EXPORT_FIELDS}
-                    for d in letter.deliveries.order_by("received_at", "id")
-                ]
+            for letter, row in export_rows(queryset, deliveries=True):
+                row["deliveries"] = [{f: getattr(d, f) for f in DELIVERY_EXPORT_FIELDS} for d in letter.deliveries.all()]
                 yield ("" if first else ",") + "\n" + encoder.encode(row)
                 first = False
             yield "\n]\n"
