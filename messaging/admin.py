@@ -57,20 +57,13 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 class CalendarQuerySet(models.QuerySet):
     """A queryset for the admin's date hierarchy that never reads every matching row.
 
-    The hierarchy asks for the first and last date of the *filtered* rows and then for
-    `SELECT DISTINCT date_trunc(...)` over them: full scans at a million letters behind a filter
-    like "delivered on queue X". Here both come from the whole table's first and last row (two
-    index probes), and every period between them is offered, with letters or not.
+    The hierarchy asks for `SELECT DISTINCT date_trunc(...)` over the filtered rows, a full scan at
+    a million letters. Here the first and last matching row come from the index (every filter of
+    these lists is index-backed or a short list of ids), and every period between them is offered.
     """
 
-    def aggregate(self, *args, **kwargs):
-        if not args and set(kwargs) == {"first", "last"} and all(
-                isinstance(kwargs[k], (Min, Max)) for k in kwargs):
-            return self.model._default_manager.aggregate(**kwargs)
-        return super().aggregate(*args, **kwargs)
-
     def datetimes(self, field_name, kind, order="ASC", tzinfo=None):
-        bounds = self.model._default_manager.aggregate(first=Min(field_name), last=Max(field_name))
+        bounds = self.order_by().aggregate(first=Min(field_name), last=Max(field_name))
         if not bounds["first"]:
             return []
         first, last = (timezone.localtime(bounds[k]) for k in ("first", "last"))

@@ -170,3 +170,17 @@ def test_csv_export_defuses_formulas(admin_client):
     response = admin_client.post(reverse(CHANGELIST), {"action": "export_csv", "_selected_action": [m.pk]})
     row = next(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
     assert row["routing_key"].startswith("'=")
+
+
+def test_date_hierarchy_offers_the_periods_of_the_matching_letters(admin_client):
+    from datetime import datetime, timezone as tz
+
+    for when in (datetime(2024, 12, 30, tzinfo=tz.utc), datetime(2025, 2, 3, tzinfo=tz.utc)):
+        letter(created_at=when)
+    years = admin_client.get(reverse(CHANGELIST)).context["cl"]
+    html = admin_client.get(reverse(CHANGELIST)).content.decode()
+    assert "created_at__year=2024" in html and "created_at__year=2025" in html
+    months = admin_client.get(reverse(CHANGELIST), {"created_at__year": 2025}).content.decode()
+    assert "created_at__month=2&" in months
+    assert "created_at__month=12" not in months and "created_at__month=1&" not in months  # only 2025's
+    assert years.result_count == 2
