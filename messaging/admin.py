@@ -42,6 +42,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     paginator = CappedCountPaginator
     show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # a count per filter choice is a scan of the table each
     list_per_page = 50
 
     def has_add_permission(self, request, obj=None):
