@@ -23,11 +23,6 @@ class MessageQuerySet(models.QuerySet):
         now = now or timezone.now()
         return self.pending().filter(next_attempt_at__lte=now)
 
-    def undelivered(self, *, older_than: timedelta) -> MessageQuerySet:
-        """Published letters with no delivery recorded after `older_than`."""
-        cutoff = timezone.now() - older_than
-        return self.filter(status=Message.Status.PUBLISHED, published_at__lte=cutoff, deliveries__isnull=True)
-
 
 class Message(models.Model):
     """One letter: what was (or is to be) published, and the outcome of publishing it."""
