@@ -169,19 +169,32 @@ def declare_exchange(connection: pika.BlockingConnection, channel, name: str, *,
     return channel
 
 
-def queue_state(name: str, *, timeout: float = 3.0) -> QueueState | None:
-    """Ready and consumer counts of an existing queue by a passive declare; None if it does not exist."""
+def queue_states(names, *, timeout: float = 3.0) -> dict[str, QueueState | None]:
+    """Ready and consumer counts of queues by passive declares on one connection; None for a missing queue."""
+    states: dict[str, QueueState | None] = {}
     connection = connect(timeout=timeout, client_name="mailroom-inspect")
     try:
-        ok = connection.channel().queue_declare(queue=name, passive=True)
-        return QueueState(name=name, message_count=ok.method.message_count, consumer_count=ok.method.consumer_count)
-    except pe.ChannelClosedByBroker as exc:
-        if exc.reply_code == 404:
-            return None
-        raise
+        channel = connection.channel()
+        for name in names:
+            try:
+                ok = channel.queue_declare(queue=name, passive=True)
+                states[name] = QueueState(
+                    name=name, message_count=ok.method.message_count, consumer_count=ok.method.consumer_count,
+                )
+            except pe.ChannelClosedByBroker as exc:
+                if exc.reply_code != 404:
+                    raise
+                states[name] = None
+                channel = connection.channel()  # a 404 closes the channel
     finally:
         if connection.is_open:
             connection.close()
+    return states
+
+
+def queue_state(name: str, *, timeout: float = 3.0) -> QueueState | None:
+    """Ready and consumer counts of one queue (see `queue_states`)."""
+    return queue_states([name], timeout=timeout)[name]
 
 
 # --- headers and properties -----------------------------------------------------------------

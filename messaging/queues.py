@@ -115,13 +115,14 @@ def from_management() -> BrokerView | None:
 
 def from_passive_declares(*, limit: int = MAX_PASSIVE_QUEUES) -> BrokerView:
     rows, error = [], ""
-    for name in known_queues(limit=limit):
-        try:
-            state = broker.queue_state(name, timeout=2)
-        except Exception as exc:  # noqa: BLE001 — the page shows the broker as unreachable instead of failing
-            error = broker.describe(exc)
-            logger.warning("queue view: broker unavailable: %s", error)
-            break
+    names = list(known_queues(limit=limit))
+    try:
+        states = broker.queue_states(names, timeout=2) if names else {}
+    except Exception as exc:  # noqa: BLE001 — the page shows the broker as unreachable instead of failing
+        error = broker.describe(exc)
+        logger.warning("queue view: broker unavailable: %s", error)
+        states = {}
+    for name, state in states.items():
         rows.append(QueueRow(name=name, ready=state.message_count, consumers=state.consumer_count) if state
                     else QueueRow(name=name, ready=None, missing=True))
     return BrokerView(source="passive", queues=rows, error=error)

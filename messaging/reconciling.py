@@ -60,8 +60,10 @@ def compare_queues(*, minutes: int, lookback: timedelta = DEFAULT_LOOKBACK, max_
             exchange="").values_list("routing_key", flat=True).iterator():
         waiting[routing_key] = waiting.get(routing_key, 0) + 1
     checks = []
-    for name, n in sorted(waiting.items(), key=lambda item: -item[1])[:max_queues]:
-        state = broker.queue_state(name, timeout=2)
+    compared = sorted(waiting.items(), key=lambda item: -item[1])[:max_queues]
+    states = broker.queue_states([name for name, _ in compared], timeout=2) if compared else {}
+    for name, n in compared:
+        state = states[name]
         checks.append(QueueCheck(queue=name, undelivered=n, ready=state.message_count if state else None,
                                  consumers=state.consumer_count if state else None))
     return checks
