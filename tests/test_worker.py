@@ -72,7 +72,7 @@ def test_sigint_finishes_the_batch_and_exits_0_a_second_signal_exits_1(queue_nam
 
     finisher = manage("consume", queue_name, "--inactivity-timeout", "3")
     assert finisher.wait(timeout=30) == 0, finisher.output
-    assert_exactly_once(queue_name, ids, settled_unknown_ok=50)
+    assert_exactly_once(queue_name, ids)
 
 
 def test_inactivity_timeout_and_max_messages(queue_name, manage):
