@@ -80,8 +80,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # A file, not :memory:, so that `consume` subprocesses in the tests share it.
     DATABASES["default"]["TEST"] = {"NAME": str(_sqlite_name.with_name(f"test_{_sqlite_name.name}"))}
 else:
-    DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DJANGO_CONN_MAX_AGE", default=60))
     DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
+DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DJANGO_CONN_MAX_AGE", default=60))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Auth, i18n, static -----------------------------------------------------
@@ -177,7 +177,8 @@ LOGGING = {
     },
     "root": {"handlers": ["console"], "level": env.str("DJANGO_LOG_LEVEL", default="INFO")},
     "loggers": {
-        "pika": {"level": "WARNING"},
+        # pika logs a full traceback per failed reconnect; `consume` logs one line of its own.
+        "pika": {"level": "CRITICAL"},
         # Django's own handlers have no mask filter: its records go to the root handler instead.
         "django": {"handlers": [], "level": "INFO", "propagate": True},
     },
