@@ -185,10 +185,15 @@ class Worker:
         o = self.options
         self._connection = broker.connect(heartbeat=o.heartbeat, client_name=f"mailroom-consume {socket.gethostname()}")
         channel = self._connection.channel()
+        queues = []
+        for name in o.queues or ("",):
+            # A declaration that mismatches an existing queue closes the channel (406) and we go
+            # on with another: so declare everything first, then set QoS and consume on the last.
+            channel, queue = self._declare(channel, name)
+            queues.append(queue)
         prefetch = o.prefetch if o.max_messages is None else max(1, min(o.prefetch, o.max_messages))
         channel.basic_qos(prefetch_count=prefetch)
-        for name in o.queues or ("",):
-            channel, queue = self._declare(channel, name)
+        for queue in queues:
             channel.basic_consume(queue=queue, on_message_callback=self._receiver(queue))
         self._channel = channel
         self._consumers = len(channel.consumer_tags)

@@ -28,12 +28,17 @@ def exchange_name(queue_name):
     conn.close()
 
 
+def api(path: str):
+    """GET the management API (guest:guest, as in CI)."""
+    request = urllib.request.Request(f"http://127.0.0.1:15672/api/{path}",
+                                     headers={"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.load(response)
+
+
 def server_named_queues(exchange: str) -> list[str]:
     """Queues bound to `exchange`, from the management API."""
-    url = f"http://127.0.0.1:15672/api/exchanges/%2F/{exchange}/bindings/source"
-    request = urllib.request.Request(url, headers={"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="})  # guest:guest
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return sorted({b["destination"] for b in json.load(response)})
+    return sorted({b["destination"] for b in api(f"exchanges/%2F/{exchange}/bindings/source")})
 
 
 # --- options and signals ----------------------------------------------------------------------------
@@ -140,18 +145,27 @@ def test_routing_and_topics_with_repeated_binding_keys(exchange_name, manage):
 def test_quorum_queue_and_existing_queue_used_as_it_is(queue_name, manage):
     worker = manage("consume", queue_name, "--queue-type", "quorum", "--max-messages", "3", "--inactivity-timeout", "20")
     wait_for(lambda: consumers(queue_name) == 1, message="the worker")
-    request = urllib.request.Request(f"http://127.0.0.1:15672/api/queues/%2F/{queue_name}",
-                                     headers={"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="})
-    with urllib.request.urlopen(request, timeout=5) as response:
-        assert json.load(response)["type"] == "quorum"
+    assert api(f"queues/%2F/{queue_name}")["type"] == "quorum"
     ids = publish(queue_name, 3)
     assert worker.wait(timeout=30) == 0, worker.output
-    # A plain `consume` of the same queue uses it as it is instead of failing on the arguments.
-    more = publish(queue_name, 2)
-    plain = manage("consume", queue_name, "--max-messages", "2", "--inactivity-timeout", "20")
-    assert plain.wait(timeout=30) == 0, plain.output
-    assert "type=quorum" in plain.output
-    assert_exactly_once(queue_name, ids + more)
+    # A plain `consume` of the same queue uses it as it is instead of failing on the arguments —
+    # and the mismatch (which closes the channel) costs neither the other queue nor the prefetch.
+    other = f"{queue_name}-plain"
+    try:
+        more, others = publish(queue_name, 2), publish(other, 2, declare=True)
+        plain = manage("consume", other, queue_name, "--prefetch", "7")
+        wait_for(lambda: acked_count(queue_name) == 5 and acked_count(other) == 2, timeout=30, message="both acked")
+        # The management API lists consumers with its statistics, a few seconds late.
+        prefetch = wait_for(lambda: (p := {c["queue"]["name"]: c["prefetch_count"] for c in api("consumers/%2F")})
+                            and queue_name in p and other in p and p, timeout=20, message="the consumers listed")
+        assert (prefetch[queue_name], prefetch[other]) == (7, 7), prefetch
+        plain.signal(signal.SIGTERM)
+        assert plain.wait(timeout=10) == 0, plain.output
+        assert "type=quorum" in plain.output
+        assert_exactly_once(queue_name, ids + more)
+        assert_exactly_once(other, others)
+    finally:
+        delete_queue(other)
 
 
 def test_two_queues_in_one_worker_and_its_registry_row(queue_name, manage):
