@@ -85,7 +85,7 @@ def test_retry_count_survives_a_worker_restart(queue_name, dead_letters, manage,
     ]
     assert queue_counts(queue_name) == (1, 0)
 
-    second = manage(*common, "--max-messages", "2", "--inactivity-timeout", "20")
+    second = manage(*common)
     wait_for(lambda: queue_counts(dlq) == (1, 0), timeout=30, message="the letter dead-lettered")
     second.signal(signal.SIGTERM)
     assert second.wait(timeout=15) == 0, second.output
