@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import close_old_connections, connection, transaction
+from django.db import close_old_connections, connection
 from django.db.models import F
 from django.utils import timezone
 
@@ -62,10 +62,6 @@ class Letter:
         self.declare = bool(self.declare)
         self.headers = _json(self.headers)
         self.properties = _json(self.properties)
-
-    @property
-    def destination(self) -> str:
-        return f"exchange {self.exchange!r}, key {self.routing_key!r}" if self.exchange else f"queue {self.routing_key!r}"
 
 
 class Outgoing:
@@ -165,15 +161,6 @@ class Relay:
             cursor.execute(sql, params)
             rows = cursor.fetchall()
         return [Letter(row) for row in rows]
-
-    def relay_batch(self) -> int:
-        """Publish one batch of due letters and record it; returns how many were claimed."""
-        batch = self._send(self.claim())
-        if batch is None:
-            return 0
-        self._collect(batch)
-        self._record(batch)
-        return len(batch.letters)
 
     def _send(self, letters: list[Letter]) -> Batch | None:
         if not letters:

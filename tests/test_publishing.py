@@ -6,9 +6,7 @@ import subprocess
 import time
 import uuid
 
-import pika
 import pytest
-from django.conf import settings
 from django.db import transaction
 
 from messaging import broker
