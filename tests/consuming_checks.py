@@ -1,7 +1,6 @@
 """What the consume tests assert again and again: every letter recorded once, acked, nothing left behind."""
 from __future__ import annotations
 
-import logging
 import subprocess
 import uuid
 from collections import defaultdict
@@ -10,8 +9,6 @@ import pika
 from django.conf import settings
 
 from messaging.models import Delivery, Message
-
-logger = logging.getLogger(__name__)
 
 
 def connect() -> pika.BlockingConnection:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import sqlite3
+import threading
 import time
 from contextlib import contextmanager
 
@@ -16,10 +17,12 @@ import psycopg
 import pytest
 from django.db import connection
 
+from messaging.consuming import ConsumeOptions
+from messaging.consuming import Worker as ConsumeWorker
 from messaging.models import Delivery, Worker
-from tests.conftest import wait_for
+from tests.conftest import subprocess_env, wait_for
 from tests.consuming_checks import (
-    acked_count, assert_exactly_once, consumers, publish, queue_counts, rabbitmqctl,
+    acked_count, assert_exactly_once, connect, consumers, publish, queue_counts, rabbitmqctl,
 )
 
 logger = logging.getLogger(__name__)
@@ -165,8 +168,6 @@ def database_outage(queue: str):
 
 
 def test_database_locked_or_killed_nothing_acked_then_resumes(queue_name, manage):
-    from tests.conftest import subprocess_env
-
     before = publish(queue_name, 20, declare=True, prefix=f"before-{queue_name}")
     worker = manage("consume", queue_name, "--batch-size", "50", env=subprocess_env(MAILROOM_SQLITE_TIMEOUT="1"))
     wait_for(lambda: acked_count(queue_name) == 20, timeout=30, message="the first letters acked")
@@ -193,8 +194,6 @@ def test_database_locked_or_killed_nothing_acked_then_resumes(queue_name, manage
 
 
 def test_sigterm_during_a_database_outage_exits_without_acking(queue_name, manage):
-    from tests.conftest import subprocess_env
-
     before = publish(queue_name, 5, declare=True, prefix=f"before-{queue_name}")
     worker = manage("consume", queue_name, env=subprocess_env(MAILROOM_SQLITE_TIMEOUT="1"))
     wait_for(lambda: acked_count(queue_name) == 5, timeout=30, message="the first letters acked")
@@ -216,8 +215,6 @@ def test_sigterm_during_a_database_outage_exits_without_acking(queue_name, manag
 
 # --- slow handlers, deleted queues ----------------------------------------------------------------
 def test_handler_sleeping_past_the_heartbeat_keeps_the_connection(queue_name, manage, tmp_path):
-    from tests.conftest import subprocess_env
-
     slow = publish(queue_name, 1, body=b"slow", declare=True)
     quick = publish(queue_name, 5)
     worker = manage("consume", queue_name, "--heartbeat", "2", "--handler", "tests.handlers.sleep_on_slow",
@@ -234,8 +231,6 @@ def test_queue_deleted_under_the_worker_is_declared_again(queue_name, manage):
     first = publish(queue_name, 5, declare=True)
     worker = manage("consume", queue_name)
     wait_for(lambda: acked_count(queue_name) == 5, timeout=30, message="the first letters acked")
-    from tests.consuming_checks import connect
-
     conn = connect()
     conn.channel().queue_delete(queue=queue_name)
     conn.close()
@@ -251,10 +246,6 @@ def test_queue_deleted_under_the_worker_is_declared_again(queue_name, manage):
 
 def test_channel_closed_by_the_broker_opens_another(queue_name, caplog):
     """A 406 channel close (what consumer_timeout does, minutes late on 3.10) while connected."""
-    import threading
-
-    from messaging.consuming import ConsumeOptions, Worker as ConsumeWorker
-
     first = publish(queue_name, 10, declare=True)
     worker = ConsumeWorker(ConsumeOptions(queues=(queue_name,), batch_size=5))
     thread = threading.Thread(target=worker.run, daemon=True)

@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import time
 import urllib.request
-import uuid
+from itertools import islice
 
-import pika
 import pytest
 
+from messaging.consuming import backoff_delays
 from messaging.models import Delivery, Message, Worker
-from tests.conftest import delete_queue, wait_for
+from tests.conftest import delete_queue, subprocess_env, wait_for
 from tests.consuming_checks import acked_count, assert_exactly_once, connect, consumers, publish, queue_counts
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -196,8 +195,6 @@ def test_two_queues_in_one_worker_and_its_registry_row(queue_name, manage):
     ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "ProbableAccessDeniedError"),
 ])
 def test_wrong_credentials_or_vhost_exit_non_zero_without_a_reconnect_storm(queue_name, manage, url, said):
-    from tests.conftest import subprocess_env
-
     worker = manage("consume", queue_name, env=subprocess_env(RABBITMQ_URL=url))
     assert worker.wait(timeout=20) == 1, worker.output
     assert "cannot consume" in worker.output and said in worker.output
@@ -207,10 +204,6 @@ def test_wrong_credentials_or_vhost_exit_non_zero_without_a_reconnect_storm(queu
 
 
 def test_reconnect_backoff_is_capped_exponential_with_jitter():
-    from itertools import islice
-
-    from messaging.consuming import backoff_delays
-
     runs = [list(islice(backoff_delays(), 12)) for _ in range(20)]
     assert all(1.0 <= d <= 30.0 for run in runs for d in run)  # at most one attempt a second, capped
     assert all(run[0] <= 2.0 and run[3] >= 8.0 and run[-1] >= 15.0 for run in runs)  # grows, then stays high
