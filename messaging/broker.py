@@ -239,7 +239,8 @@ def build_properties(message) -> pika.BasicProperties:
         content_encoding=message.content_encoding or None,
         correlation_id=message.correlation_id or None,
         delivery_mode=message.delivery_mode or None,
-        headers=message.headers or None,
+        # pika cannot encode a float: fractions travel as AMQP decimals.
+        headers=(_floats_to_decimals(message.headers) if _has_float(message.headers) else message.headers) or None,
         **extra,
     )
 
@@ -309,7 +310,7 @@ class Publisher:
                 channel = self._declare(channel, message)
             channel.basic_publish(
                 exchange=message.exchange, routing_key=message.routing_key, body=bytes(message.body),
-                properties=outgoing_properties(message), mandatory=True,
+                properties=build_properties(message), mandatory=True,
             )
         except ENCODING_ERRORS as exc:
             raise PublishRefused(f"the letter cannot be encoded in AMQP: {exc.__class__.__name__}") from exc
@@ -386,14 +387,6 @@ def header_encoding_error(headers: dict) -> str:
         return f"headers cannot be encoded in AMQP ({exc.__class__.__name__}); numbers must fit 64 bits, " \
                "decimals at most 255 places"
     return ""
-
-
-def outgoing_properties(message) -> pika.BasicProperties:
-    """`build_properties`, with header floats as AMQP decimals (pika cannot encode a float)."""
-    properties = build_properties(message)
-    if properties.headers and _has_float(properties.headers):
-        properties.headers = _floats_to_decimals(properties.headers)
-    return properties
 
 
 def _has_float(value) -> bool:

@@ -74,7 +74,7 @@ class Outgoing:
         self.exchange = letter.exchange
         self.routing_key = letter.routing_key
         self.body = letter.body
-        self.properties = broker.outgoing_properties(letter)
+        self.properties = broker.build_properties(letter)
 
 
 class Batch:
