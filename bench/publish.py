@@ -15,37 +15,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import sys
 import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
-RESULTS = ROOT / "bench" / "results"
-RESULTS.mkdir(parents=True, exist_ok=True)
-if "DATABASE_URL" not in os.environ:
-    db = RESULTS / "publish.sqlite3"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
-    os.environ["DATABASE_URL"] = f"sqlite:///{db}"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchdb import use_bench_database  # noqa: E402
+
+use_bench_database("publish.sqlite3")
 
 import django  # noqa: E402
-
-if os.environ["DATABASE_URL"].startswith("postgres"):
-    # The benchmark's own database, created when missing.
-    from urllib.parse import urlsplit
-
-    import psycopg
-
-    name = urlsplit(os.environ["DATABASE_URL"]).path.lstrip("/")
-    admin_url = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin_url.replace("postgres://", "postgresql://", 1), autocommit=True) as pg:
-        if not pg.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
-            pg.execute(f'CREATE DATABASE "{name}"')
 
 django.setup()
 

@@ -6,6 +6,7 @@ rest of the code never imports pika.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import decimal
 import logging
@@ -304,22 +305,29 @@ class Publisher:
 
     def publish(self, message, *, declare: bool = False) -> None:
         """Publish `message` with confirms and mandatory; raise `Unroutable`, `PublishRefused` or `BrokerError`."""
+        with self._outcomes():
+            try:
+                channel = self._ensure_channel()
+                if declare:
+                    channel = self._declare(channel, message)
+                channel.basic_publish(
+                    exchange=message.exchange, routing_key=message.routing_key, body=bytes(message.body),
+                    properties=build_properties(message), mandatory=True,
+                )
+            except ENCODING_ERRORS as exc:
+                raise PublishRefused(f"the letter cannot be encoded in AMQP: {exc.__class__.__name__}") from exc
+            except pe.UnroutableError as exc:
+                returned = exc.messages[0].method if exc.messages else None
+                reason = f"{returned.reply_code} {returned.reply_text}" if returned else "returned by the broker"
+                raise Unroutable(reason) from exc
+            except pe.NackError as exc:
+                raise BrokerError("the broker nacked the letter (negative confirm)") from exc
+
+    @contextlib.contextmanager
+    def _outcomes(self):
+        """Turn pika's errors into Mailroom's: refused for good, blocked, or worth a retry."""
         try:
-            channel = self._ensure_channel()
-            if declare:
-                channel = self._declare(channel, message)
-            channel.basic_publish(
-                exchange=message.exchange, routing_key=message.routing_key, body=bytes(message.body),
-                properties=build_properties(message), mandatory=True,
-            )
-        except ENCODING_ERRORS as exc:
-            raise PublishRefused(f"the letter cannot be encoded in AMQP: {exc.__class__.__name__}") from exc
-        except pe.UnroutableError as exc:
-            returned = exc.messages[0].method if exc.messages else None
-            reason = f"{returned.reply_code} {returned.reply_text}" if returned else "returned by the broker"
-            raise Unroutable(reason) from exc
-        except pe.NackError as exc:
-            raise BrokerError("the broker nacked the letter (negative confirm)") from exc
+            yield
         except pe.ChannelClosedByBroker as exc:
             self._channel = None
             if exc.reply_code in (403, 404, 406):
@@ -340,23 +348,13 @@ class Publisher:
         Raises `PublishRefused` (404: no such exchange, 403) or `BrokerError`. The relay calls this
         once per destination of a batch, so one missing exchange never closes the pipelined channel.
         """
-        try:
+        with self._outcomes():
             channel = self._ensure_channel()
             if declare:
                 self._declare(channel, _Destination(exchange=exchange, routing_key=routing_key,
                                                     exchange_type=exchange_type))
             elif exchange:
                 channel.exchange_declare(exchange=exchange, passive=True)
-        except pe.ChannelClosedByBroker as exc:
-            self._channel = None
-            if exc.reply_code in (403, 404, 406):
-                raise PublishRefused(describe(exc)) from exc
-            raise BrokerError(describe(exc)) from exc
-        except FatalBrokerError as exc:
-            raise PublishRefused(str(exc)) from exc
-        except (*CONNECTION_ERRORS, pe.AMQPError) as exc:
-            self.close()
-            raise BrokerError(describe(exc)) from exc
 
     def _declare(self, channel, message):
         key = (message.exchange, message.routing_key) if not message.exchange else (message.exchange, "")
