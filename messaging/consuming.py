@@ -197,6 +197,8 @@ class Worker:
             channel.basic_consume(queue=queue, on_message_callback=self._receiver(queue))
         self._channel = channel
         self._consumers = len(channel.consumer_tags)
+        if list(queues) != list(o.queues):  # server-named queues: the registry shows their real names
+            self._db.submit(self._in_db_thread, WorkerRow.objects.filter(pk=self._worker_id).update, queues=queues)
         self._draining = False
         self._settled_below = 1  # every delivery tag below this one is settled on this channel
         self._settled_above: set[int] = set()

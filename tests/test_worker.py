@@ -121,6 +121,7 @@ def test_publish_subscribe_binds_exclusive_server_named_queues(exchange_name, ma
         w.signal(signal.SIGTERM)
         assert w.wait(timeout=10) == 0, w.output
     assert Message.objects.count() == 5  # one letter, two deliveries
+    assert sorted(q for row in Worker.objects.values_list("queues", flat=True) for q in row) == sorted(queues)
     for q in queues:
         assert_exactly_once(q, ids)
     assert wait_for(lambda: not server_named_queues(exchange_name), message="exclusive queues gone")
