@@ -30,6 +30,17 @@ def rabbitmq_answers():
 
 
 @pytest.fixture
+def publisher_client(client):
+    """The test client, logged in as 'pat', who may publish (messaging.add_message)."""
+    from django.contrib.auth.models import Permission, User
+
+    user = User.objects.create_user("pat", password="pw-for-tests")
+    user.user_permissions.add(Permission.objects.get(codename="add_message"))
+    client.force_login(user)
+    return client
+
+
+@pytest.fixture
 def amqp():
     """A plain pika channel: the outside producer/consumer of the tests."""
     conn = pika.BlockingConnection(pika.URLParameters(settings.RABBITMQ_URL.split(",")[0]))

@@ -11,7 +11,6 @@ import kombu
 import pika
 import pytest
 from django.conf import settings
-from django.contrib.auth.models import Permission, User
 
 from messaging.models import Delivery, Message
 
@@ -23,14 +22,6 @@ WHEN = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 def broker_address() -> pika.URLParameters:
     """Host, port, credentials and vhost of the first broker in RABBITMQ_URL, for the other clients."""
     return pika.URLParameters(settings.RABBITMQ_URL.split(",")[0])
-
-
-@pytest.fixture
-def publisher_client(client):
-    user = User.objects.create_user("interop", password="pw-for-tests")
-    user.user_permissions.add(Permission.objects.get(codename="add_message"))
-    client.force_login(user)
-    return client
 
 
 async def publish_with_aio_pika(queue: str) -> None:

@@ -5,7 +5,7 @@ import base64
 import uuid
 
 import pytest
-from django.contrib.auth.models import Permission, User
+from django.contrib.auth.models import User
 
 from messaging.models import Message
 
@@ -14,21 +14,13 @@ pytestmark = pytest.mark.django_db(transaction=True)
 BINARY = bytes(range(256)) + b"\x00\xfe"
 
 
-@pytest.fixture
-def publisher(client):
-    user = User.objects.create_user("pat", password="pw-for-tests")
-    user.user_permissions.add(Permission.objects.get(codename="add_message"))
-    client.force_login(user)
-    return client
-
-
 def form(queue: str, **fields) -> dict:
     return {"mode": "queue", "queue": queue, "body": "hello", "persistent": "on", "declare": "on",
             "content_type": "text/plain", "body_encoding": "string", **fields}
 
 
-def test_every_property_typed_headers_and_base64_body_arrive(publisher, amqp, queue_name):
-    response = publisher.post("/publish/", form(
+def test_every_property_typed_headers_and_base64_body_arrive(publisher_client, amqp, queue_name):
+    response = publisher_client.post("/publish/", form(
         queue_name, body=base64.b64encode(BINARY).decode(), body_encoding="base64",
         content_type="application/octet-stream", content_encoding="gzip", priority="7", correlation_id="c-1",
         reply_to="answers", expiration="5000", message_id=f"form-{uuid.uuid4().hex}", timestamp="1700000000",
@@ -69,35 +61,35 @@ def test_every_property_typed_headers_and_base64_body_arrive(publisher, amqp, qu
     ({"mode": "exchange", "exchange": ""}, "Name the exchange"),
     ({"queue": ""}, "Name the queue"),
 ])
-def test_invalid_input_is_a_form_error_and_writes_nothing(publisher, fields, fragment):
-    response = publisher.post("/publish/", {**form("q-invalid"), **fields})
+def test_invalid_input_is_a_form_error_and_writes_nothing(publisher_client, fields, fragment):
+    response = publisher_client.post("/publish/", {**form("q-invalid"), **fields})
     assert response.status_code == 200
     assert fragment in response.content.decode()
     assert not Message.objects.exists()
 
 
-def test_body_over_the_limit_is_a_form_error(publisher, settings):
+def test_body_over_the_limit_is_a_form_error(publisher_client, settings):
     settings.MAILROOM_MAX_BODY_BYTES = 10
-    response = publisher.post("/publish/", form("q-big", body="x" * 11))
+    response = publisher_client.post("/publish/", form("q-big", body="x" * 11))
     assert response.status_code == 200 and "limit is 10 bytes" in response.content.decode()
     assert not Message.objects.exists()
 
 
-def test_existing_amq_exchange_without_declare_is_published_to(publisher, queue_name):
-    response = publisher.post("/publish/", form(queue_name, mode="exchange", exchange="amq.direct",
+def test_existing_amq_exchange_without_declare_is_published_to(publisher_client, queue_name):
+    response = publisher_client.post("/publish/", form(queue_name, mode="exchange", exchange="amq.direct",
                                                 routing_key=f"{queue_name}-unbound", declare=""))
     assert response.status_code == 302
     assert Message.objects.get().status == Message.Status.UNROUTABLE  # amq.direct exists; no binding
 
 
-def test_duplicate_message_id_is_a_form_error(publisher, queue_name):
-    assert publisher.post("/publish/", form(queue_name, message_id="same")).status_code == 302
-    response = publisher.post("/publish/", form(queue_name, message_id="same"))
+def test_duplicate_message_id_is_a_form_error(publisher_client, queue_name):
+    assert publisher_client.post("/publish/", form(queue_name, message_id="same")).status_code == 302
+    response = publisher_client.post("/publish/", form(queue_name, message_id="same"))
     assert response.status_code == 200 and "already exists" in response.content.decode()
     assert Message.objects.count() == 1
 
 
-def test_routing_preview_button_shows_queues_and_writes_nothing(publisher, settings, amqp, queue_name):
+def test_routing_preview_button_shows_queues_and_writes_nothing(publisher_client, settings, amqp, queue_name):
     settings.RABBITMQ_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672/"
     exchange = f"t-form-preview-{uuid.uuid4().hex[:8]}"
     amqp.exchange_declare(exchange, exchange_type="direct")
@@ -105,17 +97,17 @@ def test_routing_preview_button_shows_queues_and_writes_nothing(publisher, setti
         amqp.queue_declare(queue_name, durable=True)
         amqp.queue_bind(queue_name, exchange, routing_key="blue")
         fields = {"mode": "exchange", "exchange": exchange, "exchange_type": "direct", "declare": "", "preview": "1"}
-        reach = publisher.post("/publish/", form(queue_name, routing_key="blue", **fields)).content.decode()
+        reach = publisher_client.post("/publish/", form(queue_name, routing_key="blue", **fields)).content.decode()
         assert f"reaches queues {queue_name}" in reach
-        nowhere = publisher.post("/publish/", form(queue_name, routing_key="red", **fields)).content.decode()
+        nowhere = publisher_client.post("/publish/", form(queue_name, routing_key="red", **fields)).content.decode()
         assert "no queue is bound: it would be returned" in nowhere
     finally:
         amqp.exchange_delete(exchange)
     assert not Message.objects.exists()
 
 
-def test_form_page_has_no_inline_script(publisher):
-    page = publisher.get("/publish/").content.decode()
+def test_form_page_has_no_inline_script(publisher_client):
+    page = publisher_client.get("/publish/").content.decode()
     assert "messaging/publish.js" in page and "<script>" not in page
     for field in ("priority", "reply_to", "expiration", "timestamp", "user_id", "app_id", "header_type_0",
                   "body_encoding", "exchange_type", "content_encoding", "correlation_id", "message_id", "type"):
@@ -131,16 +123,16 @@ def test_anonymous_and_unprivileged_users_cannot_publish(client, queue_name):
     assert not Message.objects.exists()
 
 
-def test_republish_from_the_letter_page_asks_first_and_records_lineage(publisher, amqp, queue_name):
-    publisher.post("/publish/", form(queue_name, body="again"))
+def test_republish_from_the_letter_page_asks_first_and_records_lineage(publisher_client, amqp, queue_name):
+    publisher_client.post("/publish/", form(queue_name, body="again"))
     original = Message.objects.get()
-    confirm = publisher.get(f"/messages/{original.message_id}/republish/")
+    confirm = publisher_client.get(f"/messages/{original.message_id}/republish/")
     assert confirm.status_code == 200 and "Republish" in confirm.content.decode()
     assert Message.objects.count() == 1  # asking writes nothing
-    response = publisher.post(f"/messages/{original.message_id}/republish/")
+    response = publisher_client.post(f"/messages/{original.message_id}/republish/")
     copy = Message.objects.exclude(pk=original.pk).get()
     assert response.status_code == 302 and response["Location"] == f"/messages/{copy.message_id}/"
     assert copy.republished_from == original and copy.published_by.username == "pat"
     assert copy.origin == Message.Origin.REPUBLISH and copy.status == Message.Status.PUBLISHED
     assert [amqp.basic_get(queue_name, auto_ack=True)[2] for _ in range(2)] == [b"again", b"again"]
-    assert publisher.get(f"/messages/{copy.message_id}/").status_code == 200
+    assert publisher_client.get(f"/messages/{copy.message_id}/").status_code == 200

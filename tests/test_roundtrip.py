@@ -7,20 +7,12 @@ import uuid
 
 import pika
 import pytest
-from django.contrib.auth.models import Permission, User
+from django.contrib.auth.models import User
 
 from messaging.models import Delivery, Message, Worker
 from tests.conftest import ROOT, queue_depth, subprocess_env, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def publisher_client(client):
-    user = User.objects.create_user("pat", password="pw-for-tests")
-    user.user_permissions.add(Permission.objects.get(codename="add_message"))
-    client.force_login(user)
-    return client
 
 
 def test_form_command_and_outside_producer_round_trip(publisher_client, amqp, queue_name, manage):
