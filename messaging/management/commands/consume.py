@@ -26,6 +26,19 @@ def positive_float(value: str) -> float:
     return number
 
 
+def stop_on_signals(process) -> None:
+    """First SIGINT/SIGTERM: `process.request_stop()`, which finishes what is in hand. A second one
+    exits 1 at once: unacked deliveries go back to the queue, unconfirmed letters to the relay."""
+
+    def on_signal(signum, frame):
+        if process.stop_requested.is_set():
+            os._exit(1)
+        process.request_stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+
 class Command(BaseCommand):
     help = (
         "Consume QUEUE(s) with manual acks: each delivery is recorded (Message + Delivery), committed, "
@@ -72,13 +85,7 @@ class Command(BaseCommand):
         except ImportError as exc:
             raise CommandError(f"Cannot import the handler: {exc}") from exc
 
-        def on_signal(signum, frame):
-            if worker.stop_requested.is_set():
-                os._exit(1)  # second signal: leave now; unacked deliveries are requeued by the broker
-            worker.request_stop()
-
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+        stop_on_signals(worker)
         code = worker.run()
         if code:
             raise CommandError("consume stopped on an error (see the log above)", returncode=code)

@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
 
 from django.core.management.base import BaseCommand
 
-from messaging.management.commands.consume import VERBOSITY_LEVELS, positive_float, positive_int
+from messaging.management.commands.consume import VERBOSITY_LEVELS, positive_float, positive_int, stop_on_signals
 from messaging.relay import Relay, RelayOptions
 
 
@@ -32,13 +30,7 @@ class Command(BaseCommand):
             lease_seconds=options["lease"], window=options["window"],
         ))
 
-        def on_signal(signum, frame):
-            if relay.stop_requested.is_set():
-                os._exit(1)  # second signal: leave now; the batch in hand is retried after its lease
-            relay.request_stop()
-
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+        stop_on_signals(relay)  # a second signal leaves the batch in hand to be retried after its lease
         code = relay.run()
         self.stdout.write(" ".join(f"{k}={v}" for k, v in sorted(relay.totals.items())) or "relayed=0")
         if code:
