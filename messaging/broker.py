@@ -14,7 +14,6 @@ import struct
 import threading
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pika
 import pika.exceptions as pe
@@ -55,21 +54,6 @@ class FatalBrokerError(Exception):
 def broker_urls(url: str | None = None) -> list[str]:
     """The comma-separated broker addresses of RABBITMQ_URL (a cluster), in order."""
     return [part.strip() for part in (url or settings.RABBITMQ_URL).split(",") if part.strip()]
-
-
-def mask_url(url: str) -> str:
-    """`url` with its password replaced by '***' (each address of a comma-separated list)."""
-    masked = []
-    for part in broker_urls(url) if url else []:
-        split = urlsplit(part)
-        if split.password is None:
-            masked.append(part)
-            continue
-        host = split.hostname or ""
-        if split.port:
-            host = f"{host}:{split.port}"
-        masked.append(urlunsplit(split._replace(netloc=f"{split.username}:***@{host}")))
-    return ",".join(masked)
 
 
 def connection_parameters(
@@ -191,11 +175,6 @@ def queue_states(names, *, timeout: float = 3.0) -> dict[str, QueueState | None]
         if connection.is_open:
             connection.close()
     return states
-
-
-def queue_state(name: str, *, timeout: float = 3.0) -> QueueState | None:
-    """Ready and consumer counts of one queue (see `queue_states`)."""
-    return queue_states([name], timeout=timeout)[name]
 
 
 # --- headers and properties -----------------------------------------------------------------

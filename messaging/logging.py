@@ -61,11 +61,6 @@ class SecretsExceptionReporterFilter(SafeExceptionReporterFilter):
         ]
 
 
-def safe_settings() -> dict[str, Any]:
-    """Every setting as the DEBUG page shows it: secrets by name hidden, URL passwords masked."""
-    return SecretsExceptionReporterFilter().get_safe_settings()
-
-
 class SecretsExceptionReporter(ExceptionReporter):
     """The DEBUG error page and the error e-mail with every URL password masked, messages included."""
 

@@ -119,34 +119,6 @@ class Message(models.Model):
     def destination(self) -> str:
         return f"exchange {self.exchange!r}, key {self.routing_key!r}" if self.exchange else f"queue {self.routing_key!r}"
 
-    # --- state changes ---------------------------------------------------------------
-    def mark_published(self) -> None:
-        self.status = self.Status.PUBLISHED
-        self.published_at = timezone.now()
-        self.last_error = ""
-        self.next_attempt_at = None
-        self.save(update_fields=["status", "published_at", "last_error", "next_attempt_at"])
-
-    def mark_unroutable(self, reason: str) -> None:
-        self.status = self.Status.UNROUTABLE
-        self.published_at = timezone.now()
-        self.last_error = reason
-        self.next_attempt_at = None
-        self.save(update_fields=["status", "published_at", "last_error", "next_attempt_at"])
-
-    def mark_failed(self, reason: str) -> None:
-        self.status = self.Status.FAILED
-        self.last_error = reason
-        self.next_attempt_at = None
-        self.save(update_fields=["status", "last_error", "next_attempt_at"])
-
-    def mark_retry(self, reason: str, *, delay: timedelta) -> None:
-        """Stay pending; the relay tries again after `delay`."""
-        self.status = self.Status.PENDING
-        self.last_error = reason
-        self.next_attempt_at = timezone.now() + delay
-        self.save(update_fields=["status", "last_error", "next_attempt_at"])
-
 
 class DeliveryQuerySet(models.QuerySet):
     def settled(self) -> DeliveryQuerySet:
