@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
+from datetime import timezone as dt_timezone
 from typing import Any
 
 from django.db import IntegrityError, connection, transaction
@@ -64,10 +65,11 @@ def record_batch(
     in one transaction first; each handler then runs in a transaction of its own, so a handler that
     fails rolls back only its own writes.
     """
+    prepared = _prepare(batch) if batch else None  # the Python work, before taking the write lock
     with transaction.atomic():
         if settled:
             record_settled(settled)
-        deliveries = _insert(batch, worker_id=worker_id) if batch else []
+        deliveries = _insert(batch, prepared, worker_id=worker_id) if batch else []
     handlers = handlers or {}
     settlements = []
     for r, d in zip(batch, deliveries):
@@ -92,22 +94,39 @@ def record_settled(settlements: list[Settlement]) -> None:
                 Delivery.objects.filter(pk=s.delivery_id).update(status=s.action, error=s.error)
             by_action.setdefault(s.action, []).append(s)
         delivery = Delivery._meta.db_table
+        p = _param()
         for action, group in by_action.items():
             where, params = _in("id", [s.delivery_id for s in group])
-            _execute(f"UPDATE {delivery} SET status = %s, settled_at = %s WHERE {where}", [action, now, *params])
+            _execute(f"UPDATE {delivery} SET status = {p}, settled_at = {p} WHERE {where}", [action, now, *params])
+
+
+def _param() -> str:
+    """The driver's own placeholder: statements here bypass Django's cursor wrapper (see `_execute`)."""
+    return "?" if connection.vendor == "sqlite" else "%s"
 
 
 def _in(column: str, values: list) -> tuple[str, list]:
     """`column IN (…)` as SQL and parameters; one array parameter on PostgreSQL (far cheaper to bind)."""
     if connection.vendor == "postgresql":
         return f"{column} = ANY(%s)", [list(values)]
-    return f"{column} IN ({', '.join(['%s'] * len(values))})", list(values)
+    return f"{column} IN ({', '.join(['?'] * len(values))})", list(values)
 
 
 def _execute(sql: str, params: list) -> list[tuple]:
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return cursor.fetchall() if cursor.description else []
+    """Run one statement on the driver's cursor, with the driver's placeholders (`_param()`).
+
+    Django's SQLite cursor rewrites every `%s` to `?` through a Python callback: with thousands of
+    parameters per batch that cost more than SQLite's own work. Errors still arrive as Django's
+    (`DatabaseError`, `IntegrityError`), which the worker handles.
+    """
+    connection.ensure_connection()
+    with connection.wrap_database_errors:
+        cursor = connection.connection.cursor()
+        try:
+            cursor.execute(sql, params)
+            return cursor.fetchall() if cursor.description else []
+        finally:
+            cursor.close()
 
 
 def _message_pks(message_ids) -> dict[str, int]:
@@ -148,26 +167,49 @@ DELIVERY_COLUMNS = (
 COPY_MIN_ROWS = 50  # PostgreSQL: below this, one INSERT round trip beats COPY's extra ones
 
 
-def _insert(batch: list[Received], *, worker_id: int | None) -> list[Recorded]:
-    ops = connection.ops
-    adapt_datetime, adapt_json = ops.adapt_datetimefield_value, ops.adapt_json_value
-    received = [adapt_datetime(r.received_at) for r in batch]
+@dataclass(slots=True)
+class Prepared:
+    """A batch turned into database values, before the transaction: message_ids, adapted receipt
+    times, and a `Message` row (MESSAGE_COLUMNS) per distinct letter in case it is new."""
+
+    ids: list[str]
+    received: list
+    letters: dict[str, tuple]
+
+
+def _prepare(batch: list[Received]) -> Prepared:
+    adapt_json = connection.ops.adapt_json_value
+    received = _adapt_datetimes([r.received_at for r in batch])
     ids = [_message_id(r) for r in batch]
+    letters: dict[str, tuple] = {}
+    for r, message_id, received_at in zip(batch, ids, received):
+        if message_id not in letters:
+            letters[message_id] = _external_message_row(r, message_id, received_at, adapt_json)
+    return Prepared(ids=ids, received=received, letters=letters)
+
+
+def _adapt_datetimes(values: list[datetime]) -> list:
+    """Receipt times as the database wants them; SQLite's text form without Django's per-value checks."""
+    if connection.vendor == "sqlite" and all(v.tzinfo is dt_timezone.utc for v in values):
+        return [str(v.replace(tzinfo=None)) for v in values]  # what adapt_datetimefield_value gives for UTC
+    adapt = connection.ops.adapt_datetimefield_value
+    return [adapt(v) for v in values]
+
+
+def _insert(batch: list[Received], prepared: Prepared, *, worker_id: int | None) -> list[Recorded]:
+    ids, received = prepared.ids, prepared.received
     if connection.vendor == "postgresql" and len(batch) < COPY_MIN_ROWS:
-        known, fresh = _find_or_insert_letters(batch, ids, received, adapt_json)
+        known, fresh = _find_or_insert_letters(prepared.letters)
     else:
-        known = _message_pks(set(ids))
-        new: dict[str, tuple] = {}
-        for r, message_id, received_at in zip(batch, ids, received):
-            if message_id not in known and message_id not in new:
-                new[message_id] = _external_message_row(r, message_id, received_at, adapt_json)
+        known = _message_pks(prepared.letters)
+        new = [row for message_id, row in prepared.letters.items() if message_id not in known]
         if new:
             # Conflicts ignored: a competing worker may record the same letter at the same moment.
             known.update(_insert_rows(
-                Message, MESSAGE_COLUMNS, list(new.values()), ignore_conflicts=True, returning=("message_id", "id"),
+                Message, MESSAGE_COLUMNS, new, ignore_conflicts=True, returning=("message_id", "id"),
             ))
-        fresh = set(new)
-    missing = [m for m in set(ids) if m not in known]
+        fresh = {row[0] for row in new}
+    missing = [m for m in prepared.letters if m not in known]
     if missing:  # recorded by a competing worker at the same moment
         known.update(_message_pks(missing))
 
@@ -188,25 +230,21 @@ def _insert(batch: list[Received], *, worker_id: int | None) -> list[Recorded]:
     return recorded
 
 
-def _find_or_insert_letters(batch, ids, received, adapt_json) -> tuple[dict[str, int], set[str]]:
+def _find_or_insert_letters(letters: dict[str, tuple]) -> tuple[dict[str, int], set[str]]:
     """PostgreSQL, small batches: find the known letters and insert the others in one round trip.
 
     Returns {message_id: pk} and the message_ids inserted now. The outer SELECT does not see the
     CTE's rows (one snapshot), so each letter comes back once.
     """
-    rows: dict[str, tuple] = {}
-    for r, message_id, received_at in zip(batch, ids, received):
-        if message_id not in rows:
-            rows[message_id] = _external_message_row(r, message_id, received_at, adapt_json)
     table = Message._meta.db_table
     placeholders = "(" + ", ".join(["%s"] * len(MESSAGE_COLUMNS)) + ")"
     sql = (
         f"WITH inserted AS (INSERT INTO {table} ({', '.join(MESSAGE_COLUMNS)}) "
-        f"VALUES {', '.join([placeholders] * len(rows))} ON CONFLICT DO NOTHING RETURNING message_id, id) "
+        f"VALUES {', '.join([placeholders] * len(letters))} ON CONFLICT DO NOTHING RETURNING message_id, id) "
         f"SELECT message_id, id, true FROM inserted "
         f"UNION ALL SELECT message_id, id, false FROM {table} WHERE message_id = ANY(%s)"
     )
-    found = _execute(sql, [value for row in rows.values() for value in row] + [list(rows)])
+    found = _execute(sql, [value for row in letters.values() for value in row] + [list(letters)])
     return {m: pk for m, pk, _ in found}, {m for m, _, inserted in found if inserted}
 
 
@@ -227,7 +265,7 @@ def _insert_rows(model, columns: tuple[str, ...], rows: list[tuple], *, ignore_c
 def _insert_values(model, columns, rows, *, ignore_conflicts: bool, returning: tuple[str, ...]) -> list[tuple]:
     ops = connection.ops
     on_conflict = OnConflict.IGNORE if ignore_conflicts else None
-    placeholders = "(" + ", ".join(["%s"] * len(columns)) + ")"
+    placeholders = "(" + ", ".join([_param()] * len(columns)) + ")"
     sql = (
         f"{ops.insert_statement(on_conflict=on_conflict)} {ops.quote_name(model._meta.db_table)} "
         f"({', '.join(ops.quote_name(c) for c in columns)}) VALUES {', '.join([placeholders] * len(rows))}"
@@ -237,10 +275,7 @@ def _insert_values(model, columns, rows, *, ignore_conflicts: bool, returning: t
         sql += f" {suffix}" if suffix else ""
     if returning:
         sql += f" RETURNING {', '.join(ops.quote_name(c) for c in returning)}"
-    params = [value for row in rows for value in row]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return [tuple(row) for row in cursor.fetchall()] if returning else []
+    return _execute(sql, [value for row in rows for value in row])
 
 
 def _copy_rows(model, columns, rows, *, ignore_conflicts: bool, returning: tuple[str, ...]) -> list[tuple]:
