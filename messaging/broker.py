@@ -183,8 +183,13 @@ def json_safe(value: Any) -> Any:
 
     PostgreSQL refuses NUL in JSON text, so NUL characters are escaped as the text '\\u0000'.
     """
+    kind = type(value)  # the common types first, by exact type: the consumer reads every header
+    if kind is str:
+        return json_safe_str(value)
+    if kind in _JSON_SCALARS:
+        return value
     if isinstance(value, dict):
-        return {json_safe_str(str(k)): json_safe(v) for k, v in value.items()}
+        return {json_safe_str(k if type(k) is str else str(k)): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     if isinstance(value, bytes):
@@ -201,6 +206,9 @@ def json_safe(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float)):
         return value
     return json_safe_str(repr(value))
+
+
+_JSON_SCALARS = frozenset({int, bool, float, type(None)})
 
 
 def json_safe_str(text: str) -> str:

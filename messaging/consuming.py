@@ -1,7 +1,9 @@
 """The `consume` worker: receive → record → commit → ack, in batches; reconnect; drain on a signal.
 
-The main thread owns the pika connection and never touches the database; a single database thread
-records batches and runs handlers while the main thread keeps pika's I/O (and heartbeats) serviced.
+The main thread owns the pika connection and never touches the database; database threads record
+batches and run handlers while the main thread keeps pika's I/O (and heartbeats) serviced. Without
+handlers two batches are recorded at once, on two connections, so that one batch's Python work overlaps
+the other's database work; their acks still go out in the order the batches were received.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import random
 import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -30,6 +33,7 @@ BACKOFF_START = 1.0
 BACKOFF_CAP = 30.0
 WORKER_HEARTBEAT_SECONDS = 5.0
 CONNECTION_CHECK_SECONDS = 30.0
+RECORDING_THREADS = 2  # batches recorded at once when no handler runs (handlers run one batch at a time)
 
 
 class QueueGone(Exception):
@@ -75,6 +79,8 @@ class InFlight:
     future: Future
     batch: list[recording.Received]
     settled: list[recording.Settlement]
+    recorder: ThreadPoolExecutor
+    message_ids: frozenset  # a letter in this batch waits for it to finish before it is recorded again
 
 
 @dataclass
@@ -96,13 +102,17 @@ class Worker:
         self.counts = Counts()
         self._handler_paths = self._handler_paths_by_queue()
         self._handlers: dict[str, recording.Handler] = {}  # by the queue's real (maybe server-made) name
-        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailroom-db")
+        # One executor per thread, each with its own database connection; the first also keeps the
+        # worker registry.
+        threads = 1 if self._handler_paths else RECORDING_THREADS
+        self._recorders = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mailroom-db{i}") for i in range(threads)]
+        self._db = self._recorders[0]
         self._pending: list[recording.Received] = []
         self._unsettled: list[recording.Settlement] = []  # acked/nacked, settlement not yet written
-        self._in_flight: InFlight | None = None  # the batch being recorded on the database thread
+        self._in_flight: deque[InFlight] = deque()  # batches being recorded, oldest first
         self._db_delays = backoff_delays(cap=10.0)
         self._db_retry_at = 0.0
-        self._connections_checked_at = 0.0
+        self._connections_checked_at: dict[int, float] = {}  # per database thread
         self._worker_id: int | None = None
         self._last_activity = time.monotonic()
         self._last_heartbeat = 0.0
@@ -158,8 +168,9 @@ class Worker:
                     self._db_call(self._unregister)
             except DatabaseError as exc:
                 logger.error("could not mark the worker stopped: %s", exc)
-            self._db.submit(lambda: db_connection.close())  # the database thread's own connection
-            self._db.shutdown(wait=True)
+            for recorder in self._recorders:
+                recorder.submit(lambda: db_connection.close())  # the database thread's own connection
+                recorder.shutdown(wait=True)
         logger.info(
             "consume stopped: received=%s acked=%s requeued=%s rejected=%s duplicates=%s reconnects=%s",
             self.counts.received, self.counts.acked, self.counts.requeued, self.counts.rejected,
@@ -171,7 +182,7 @@ class Worker:
         if self.stop_requested.is_set():
             return True
         limit = self.options.max_messages
-        drained = not self._pending and self._in_flight is None and not self._unsettled
+        drained = not self._pending and not self._in_flight and not self._unsettled
         if limit is not None and self.counts.received >= limit and drained:
             return True
         timeout = self.options.inactivity_timeout
@@ -260,7 +271,7 @@ class Worker:
         """
         self._draining = True
         self._pending.clear()
-        while self._in_flight is not None or self._unsettled:
+        while self._in_flight or self._unsettled:
             self._connection.process_data_events(time_limit=0.2)
             self._pump()
             if self._db_retry_at > time.monotonic():
@@ -276,17 +287,18 @@ class Worker:
 
     def _drop_connection(self, *, reason: str) -> None:
         """The connection died: nothing in hand can be acked any more; the broker requeues it."""
-        in_flight, self._in_flight = self._in_flight, None
+        in_flight, self._in_flight = self._in_flight, deque()
         self._pending.clear()  # never recorded
         self._close()
         try:
-            if in_flight is not None:
+            lost = []
+            for item in in_flight:
                 try:
-                    lost = [s.delivery_id for s in in_flight.future.result()]
+                    lost += [s.delivery_id for s in item.future.result()]
                 except DatabaseError:
-                    self._unsettled[:0] = in_flight.settled
-                else:
-                    self._db_call(recording.record_lost, lost, reason=f"not acked: {reason}; the broker requeues it")
+                    self._unsettled[:0] = item.settled
+            if lost:
+                self._db_call(recording.record_lost, lost, reason=f"not acked: {reason}; the broker requeues it")
             if self._unsettled:
                 self._write_settlements()
         except DatabaseError as exc:
@@ -301,14 +313,11 @@ class Worker:
         self._connection = self._channel = None
         self._consumers = 0
 
-    # --- batches: one recorded on the database thread while pika keeps receiving --------------------
+    # --- batches: recorded on the database threads while pika keeps receiving ------------------------
     def _pump(self) -> None:
-        """Ack the batch whose rows were committed; start recording the next one."""
-        in_flight = self._in_flight
-        if in_flight is not None:
-            if not in_flight.future.done():
-                return
-            self._in_flight = None
+        """Ack the batches whose rows were committed, oldest first; start recording the next ones."""
+        while self._in_flight and self._in_flight[0].future.done():
+            in_flight = self._in_flight.popleft()
             try:
                 settlements = in_flight.future.result()
             except DatabaseError as exc:
@@ -318,33 +327,59 @@ class Worker:
                 delay = next(self._db_delays)
                 self._db_retry_at = time.monotonic() + delay
                 logger.error("database unavailable (%s); nothing acked, retrying in %.1fs", exc, delay)
-                return
+                continue
             self._db_delays = backoff_delays(cap=10.0)
             if settlements:
                 try:
                     self._settle(settlements)
                 except (*broker.CONNECTION_ERRORS, broker.pe.AMQPError):
-                    self._in_flight = in_flight  # _drop_connection marks them lost
+                    self._in_flight.appendleft(in_flight)  # _drop_connection marks them lost
                     raise
                 self._unsettled.extend(settlements)
         if time.monotonic() < self._db_retry_at:
             return
-        if self._pending and not self._draining:
-            batch = self._pending[: self.options.batch_size]
-            del self._pending[: len(batch)]
-            self._last_activity = time.monotonic()
-            self._submit(batch)
-        elif self._unsettled:
-            self._submit([])  # idle: write the acks now rather than with the next batch
+        while len(self._in_flight) < len(self._recorders):
+            batch = self._next_batch() if not self._draining else []
+            if batch:
+                self._last_activity = time.monotonic()
+                self._submit(batch)
+            elif self._unsettled and not self._in_flight:
+                self._submit([])  # idle: write the acks now rather than with the next batch
+                return
+            else:
+                return
+
+    def _next_batch(self) -> list[recording.Received]:
+        """Take up to `batch_size` deliveries off the buffer, stopping at a letter that a batch still
+        being recorded holds: it is recorded after that batch committed, so that its attempt number
+        and duplicate check see the earlier delivery (a letter without message_id is matched by
+        content, so it waits for every batch)."""
+        pending = self._pending[: self.options.batch_size]
+        if self._in_flight and pending:
+            busy = frozenset().union(*(item.message_ids for item in self._in_flight))
+            for i, r in enumerate(pending):
+                message_id = r.properties.message_id
+                if (message_id in busy) if message_id else r.redelivered:
+                    del pending[i:]
+                    break
+        del self._pending[: len(pending)]
+        return pending
 
     def _submit(self, batch: list[recording.Received]) -> None:
-        """Record `batch` (and the earlier batches' settlements) on the database thread."""
+        """Record `batch` (and the earlier batches' settlements) on a free database thread."""
         settled, self._unsettled = self._unsettled, []
-        future = self._db.submit(
+        busy = {item.recorder for item in self._in_flight}
+        recorder = next(r for r in self._recorders if r not in busy)
+        future = recorder.submit(
             self._in_db_thread, recording.record_batch, batch, worker_id=self._worker_id,
             handlers=self._handlers, max_retries=self.options.max_retries, settled=settled,
         )
-        self._in_flight = InFlight(future=future, batch=batch, settled=settled)
+        # message_id properties as received (ids that only the truncation to 255 characters makes
+        # equal are not held back: their letter row is still one, by the unique constraint).
+        message_ids = frozenset([r.properties.message_id for r in batch]) if len(self._recorders) > 1 else frozenset()
+        self._in_flight.append(InFlight(
+            future=future, batch=batch, settled=settled, recorder=recorder, message_ids=message_ids,
+        ))
         connection = self._connection
         future.add_done_callback(lambda _: self._wake(connection))
 
@@ -359,16 +394,15 @@ class Worker:
     def _settle(self, settlements: list[recording.Settlement]) -> None:
         channel = self._channel
         tags = sorted(s.delivery_tag for s in settlements)
-        if (
-            tags[0] == self._settled_below and tags[-1] - tags[0] + 1 == len(tags)
-            and all(s.action == Delivery.Status.ACKED for s in settlements)
-        ):
+        acked = Delivery.Status.ACKED
+        all_acked = all(s.action == acked for s in settlements)
+        if all_acked and tags[0] == self._settled_below and tags[-1] - tags[0] + 1 == len(tags):
             # One ack for the whole batch — but only when it covers nothing else: `multiple` also
             # acks every earlier unsettled tag, e.g. a delivery dropped unrecorded while stopping.
             channel.basic_ack(delivery_tag=tags[-1], multiple=True)
         else:
             for s in settlements:
-                if s.action == Delivery.Status.ACKED:
+                if s.action == acked:
                     channel.basic_ack(delivery_tag=s.delivery_tag)
                 else:
                     channel.basic_nack(delivery_tag=s.delivery_tag, requeue=s.action == Delivery.Status.REQUEUED)
@@ -376,9 +410,12 @@ class Worker:
         while self._settled_below in self._settled_above:
             self._settled_above.discard(self._settled_below)
             self._settled_below += 1
-        for s in settlements:
-            setattr(self.counts, s.action, getattr(self.counts, s.action) + 1)
-            self.counts.duplicates += s.duplicate
+        if all_acked:
+            self.counts.acked += len(settlements)
+        else:
+            for s in settlements:
+                setattr(self.counts, s.action, getattr(self.counts, s.action) + 1)
+        self.counts.duplicates += sum(s.duplicate for s in settlements)
         if logger.isEnabledFor(logging.DEBUG):
             for s in settlements:
                 logger.debug("delivery=%s tag=%s %s", s.delivery_id, s.delivery_tag, s.action)
@@ -404,9 +441,9 @@ class Worker:
     def _in_db_thread(self, fn, *args, **kwargs):
         # Respect CONN_MAX_AGE now and then, not per batch: reconnecting per batch would cost more
         # than recording it.
-        now = time.monotonic()
-        if now - self._connections_checked_at > CONNECTION_CHECK_SECONDS:
-            self._connections_checked_at = now
+        now, thread = time.monotonic(), threading.get_ident()
+        if now - self._connections_checked_at.get(thread, 0.0) > CONNECTION_CHECK_SECONDS:
+            self._connections_checked_at[thread] = now
             close_old_connections()
         try:
             return fn(*args, **kwargs)

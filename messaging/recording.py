@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable
@@ -40,7 +42,7 @@ class Received:
     routing_key: str
     properties: Any  # pika.BasicProperties, read by broker.read_properties
     body: bytes
-    received_at: datetime = field(default_factory=timezone.now)
+    received_at: float = field(default_factory=time.time)  # epoch seconds: cheaper to take than a datetime
 
 
 @dataclass(slots=True, kw_only=True)
@@ -66,11 +68,17 @@ def record_batch(
     fails rolls back only its own writes.
     """
     prepared = _prepare(batch) if batch else None  # the Python work, before taking the write lock
-    with transaction.atomic():
+    with _one_writer(), transaction.atomic():
         if settled:
             record_settled(settled)
         deliveries = _insert(batch, prepared, worker_id=worker_id) if batch else []
-    handlers = handlers or {}
+    if not handlers:
+        acked = Delivery.Status.ACKED
+        return [
+            Settlement(delivery_tag=r.delivery_tag, delivery_id=d.pk, message_id=d.message_pk, action=acked,
+                       duplicate=d.duplicate)
+            for r, d in zip(batch, deliveries)
+        ]
     settlements = []
     for r, d in zip(batch, deliveries):
         handler = handlers.get(r.queue)
@@ -82,6 +90,15 @@ def record_batch(
         else:
             settlements.append(_handle(r, d, handler=handler, max_retries=max_retries))
     return settlements
+
+
+_sqlite_writer = threading.Lock()
+
+
+def _one_writer():
+    """SQLite has one writer: the worker's recording threads take turns on a lock, which wakes the
+    next at once, where SQLite's busy handler would poll in steps of milliseconds."""
+    return _sqlite_writer if connection.vendor == "sqlite" else nullcontext()
 
 
 def record_settled(settlements: list[Settlement]) -> None:
@@ -179,7 +196,7 @@ class Prepared:
 
 def _prepare(batch: list[Received]) -> Prepared:
     adapt_json = connection.ops.adapt_json_value
-    received = _adapt_datetimes([r.received_at for r in batch])
+    received = _receipt_times([r.received_at for r in batch])
     ids = [_message_id(r) for r in batch]
     letters: dict[str, tuple] = {}
     for r, message_id, received_at in zip(batch, ids, received):
@@ -188,12 +205,23 @@ def _prepare(batch: list[Received]) -> Prepared:
     return Prepared(ids=ids, received=received, letters=letters)
 
 
-def _adapt_datetimes(values: list[datetime]) -> list:
-    """Receipt times as the database wants them; SQLite's text form without Django's per-value checks."""
-    if connection.vendor == "sqlite" and all(v.tzinfo is dt_timezone.utc for v in values):
-        return [str(v.replace(tzinfo=None)) for v in values]  # what adapt_datetimefield_value gives for UTC
-    adapt = connection.ops.adapt_datetimefield_value
-    return [adapt(v) for v in values]
+def _receipt_times(stamps: list[float]) -> list:
+    """Receipt times (epoch seconds) as the database stores them.
+
+    SQLite keeps Django's UTC text, 'YYYY-MM-DD HH:MM:SS[.ffffff]': written here with the date and
+    time formatted once per second, rather than a datetime and Django's adapter per value.
+    """
+    if connection.vendor != "sqlite":
+        adapt = connection.ops.adapt_datetimefield_value
+        return [adapt(datetime.fromtimestamp(t, dt_timezone.utc)) for t in stamps]
+    times, second, prefix = [], None, ""
+    for t in stamps:
+        whole = int(t)
+        if whole != second:
+            second, prefix = whole, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(whole))
+        micro = int((t - whole) * 1_000_000)
+        times.append(f"{prefix}.{micro:06d}" if micro else prefix)
+    return times
 
 
 def _insert(batch: list[Received], prepared: Prepared, *, worker_id: int | None) -> list[Recorded]:
@@ -214,17 +242,21 @@ def _insert(batch: list[Received], prepared: Prepared, *, worker_id: int | None)
         known.update(_message_pks(missing))
 
     history = _history(batch, ids, known, fresh=fresh)
+    first_copies = not history and len(prepared.letters) == len(ids)  # the usual case: nothing seen before
     rows, recorded = [], []
     for r, message_id, received_at in zip(batch, ids, received):
         message_pk = known[message_id]
-        previous = history.setdefault((message_pk, r.queue), [])
-        attempt, duplicate = _attempt(r, previous), _handled(previous)
+        if first_copies:
+            attempt, duplicate = _attempt(r, ()), False
+        else:
+            previous = history.setdefault((message_pk, r.queue), [])
+            attempt, duplicate = _attempt(r, previous), bool(previous) and _handled(previous)
+            previous.append((Delivery.Status.ACKED, True))  # a later copy in this batch is a duplicate
         rows.append((
             message_pk, r.queue, r.consumer_tag, r.delivery_tag, r.redelivered, attempt, duplicate, r.exchange,
             r.routing_key, RECEIVED, worker_id, received_at, "",
         ))
         recorded.append(Recorded(pk=0, message_pk=message_pk, attempt=attempt, duplicate=duplicate))
-        previous.append((Delivery.Status.ACKED, True))  # a later copy in this batch is a duplicate
     for item, (pk,) in zip(recorded, _insert_rows(Delivery, DELIVERY_COLUMNS, rows, returning=("id",)), strict=True):
         item.pk = pk
     return recorded
@@ -259,23 +291,62 @@ def _insert_rows(model, columns: tuple[str, ...], rows: list[tuple], *, ignore_c
     """
     if connection.vendor == "postgresql" and len(rows) >= COPY_MIN_ROWS:
         return _copy_rows(model, columns, rows, ignore_conflicts=ignore_conflicts, returning=returning)
+    if connection.vendor == "sqlite" and returning:
+        return _insert_sqlite(model, columns, rows, ignore_conflicts=ignore_conflicts, returning=returning)
     return _insert_values(model, columns, rows, ignore_conflicts=ignore_conflicts, returning=returning)
 
 
 def _insert_values(model, columns, rows, *, ignore_conflicts: bool, returning: tuple[str, ...]) -> list[tuple]:
+    sql = _insert_sql(model, columns, len(rows), ignore_conflicts=ignore_conflicts)
+    if returning:
+        sql += f" RETURNING {', '.join(connection.ops.quote_name(c) for c in returning)}"
+    return _execute(sql, [value for row in rows for value in row])
+
+
+def _insert_sql(model, columns, count: int, *, ignore_conflicts: bool) -> str:
     ops = connection.ops
     on_conflict = OnConflict.IGNORE if ignore_conflicts else None
     placeholders = "(" + ", ".join([_param()] * len(columns)) + ")"
     sql = (
         f"{ops.insert_statement(on_conflict=on_conflict)} {ops.quote_name(model._meta.db_table)} "
-        f"({', '.join(ops.quote_name(c) for c in columns)}) VALUES {', '.join([placeholders] * len(rows))}"
+        f"({', '.join(ops.quote_name(c) for c in columns)}) VALUES {', '.join([placeholders] * count)}"
     )
     if ignore_conflicts:
         suffix = ops.on_conflict_suffix_sql([], on_conflict, [], [])
         sql += f" {suffix}" if suffix else ""
-    if returning:
-        sql += f" RETURNING {', '.join(ops.quote_name(c) for c in returning)}"
-    return _execute(sql, [value for row in rows for value in row])
+    return sql
+
+
+def _insert_sqlite(model, columns, rows, *, ignore_conflicts: bool, returning: tuple[str, ...]) -> list[tuple]:
+    """SQLite: insert without RETURNING and derive the ids.
+
+    Python's sqlite3 steps a RETURNING statement once per row and gives up the GIL at every step:
+    with pika busy on the main thread, each step then waits for the GIL again, which made the
+    transaction (and SQLite's write lock) last several times longer. Under our write transaction a
+    statement's rows take consecutive rowids in VALUES order, ending at `lastrowid`; rows skipped as
+    conflicts break that, and then the ids are looked up by `returning[0]`, a unique column.
+    """
+    table = model._meta.db_table
+    sql = _insert_sql(model, columns, len(rows), ignore_conflicts=ignore_conflicts)
+    connection.ensure_connection()
+    with connection.wrap_database_errors:
+        cursor = connection.connection.cursor()
+        try:
+            cursor.execute(sql, [value for row in rows for value in row])
+            inserted, last = cursor.rowcount, cursor.lastrowid
+        finally:
+            cursor.close()
+    if inserted == len(rows):
+        ids = range(last - inserted + 1, last + 1)
+        positions = [columns.index(c) if c != "id" else None for c in returning]
+        return [tuple(pk if i is None else row[i] for i in positions) for pk, row in zip(ids, rows)]
+    if not ignore_conflicts:
+        raise AssertionError(f"{table}: {inserted} of {len(rows)} rows inserted")
+    key = returning[0]
+    values = [row[columns.index(key)] for row in rows]
+    return _execute(
+        f"SELECT {', '.join(returning)} FROM {table} WHERE {key} IN ({', '.join(['?'] * len(values))})", values,
+    )
 
 
 def _copy_rows(model, columns, rows, *, ignore_conflicts: bool, returning: tuple[str, ...]) -> list[tuple]:
@@ -377,8 +448,9 @@ def _history(batch, ids, known, *, fresh: set[str]) -> dict[tuple[int, str], lis
     return history
 
 
-def _attempt(r: Received, previous: list[tuple[str, bool]]) -> int:
-    count = (r.properties.headers or {}).get("x-delivery-count") if r.properties.headers else None
+def _attempt(r: Received, previous) -> int:
+    headers = r.properties.headers
+    count = headers.get("x-delivery-count") if headers else None
     if isinstance(count, int):  # quorum queues count deliveries themselves
         return count + 1
     return len(previous) + 1
