@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from itertools import chain
 from datetime import datetime
 from datetime import timezone as dt_timezone
 from typing import Any
@@ -300,7 +301,7 @@ def _insert_values(model, columns, rows, *, ignore_conflicts: bool, returning: t
     sql = _insert_sql(model, columns, len(rows), ignore_conflicts=ignore_conflicts)
     if returning:
         sql += f" RETURNING {', '.join(connection.ops.quote_name(c) for c in returning)}"
-    return _execute(sql, [value for row in rows for value in row])
+    return _execute(sql, list(chain.from_iterable(rows)))
 
 
 def _insert_sql(model, columns, count: int, *, ignore_conflicts: bool) -> str:
@@ -332,14 +333,16 @@ def _insert_sqlite(model, columns, rows, *, ignore_conflicts: bool, returning: t
     with connection.wrap_database_errors:
         cursor = connection.connection.cursor()
         try:
-            cursor.execute(sql, [value for row in rows for value in row])
+            cursor.execute(sql, list(chain.from_iterable(rows)))
             inserted, last = cursor.rowcount, cursor.lastrowid
         finally:
             cursor.close()
     if inserted == len(rows):
         ids = range(last - inserted + 1, last + 1)
-        positions = [columns.index(c) if c != "id" else None for c in returning]
-        return [tuple(pk if i is None else row[i] for i in positions) for pk, row in zip(ids, rows)]
+        if returning == ("id",):
+            return [(pk,) for pk in ids]
+        key, = (columns.index(c) for c in returning[:-1])  # (unique column, "id")
+        return [(row[key], pk) for pk, row in zip(ids, rows)]
     if not ignore_conflicts:
         raise AssertionError(f"{table}: {inserted} of {len(rows)} rows inserted")
     key = returning[0]
