@@ -80,7 +80,10 @@ class InFlight:
     batch: list[recording.Received]
     settled: list[recording.Settlement]
     recorder: ThreadPoolExecutor
-    message_ids: frozenset  # a letter in this batch waits for it to finish before it is recorded again
+    # A letter in this batch, or among the settlements it writes, waits for it to commit before it is
+    # recorded again: its attempt number and duplicate check must see the earlier delivery, settled.
+    message_ids: frozenset
+    settling_ids: frozenset
 
 
 @dataclass
@@ -109,6 +112,7 @@ class Worker:
         self._db = self._recorders[0]
         self._pending: list[recording.Received] = []
         self._unsettled: list[recording.Settlement] = []  # acked/nacked, settlement not yet written
+        self._unsettled_ids: frozenset = frozenset()  # their letters' message_id properties
         self._in_flight: deque[InFlight] = deque()  # batches being recorded, oldest first
         self._db_delays = backoff_delays(cap=10.0)
         self._db_retry_at = 0.0
@@ -324,6 +328,7 @@ class Worker:
                 # Nothing of this batch was committed, so nothing is acked: try it again later.
                 self._pending[:0] = in_flight.batch
                 self._unsettled[:0] = in_flight.settled
+                self._unsettled_ids |= in_flight.settling_ids
                 delay = next(self._db_delays)
                 self._db_retry_at = time.monotonic() + delay
                 logger.error("database unavailable (%s); nothing acked, retrying in %.1fs", exc, delay)
@@ -336,6 +341,7 @@ class Worker:
                     self._in_flight.appendleft(in_flight)  # _drop_connection marks them lost
                     raise
                 self._unsettled.extend(settlements)
+                self._unsettled_ids |= in_flight.message_ids
         if time.monotonic() < self._db_retry_at:
             return
         while len(self._in_flight) < len(self._recorders):
@@ -356,7 +362,7 @@ class Worker:
         content, so it waits for every batch)."""
         pending = self._pending[: self.options.batch_size]
         if self._in_flight and pending:
-            busy = frozenset().union(*(item.message_ids for item in self._in_flight))
+            busy = frozenset().union(*(item.message_ids | item.settling_ids for item in self._in_flight))
             for i, r in enumerate(pending):
                 message_id = r.properties.message_id
                 if (message_id in busy) if message_id else r.redelivered:
@@ -368,6 +374,7 @@ class Worker:
     def _submit(self, batch: list[recording.Received]) -> None:
         """Record `batch` (and the earlier batches' settlements) on a free database thread."""
         settled, self._unsettled = self._unsettled, []
+        settling_ids, self._unsettled_ids = self._unsettled_ids, frozenset()
         busy = {item.recorder for item in self._in_flight}
         recorder = next(r for r in self._recorders if r not in busy)
         future = recorder.submit(
@@ -379,6 +386,7 @@ class Worker:
         message_ids = frozenset([r.properties.message_id for r in batch]) if len(self._recorders) > 1 else frozenset()
         self._in_flight.append(InFlight(
             future=future, batch=batch, settled=settled, recorder=recorder, message_ids=message_ids,
+            settling_ids=settling_ids,
         ))
         connection = self._connection
         future.add_done_callback(lambda _: self._wake(connection))
@@ -423,7 +431,7 @@ class Worker:
     def _write_settlements(self) -> None:
         try:
             self._db_call(recording.record_settled, self._unsettled)
-            self._unsettled = []
+            self._unsettled, self._unsettled_ids = [], frozenset()
         except DatabaseError as exc:
             # The rows exist (status 'received'); their settlement is written with the next batch.
             logger.error("could not record %s settlements yet: %s", len(self._unsettled), exc)

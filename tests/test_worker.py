@@ -8,6 +8,7 @@ import time
 import urllib.request
 from itertools import islice
 
+import pika
 import pytest
 
 from messaging.consuming import backoff_delays
@@ -90,6 +91,35 @@ def test_inactivity_timeout_and_max_messages(queue_name, manage):
     assert idle.wait(timeout=30) == 0, idle.output
     assert "no delivery for 2.0s" in idle.output
     assert_exactly_once(queue_name, ids)
+
+
+def test_copies_of_a_letter_in_concurrent_batches_are_numbered_in_order(queue_name, manage):
+    """Two batches are recorded at once; a letter whose earlier copy is in the other batch waits for it.
+
+    Three letters, each published 40 times, interleaved, in batches of 4: every copy must see the
+    copies before it (attempts 1..40, one first delivery, the rest duplicates), and no acked delivery
+    may be taken for a lost one.
+    """
+    conn = connect()
+    channel = conn.channel()
+    channel.queue_declare(queue=queue_name, durable=True)
+    channel.confirm_delivery()
+    letters = [f"{queue_name}-{k}" for k in range(3)]
+    for i in range(40):
+        for message_id in letters:
+            channel.basic_publish("", queue_name, f"copy {i}".encode(),
+                                  pika.BasicProperties(message_id=message_id, delivery_mode=2))
+    conn.close()
+    worker = manage("consume", queue_name, "--batch-size", "4", "--prefetch", "40", "--max-messages", "120")
+    assert worker.wait(timeout=60) == 0, worker.output
+    assert queue_counts(queue_name) == (0, 0)
+    for message_id in letters:
+        deliveries = Delivery.objects.filter(message__message_id=message_id)
+        assert sorted(d.attempt for d in deliveries) == list(range(1, 41))
+        assert [d.duplicate for d in deliveries.order_by("attempt")] == [False] + [True] * 39
+        assert {d.status for d in deliveries} == {Delivery.Status.ACKED}
+        assert not deliveries.exclude(error="").exists()
+    assert Message.objects.filter(message_id__in=letters).count() == 3
 
 
 # --- the tutorials --------------------------------------------------------------------------------
