@@ -219,7 +219,7 @@ class Worker:
         self._settled_above: set[int] = set()
         logger.info("consuming queues=%s prefetch=%s batch=%s", ",".join(o.queues) or "(server-named)", prefetch, o.batch_size)
         while not self._done():
-            # Returns on deliveries, or when the database thread finishes a batch (see _submit).
+            # Returns on deliveries, or when a database thread finishes a batch (see _submit).
             self._connection.process_data_events(time_limit=0.5)
             self._pump()
             if self._channel.is_closed:
@@ -393,7 +393,7 @@ class Worker:
 
     @staticmethod
     def _wake(connection) -> None:
-        """Make the main thread's process_data_events return (called from the database thread)."""
+        """Make the main thread's process_data_events return (called from a database thread)."""
         try:
             connection.add_callback_threadsafe(lambda: None)
         except Exception:  # noqa: BLE001 — the connection is gone; the main loop finds out by itself
