@@ -320,13 +320,15 @@ class Worker:
     # --- batches: recorded on the database threads while pika keeps receiving ------------------------
     def _pump(self) -> None:
         """Ack the batches whose rows were committed, oldest first; start recording the next ones."""
+        retried = 0  # failed batches go back to the front of the buffer, in the order they came
         while self._in_flight and self._in_flight[0].future.done():
             in_flight = self._in_flight.popleft()
             try:
                 settlements = in_flight.future.result()
             except DatabaseError as exc:
                 # Nothing of this batch was committed, so nothing is acked: try it again later.
-                self._pending[:0] = in_flight.batch
+                self._pending[retried:retried] = in_flight.batch
+                retried += len(in_flight.batch)
                 self._unsettled[:0] = in_flight.settled
                 self._unsettled_ids |= in_flight.settling_ids
                 delay = next(self._db_delays)

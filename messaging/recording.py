@@ -14,11 +14,12 @@ import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from itertools import chain
 from datetime import datetime
 from datetime import timezone as dt_timezone
+from itertools import chain
 from typing import Any
 
+from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.db.models.constants import OnConflict
 from django.utils import timezone
@@ -137,12 +138,18 @@ def _execute(sql: str, params: list) -> list[tuple]:
     parameters per batch that cost more than SQLite's own work. Errors still arrive as Django's
     (`DatabaseError`, `IntegrityError`), which the worker handles.
     """
+    return _run(sql, params)[0]
+
+
+def _run(sql: str, params: list) -> tuple[list[tuple], int, int | None]:
+    """`_execute`, also returning the statement's rowcount and lastrowid."""
     connection.ensure_connection()
     with connection.wrap_database_errors:
         cursor = connection.connection.cursor()
         try:
             cursor.execute(sql, params)
-            return cursor.fetchall() if cursor.description else []
+            rows = cursor.fetchall() if cursor.description else []
+            return rows, cursor.rowcount, getattr(cursor, "lastrowid", None)  # psycopg has no lastrowid
         finally:
             cursor.close()
 
@@ -209,10 +216,11 @@ def _prepare(batch: list[Received]) -> Prepared:
 def _receipt_times(stamps: list[float]) -> list:
     """Receipt times (epoch seconds) as the database stores them.
 
-    SQLite keeps Django's UTC text, 'YYYY-MM-DD HH:MM:SS[.ffffff]': written here with the date and
-    time formatted once per second, rather than a datetime and Django's adapter per value.
+    SQLite keeps Django's UTC text, 'YYYY-MM-DD HH:MM:SS[.ffffff]' (USE_TZ, the database in UTC):
+    written here with the date and time formatted once per second, rather than a datetime and
+    Django's adapter per value.
     """
-    if connection.vendor != "sqlite":
+    if connection.vendor != "sqlite" or not settings.USE_TZ or connection.timezone_name != "UTC":
         adapt = connection.ops.adapt_datetimefield_value
         return [adapt(datetime.fromtimestamp(t, dt_timezone.utc)) for t in stamps]
     times, second, prefix = [], None, ""
@@ -327,28 +335,19 @@ def _insert_sqlite(model, columns, rows, *, ignore_conflicts: bool, returning: t
     statement's rows take consecutive rowids in VALUES order, ending at `lastrowid`; rows skipped as
     conflicts break that, and then the ids are looked up by `returning[0]`, a unique column.
     """
-    table = model._meta.db_table
     sql = _insert_sql(model, columns, len(rows), ignore_conflicts=ignore_conflicts)
-    connection.ensure_connection()
-    with connection.wrap_database_errors:
-        cursor = connection.connection.cursor()
-        try:
-            cursor.execute(sql, list(chain.from_iterable(rows)))
-            inserted, last = cursor.rowcount, cursor.lastrowid
-        finally:
-            cursor.close()
+    _, inserted, last = _run(sql, list(chain.from_iterable(rows)))
     if inserted == len(rows):
         ids = range(last - inserted + 1, last + 1)
         if returning == ("id",):
             return [(pk,) for pk in ids]
         key, = (columns.index(c) for c in returning[:-1])  # (unique column, "id")
         return [(row[key], pk) for pk, row in zip(ids, rows)]
-    if not ignore_conflicts:
-        raise AssertionError(f"{table}: {inserted} of {len(rows)} rows inserted")
     key = returning[0]
     values = [row[columns.index(key)] for row in rows]
     return _execute(
-        f"SELECT {', '.join(returning)} FROM {table} WHERE {key} IN ({', '.join(['?'] * len(values))})", values,
+        f"SELECT {', '.join(returning)} FROM {model._meta.db_table} WHERE {key} IN ({', '.join(['?'] * len(values))})",
+        values,
     )
 
 
