@@ -81,6 +81,12 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(_sqlite_name.with_name(f"test_{_sqlite_name.name}"))}
 else:
     DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
+    # A statement waiting for a row or table lock gives up after this long (PostgreSQL's
+    # lock_timeout), as SQLite's writers do: the worker then treats the database as unavailable,
+    # acks nothing and retries with backoff, instead of hanging behind the lock with pika unserviced.
+    _pg_options = DATABASES["default"].setdefault("OPTIONS", {})
+    _lock_ms = round(env.float("MAILROOM_PG_LOCK_TIMEOUT", default=20.0) * 1000)
+    _pg_options["options"] = f"{_pg_options.get('options', '')} -c lock_timeout={_lock_ms}".strip()
 DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DJANGO_CONN_MAX_AGE", default=60))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -193,6 +193,23 @@ def test_database_locked_or_killed_nothing_acked_then_resumes(queue_name, manage
     assert_exactly_once(queue_name, before + during)
 
 
+def test_a_lock_held_on_the_tables_is_waited_out_with_backoff_not_forever(queue_name, manage):
+    """The database answers but a lock blocks the worker's writes: it gives up after the lock timeout
+    (SQLite's busy timeout, PostgreSQL's lock_timeout), acks nothing, and resumes once it is released."""
+    before = publish(queue_name, 5, declare=True, prefix=f"before-{queue_name}")
+    worker = manage("consume", queue_name, env=subprocess_env(MAILROOM_SQLITE_TIMEOUT="1", MAILROOM_PG_LOCK_TIMEOUT="1"))
+    wait_for(lambda: acked_count(queue_name) == 5, timeout=30, message="the first letters acked")
+    with database_outage(queue_name) as (acked, _kill):
+        during = publish(queue_name, 10, prefix=f"during-{queue_name}")
+        wait_for(lambda: "database unavailable" in worker.output, timeout=15, message="the lock wait to end")
+        assert acked() == 5 and queue_counts(queue_name) == (0, 10)
+        assert worker.proc.poll() is None, worker.output
+    wait_for(lambda: acked_count(queue_name) == 15, timeout=40, message="all letters acked after the lock")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=10) == 0, worker.output
+    assert_exactly_once(queue_name, before + during)
+
+
 def test_sigterm_during_a_database_outage_exits_without_acking(queue_name, manage):
     before = publish(queue_name, 5, declare=True, prefix=f"before-{queue_name}")
     worker = manage("consume", queue_name, env=subprocess_env(MAILROOM_SQLITE_TIMEOUT="1"))
