@@ -105,11 +105,11 @@ class Worker:
         self.counts = Counts()
         self._handler_paths = self._handler_paths_by_queue()
         self._handlers: dict[str, recording.Handler] = {}  # by the queue's real (maybe server-made) name
-        # One executor per thread, each with its own database connection; the first also keeps the
-        # worker registry.
+        # One executor per thread, each with its own database connection. The worker registry has a
+        # thread of its own, so that its heartbeat is not held up behind a long handler.
         threads = 1 if self._handler_paths else RECORDING_THREADS
         self._recorders = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mailroom-db{i}") for i in range(threads)]
-        self._db = self._recorders[0]
+        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailroom-registry")
         self._pending: list[recording.Received] = []
         self._unsettled: list[recording.Settlement] = []  # acked/nacked, settlement not yet written
         self._unsettled_ids: frozenset = frozenset()  # their letters' message_id properties
@@ -120,6 +120,7 @@ class Worker:
         self._worker_id: int | None = None
         self._last_activity = time.monotonic()
         self._last_heartbeat = 0.0
+        self._heartbeat_saving: Future | None = None
         self._connection = None
         self._channel = None
         self._consumers = 0  # consumers on the channel; fewer means the broker cancelled one
@@ -172,9 +173,9 @@ class Worker:
                     self._db_call(self._unregister)
             except DatabaseError as exc:
                 logger.error("could not mark the worker stopped: %s", exc)
-            for recorder in self._recorders:
-                recorder.submit(lambda: db_connection.close())  # the database thread's own connection
-                recorder.shutdown(wait=True)
+            for executor in (*self._recorders, self._db):
+                executor.submit(lambda: db_connection.close())  # the database thread's own connection
+                executor.shutdown(wait=True)
         logger.info(
             "consume stopped: received=%s acked=%s requeued=%s rejected=%s duplicates=%s reconnects=%s",
             self.counts.received, self.counts.acked, self.counts.requeued, self.counts.rejected,
@@ -499,12 +500,15 @@ class Worker:
         now = time.monotonic()
         if now - self._last_heartbeat < WORKER_HEARTBEAT_SECONDS:
             return
+        if self._heartbeat_saving is not None and not self._heartbeat_saving.done():
+            return  # the last one still waits for the database: do not queue more behind it
         self._last_heartbeat = now
-        # Queued behind the batch in flight, never waited for: a busy worker's heartbeat is not
-        # held up (and does not hold up pika) — under a steady stream a batch is always in flight.
+        # On the registry's own thread, never waited for: neither a long handler nor a batch in
+        # flight holds it up, and it does not hold up pika.
         c = self.counts
-        self._db.submit(self._in_db_thread, self._save_heartbeat, acked=c.acked, requeued=c.requeued,
-                        rejected=c.rejected)
+        self._heartbeat_saving = self._db.submit(
+            self._in_db_thread, self._save_heartbeat, acked=c.acked, requeued=c.requeued, rejected=c.rejected,
+        )
 
     def _save_heartbeat(self, **counts) -> None:
         try:

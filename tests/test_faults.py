@@ -12,6 +12,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 
 import psycopg
 import pytest
@@ -235,7 +236,15 @@ def test_handler_sleeping_past_the_heartbeat_keeps_the_connection(queue_name, ma
     slow = publish(queue_name, 1, body=b"slow", declare=True)
     quick = publish(queue_name, 5)
     worker = manage("consume", queue_name, "--heartbeat", "2", "--handler", "tests.handlers.sleep_on_slow",
-                    env=subprocess_env(HANDLER_LOG=str(tmp_path / "log"), HANDLER_SLEEP="6"))
+                    env=subprocess_env(HANDLER_LOG=str(tmp_path / "log"), HANDLER_SLEEP="12"))
+    wait_for(lambda: Delivery.objects.filter(queue=queue_name, message__message_id=slow[0]).exists(), timeout=30,
+             message="the slow letter recorded, its handler running")
+    row = Worker.objects.get(pid=worker.proc.pid)
+    started = row.heartbeat_at
+    # The worker registry keeps beating (every 5 s) while the handler sleeps: the worker looks alive.
+    wait_for(lambda: Worker.objects.get(pk=row.pk).heartbeat_at >= started + timedelta(seconds=5), timeout=11,
+             message="a registry heartbeat during the handler")
+    assert Delivery.objects.get(queue=queue_name, message__message_id=slow[0]).handled_at is None
     wait_for(lambda: acked_count(queue_name) == 6, timeout=30, message="all letters acked")
     worker.signal(signal.SIGTERM)
     assert worker.wait(timeout=10) == 0, worker.output
