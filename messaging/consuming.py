@@ -348,6 +348,8 @@ class Worker:
         if time.monotonic() < self._db_retry_at:
             return
         while len(self._in_flight) < len(self._recorders):
+            if self._in_flight and len(self._pending) < self.options.batch_size // 2:
+                return  # a second batch only when enough is waiting: small batches cost more than they save
             batch = self._next_batch() if not self._draining else []
             if batch:
                 self._last_activity = time.monotonic()
