@@ -109,7 +109,7 @@ class Worker:
         # thread of its own, so that its heartbeat is not held up behind a long handler.
         threads = 1 if self._handler_paths else RECORDING_THREADS
         self._recorders = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mailroom-db{i}") for i in range(threads)]
-        self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailroom-registry")
+        self._registry = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailroom-registry")
         self._pending: list[recording.Received] = []
         self._unsettled: list[recording.Settlement] = []  # acked/nacked, settlement not yet written
         self._unsettled_ids: frozenset = frozenset()  # their letters' message_id properties
@@ -173,7 +173,7 @@ class Worker:
                     self._db_call(self._unregister)
             except DatabaseError as exc:
                 logger.error("could not mark the worker stopped: %s", exc)
-            for executor in (*self._recorders, self._db):
+            for executor in (*self._recorders, self._registry):
                 executor.submit(lambda: db_connection.close())  # the database thread's own connection
                 executor.shutdown(wait=True)
         logger.info(
@@ -214,7 +214,7 @@ class Worker:
         self._channel = channel
         self._consumers = len(channel.consumer_tags)
         if list(queues) != list(o.queues):  # server-named queues: the registry shows their real names
-            self._db.submit(self._in_db_thread, WorkerRow.objects.filter(pk=self._worker_id).update, queues=queues)
+            self._registry.submit(self._in_db_thread, WorkerRow.objects.filter(pk=self._worker_id).update, queues=queues)
         self._draining = False
         self._settled_below = 1  # every delivery tag below this one is settled on this channel
         self._settled_above: set[int] = set()
@@ -443,8 +443,9 @@ class Worker:
 
     # --- the database thread --------------------------------------------------------------------
     def _db_call(self, fn, *args, **kwargs):
-        """Run `fn` on the database thread; keep pika's I/O serviced while it runs."""
-        future: Future = self._db.submit(self._in_db_thread, fn, *args, **kwargs)
+        """Run `fn` on the registry's database thread (the recording threads may be busy or stuck on a
+        batch); keep pika's I/O serviced while it runs."""
+        future: Future = self._registry.submit(self._in_db_thread, fn, *args, **kwargs)
         while True:
             try:
                 return future.result(timeout=1.0)
@@ -508,7 +509,7 @@ class Worker:
         # On the registry's own thread, never waited for: neither a long handler nor a batch in
         # flight holds it up, and it does not hold up pika.
         c = self.counts
-        self._heartbeat_saving = self._db.submit(
+        self._heartbeat_saving = self._registry.submit(
             self._in_db_thread, self._save_heartbeat, acked=c.acked, requeued=c.requeued, rejected=c.rejected,
         )
 

@@ -128,7 +128,7 @@ def _in(column: str, values: list) -> tuple[str, list]:
     """`column IN (…)` as SQL and parameters; one array parameter on PostgreSQL (far cheaper to bind)."""
     if connection.vendor == "postgresql":
         return f"{column} = ANY(%s)", [list(values)]
-    return f"{column} IN ({', '.join(['?'] * len(values))})", list(values)
+    return f"{column} IN ({', '.join([_param()] * len(values))})", list(values)
 
 
 def _execute(sql: str, params: list) -> list[tuple]:
