@@ -5,6 +5,7 @@ is the contract: `record_batch` commits the rows, *then* the worker acks, *then*
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -70,10 +71,12 @@ def record_batch(
     fails rolls back only its own writes.
     """
     prepared = _prepare(batch) if batch else None  # the Python work, before taking the write lock
-    with _one_writer(), transaction.atomic():
-        if settled:
-            record_settled(settled)
-        deliveries = _insert(batch, prepared, worker_id=worker_id) if batch else []
+    deliveries = _record_new_letters(batch, prepared, worker_id=worker_id, settled=settled)
+    if deliveries is None:
+        with _one_writer(), transaction.atomic():
+            if settled:
+                record_settled(settled)
+            deliveries = _insert(batch, prepared, worker_id=worker_id) if batch else []
     if not handlers:
         acked = Delivery.Status.ACKED
         return [
@@ -271,6 +274,81 @@ def _insert(batch: list[Received], prepared: Prepared, *, worker_id: int | None)
     return recorded
 
 
+def _record_new_letters(batch: list[Received], prepared: Prepared | None, *, worker_id: int | None,
+                        settled: list[Settlement]) -> list[Recorded] | None:
+    """PostgreSQL, a small batch of the usual kind (letters not seen before, each once): one statement.
+
+    The earlier batches' settlements, the letters and their deliveries are written by one statement
+    (data-modifying CTEs) in one round trip, atomic on its own: no BEGIN, no COMMIT, no id lookups.
+    A letter recorded before breaks the unique message_id and undoes the whole statement; the general
+    path then records the batch with its history. Large batches go the general way, by COPY: binding
+    thousands of parameters costs more than the round trips saved. Returns None when this path does
+    not apply.
+    """
+    if (connection.vendor != "postgresql" or not batch or len(batch) >= COPY_MIN_ROWS
+            or len(prepared.letters) != len(batch)
+            or any(r.redelivered for r in batch) or any(s.error for s in settled)):
+        return None
+    params: list = []
+    by_action: dict[str, list[int]] = {}
+    for s in settled:
+        by_action.setdefault(s.action, []).append(s.delivery_id)
+    if by_action:
+        now = connection.ops.adapt_datetimefield_value(timezone.now())
+        for action, ids in by_action.items():
+            params += (action, now, ids)
+    params += chain.from_iterable(prepared.letters.values())
+    attempts = [_attempt(r, ()) for r in batch]
+    for r, message_id, received_at, attempt in zip(batch, prepared.ids, prepared.received, attempts):
+        params += (message_id, r.queue, r.consumer_tag, r.delivery_tag, r.redelivered, attempt, r.exchange,
+                   r.routing_key, worker_id, received_at)
+    try:
+        with transaction.atomic() if connection.in_atomic_block else nullcontext():  # a savepoint in a caller's transaction
+            rows = _execute(_new_letters_sql(len(by_action), len(batch)), params)
+    except IntegrityError:
+        return None  # a letter recorded before (or by a competing worker this instant)
+    found = {message_id: (pk, message_pk) for message_id, pk, message_pk in rows}
+    recorded = []
+    for message_id, attempt in zip(prepared.ids, attempts):
+        pk, message_pk = found[message_id]
+        recorded.append(Recorded(pk=pk, message_pk=message_pk, attempt=attempt, duplicate=False))
+    return recorded
+
+
+# The delivery columns `_record_new_letters` passes, in order; the others are constants of a first receipt.
+_NEW_DELIVERY_VALUES = ("letter", "queue", "consumer_tag", "delivery_tag", "redelivered", "attempt", "exchange",
+                        "routing_key", "worker_id", "received_at")
+
+
+@functools.lru_cache(maxsize=256)
+def _new_letters_sql(settle_groups: int, count: int) -> str:
+    """The statement of `_record_new_letters` (PostgreSQL) for `count` letters, by batch shape."""
+    message, delivery = Message._meta.db_table, Delivery._meta.db_table
+    ctes = [
+        f"settled{i} AS (UPDATE {delivery} SET status = %s, settled_at = %s WHERE id = ANY(%s))"
+        for i in range(settle_groups)
+    ]
+    row = "(" + ", ".join(["%s"] * len(MESSAGE_COLUMNS)) + ")"
+    ctes.append(
+        f"letters AS (INSERT INTO {message} ({', '.join(MESSAGE_COLUMNS)}) "
+        f"VALUES {', '.join([row] * count)} RETURNING message_id, id)"
+    )
+    fields = {f.column: f for f in Delivery._meta.concrete_fields}
+    typed = {  # VALUES rows are untyped; varchar(n) casts would truncate, so the types without length
+        c: f"v.{c}::{fields[c].cast_db_type(connection).split('(')[0]}" for c in _NEW_DELIVERY_VALUES[1:]
+    }
+    constants = {"message_id": "letters.id", "duplicate": "false", "status": f"'{RECEIVED}'", "error": "''"}
+    row = "(" + ", ".join(["%s"] * len(_NEW_DELIVERY_VALUES)) + ")"
+    ctes.append(
+        f"received AS (INSERT INTO {delivery} ({', '.join(DELIVERY_COLUMNS)}) "
+        f"SELECT {', '.join(constants.get(c) or typed[c] for c in DELIVERY_COLUMNS)} "
+        f"FROM (VALUES {', '.join([row] * count)}) AS v({', '.join(_NEW_DELIVERY_VALUES)}) "
+        f"JOIN letters ON letters.message_id = v.letter RETURNING id, message_id)"
+    )
+    return (f"WITH {', '.join(ctes)} SELECT letters.message_id, received.id, letters.id "
+            f"FROM received JOIN letters ON letters.id = received.message_id")
+
+
 def _find_or_insert_letters(letters: dict[str, tuple]) -> tuple[dict[str, int], set[str]]:
     """PostgreSQL, small batches: find the known letters and insert the others in one round trip.
 
@@ -425,6 +503,7 @@ class _EmptyJson(dict):
 
 
 EMPTY_JSON = _EmptyJson()
+
 EXTERNAL_ORIGIN = Message.Origin.EXTERNAL.value
 EXTERNAL_STATUS = Message.Status.EXTERNAL.value
 RECEIVED = Delivery.Status.RECEIVED.value

@@ -74,6 +74,21 @@ def test_same_message_id_twice_is_one_letter_and_a_duplicate_delivery():
     assert [s.duplicate for s in first + second] == [False, True, True]
 
 
+def test_a_small_batch_with_a_known_letter_is_recorded_whole_with_the_earlier_settlements():
+    # On PostgreSQL a small batch of new letters is one statement; a known letter in it undoes that
+    # statement and the general path records the whole batch (and the settlements) once.
+    first = record_batch([received(1, message_id="known")], worker_id=None)
+    second = record_batch([received(2, message_id="new-1"), received(3, message_id="known"),
+                           received(4, message_id="new-2")], worker_id=None, settled=first)
+    third = record_batch([received(5, message_id="new-3")], worker_id=None, settled=second)
+    assert Message.objects.count() == 4
+    rows = list(Delivery.objects.order_by("pk").values_list("message__message_id", "attempt", "duplicate", "status"))
+    assert rows == [("known", 1, False, "acked"), ("new-1", 1, False, "acked"), ("known", 2, True, "acked"),
+                    ("new-2", 1, False, "acked"), ("new-3", 1, False, "received")]
+    assert [s.delivery_id for s in second + third] == list(Delivery.objects.order_by("pk").values_list("pk", flat=True))[1:]
+    assert {s.message_id for s in third} == {Message.objects.get(message_id="new-3").pk}
+
+
 def test_redelivery_after_a_crash_is_a_new_delivery_and_the_old_one_is_marked_requeued():
     record_batch([received(1, message_id="crash")], worker_id=None)  # recorded, never acked (kill -9)
     [s] = record_batch([received(1, message_id="crash", redelivered=True)], worker_id=None)
