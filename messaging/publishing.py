@@ -3,7 +3,7 @@
 The form, the API, the admin and `manage.py publish` all call `create_letter`; after the commit
 `publish_message` publishes it on this thread's long-lived channel. Whatever stays pending (a crash
 between commit and publish, a broker that was down or blocked, a nack) is published by the relay
-(`messaging.relay`), which records its outcomes with `record_outcomes`.
+(`messaging.relay`), which records the outcomes of a batch itself (one UPDATE per outcome).
 """
 from __future__ import annotations
 
