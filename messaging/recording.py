@@ -281,7 +281,8 @@ def _record_new_letters(batch: list[Received], prepared: Prepared | None, *, wor
     The earlier batches' settlements, the letters and their deliveries are written by one statement
     (data-modifying CTEs) in one round trip, atomic on its own: no BEGIN, no COMMIT, no id lookups.
     A letter recorded before breaks the unique message_id and undoes the whole statement; the general
-    path then records the batch with its history. Large batches go the general way, by COPY: binding
+    path then records the batch with its history. (PostgreSQL logs that unique violation as an
+    error line; a guard against known letters inside the statement cost 0.2 ms on every batch.) Large batches go the general way, by COPY: binding
     thousands of parameters costs more than the round trips saved. Returns None when this path does
     not apply.
     """
