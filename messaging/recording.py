@@ -71,10 +71,10 @@ def record_batch(
     fails rolls back only its own writes.
     """
     prepared = _prepare(batch) if batch else None  # the Python work, before taking the write lock
-    deliveries = _record_new_letters(batch, prepared, worker_id=worker_id, settled=settled)
+    deliveries, settlements_written = _record_first_receipts(batch, prepared, worker_id=worker_id, settled=settled)
     if deliveries is None:
         with _one_writer(), transaction.atomic():
-            if settled:
+            if settled and not settlements_written:
                 record_settled(settled)
             deliveries = _insert(batch, prepared, worker_id=worker_id) if batch else []
     if not handlers:
@@ -274,56 +274,85 @@ def _insert(batch: list[Received], prepared: Prepared, *, worker_id: int | None)
     return recorded
 
 
-def _record_new_letters(batch: list[Received], prepared: Prepared | None, *, worker_id: int | None,
-                        settled: list[Settlement]) -> list[Recorded] | None:
-    """PostgreSQL, a small batch of the usual kind (letters not seen before, each once): one statement.
+def _record_first_receipts(batch: list[Received], prepared: Prepared | None, *, worker_id: int | None,
+                           settled: list[Settlement]) -> tuple[list[Recorded] | None, bool]:
+    """PostgreSQL, a small batch of the usual kind (each letter once, none received before): one statement.
 
-    The earlier batches' settlements, the letters and their deliveries are written by one statement
-    (data-modifying CTEs) in one round trip, atomic on its own: no BEGIN, no COMMIT, no id lookups.
-    A letter recorded before breaks the unique message_id and undoes the whole statement; the general
-    path then records the batch with its history. (PostgreSQL logs that unique violation as an
-    error line; a guard against known letters inside the statement cost 0.2 ms on every batch.) Large batches go the general way, by COPY: binding
-    thousands of parameters costs more than the round trips saved. Returns None when this path does
-    not apply.
+    The earlier batches' settlements, the new letters and the deliveries are written by one
+    statement (data-modifying CTEs), in one round trip, atomic on its own: no BEGIN, no COMMIT. The
+    deliveries are written only if every letter is accounted for; otherwise the statement writes
+    the settlements and the new letters alone. A letter Mailroom published has its row already:
+    then a second statement looks such letters up (those without a delivery on these queues yet),
+    and later batches look up at once until a batch holds new letters only — the lookup costs
+    ~0.2 ms of planning and execution that letters from other producers need not pay. A letter
+    delivered before goes the general way, which records the batch with its history. Large batches
+    go the general way too, by COPY: binding thousands of parameters costs more than round trips.
+
+    Returns the deliveries recorded (None when the general path must record the batch) and whether
+    `settled` was written.
     """
+    global _look_up_letters
     if (connection.vendor != "postgresql" or not batch or len(batch) >= COPY_MIN_ROWS
-            or len(prepared.letters) != len(batch)
-            or any(r.redelivered for r in batch) or any(s.error for s in settled)):
-        return None
-    params: list = []
+            or len(prepared.letters) != len(batch) or any(r.redelivered for r in batch)
+            or any(s.error for s in settled)):
+        return None, False
     by_action: dict[str, list[int]] = {}
     for s in settled:
         by_action.setdefault(s.action, []).append(s.delivery_id)
+    settling: list = []
     if by_action:
         now = connection.ops.adapt_datetimefield_value(timezone.now())
         for action, ids in by_action.items():
-            params += (action, now, ids)
-    params += chain.from_iterable(prepared.letters.values())
+            settling += (action, now, ids)
+    letters = list(chain.from_iterable(prepared.letters.values()))
+    lookup = [list(prepared.letters), sorted({r.queue for r in batch})]
     attempts = [_attempt(r, ()) for r in batch]
+    receipts: list = []
     for r, message_id, received_at, attempt in zip(batch, prepared.ids, prepared.received, attempts):
-        params += (message_id, r.queue, r.consumer_tag, r.delivery_tag, r.redelivered, attempt, r.exchange,
-                   r.routing_key, worker_id, received_at)
-    try:
-        with transaction.atomic() if connection.in_atomic_block else nullcontext():  # a savepoint in a caller's transaction
-            rows = _execute(_new_letters_sql(len(by_action), len(batch)), params)
-    except IntegrityError:
-        return None  # a letter recorded before (or by a competing worker this instant)
-    found = {message_id: (pk, message_pk) for message_id, pk, message_pk in rows}
+        receipts += (message_id, r.queue, r.consumer_tag, r.delivery_tag, r.redelivered, attempt, r.exchange,
+                     r.routing_key, worker_id, received_at)
+    receipts.append(len(batch))
+
+    def write(*, known: bool, settle: bool) -> list[tuple]:
+        sql = _first_receipts_sql(len(by_action) if settle else 0, len(batch), known=known)
+        params = (settling if settle else []) + letters + (lookup if known else []) + receipts
+        # In a caller's transaction (tests), a savepoint; otherwise the statement is its own transaction.
+        with transaction.atomic() if connection.in_atomic_block else nullcontext():
+            return _execute(sql, params)
+
+    known = _look_up_letters
+    rows = write(known=known, settle=True)
+    if not rows and not known:
+        known = True
+        rows = write(known=True, settle=False)  # letters recorded before: Mailroom's own, most likely
+    if not rows:
+        return None, True
+    _look_up_letters = known and not all(fresh for *_, fresh in rows)
+    found = {message_id: (pk, message_pk) for message_id, pk, message_pk, _ in rows}
     recorded = []
     for message_id, attempt in zip(prepared.ids, attempts):
         pk, message_pk = found[message_id]
         recorded.append(Recorded(pk=pk, message_pk=message_pk, attempt=attempt, duplicate=False))
-    return recorded
+    return recorded, True
 
 
-# The delivery columns `_record_new_letters` passes, in order; the others are constants of a first receipt.
-_NEW_DELIVERY_VALUES = ("letter", "queue", "consumer_tag", "delivery_tag", "redelivered", "attempt", "exchange",
-                        "routing_key", "worker_id", "received_at")
+_look_up_letters = False  # the last first-receipt batch held letters recorded before (a hint, not a truth)
+
+
+# The delivery columns `_record_first_receipts` passes, in order; the others are constants of a first receipt.
+_FIRST_RECEIPT_VALUES = ("letter", "queue", "consumer_tag", "delivery_tag", "redelivered", "attempt", "exchange",
+                         "routing_key", "worker_id", "received_at")
 
 
 @functools.lru_cache(maxsize=256)
-def _new_letters_sql(settle_groups: int, count: int) -> str:
-    """The statement of `_record_new_letters` (PostgreSQL) for `count` letters, by batch shape."""
+def _first_receipts_sql(settle_groups: int, count: int, *, known: bool) -> str:
+    """The statement of `_record_first_receipts` (PostgreSQL) for `count` letters, by batch shape.
+
+    `known`: also take letters recorded before that have no delivery on these queues yet (those
+    Mailroom published). The lookup sees the table as the statement began, so a letter inserted by
+    the statement comes back once, from the INSERT's RETURNING; one that a competing worker inserts
+    at the same instant is skipped by ON CONFLICT and missing from both, which the count check catches.
+    """
     message, delivery = Message._meta.db_table, Delivery._meta.db_table
     ctes = [
         f"settled{i} AS (UPDATE {delivery} SET status = %s, settled_at = %s WHERE id = ANY(%s))"
@@ -331,22 +360,30 @@ def _new_letters_sql(settle_groups: int, count: int) -> str:
     ]
     row = "(" + ", ".join(["%s"] * len(MESSAGE_COLUMNS)) + ")"
     ctes.append(
-        f"letters AS (INSERT INTO {message} ({', '.join(MESSAGE_COLUMNS)}) "
-        f"VALUES {', '.join([row] * count)} RETURNING message_id, id)"
+        f"inserted AS (INSERT INTO {message} ({', '.join(MESSAGE_COLUMNS)}) "
+        f"VALUES {', '.join([row] * count)} ON CONFLICT DO NOTHING RETURNING message_id, id)"
+    )
+    ctes.append(
+        f"letters AS (SELECT message_id, id, true AS fresh FROM inserted UNION ALL SELECT message_id, id, false "
+        f"FROM {message} WHERE message_id = ANY(%s) AND NOT EXISTS (SELECT 1 FROM {delivery} "
+        f"WHERE {delivery}.message_id = {message}.id AND queue = ANY(%s)))"
+        if known else "letters AS (SELECT message_id, id, true AS fresh FROM inserted)"
     )
     fields = {f.column: f for f in Delivery._meta.concrete_fields}
     typed = {  # VALUES rows are untyped; varchar(n) casts would truncate, so the types without length
-        c: f"v.{c}::{fields[c].cast_db_type(connection).split('(')[0]}" for c in _NEW_DELIVERY_VALUES[1:]
+        c: f"v.{c}::{fields[c].cast_db_type(connection).split('(')[0]}" for c in _FIRST_RECEIPT_VALUES[1:]
     }
     constants = {"message_id": "letters.id", "duplicate": "false", "status": f"'{RECEIVED}'", "error": "''"}
-    row = "(" + ", ".join(["%s"] * len(_NEW_DELIVERY_VALUES)) + ")"
-    ctes.append(
+    rows = ", ".join(f"({', '.join(['%s'] * len(_FIRST_RECEIPT_VALUES))}, {position})" for position in range(count))
+    ctes.append(  # in batch order, so that delivery ids follow the order of receipt
         f"received AS (INSERT INTO {delivery} ({', '.join(DELIVERY_COLUMNS)}) "
         f"SELECT {', '.join(constants.get(c) or typed[c] for c in DELIVERY_COLUMNS)} "
-        f"FROM (VALUES {', '.join([row] * count)}) AS v({', '.join(_NEW_DELIVERY_VALUES)}) "
-        f"JOIN letters ON letters.message_id = v.letter RETURNING id, message_id)"
+        f"FROM (VALUES {rows}) AS v({', '.join(_FIRST_RECEIPT_VALUES)}, position) "
+        f"JOIN letters ON letters.message_id = v.letter "
+        f"WHERE (SELECT count(*) FROM letters) = %s ORDER BY v.position "
+        f"RETURNING id, message_id)"
     )
-    return (f"WITH {', '.join(ctes)} SELECT letters.message_id, received.id, letters.id "
+    return (f"WITH {', '.join(ctes)} SELECT letters.message_id, received.id, letters.id, letters.fresh "
             f"FROM received JOIN letters ON letters.id = received.message_id")
 
 

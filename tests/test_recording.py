@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pika
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 
 from messaging import recording
 from messaging.models import Delivery, Message
@@ -85,8 +85,44 @@ def test_a_small_batch_with_a_known_letter_is_recorded_whole_with_the_earlier_se
     rows = list(Delivery.objects.order_by("pk").values_list("message__message_id", "attempt", "duplicate", "status"))
     assert rows == [("known", 1, False, "acked"), ("new-1", 1, False, "acked"), ("known", 2, True, "acked"),
                     ("new-2", 1, False, "acked"), ("new-3", 1, False, "received")]
-    assert [s.delivery_id for s in second + third] == list(Delivery.objects.order_by("pk").values_list("pk", flat=True))[1:]
+    ids = list(Delivery.objects.order_by("pk").values_list("pk", flat=True))
+    assert [s.delivery_id for s in second + third] == ids[1:]
     assert {s.message_id for s in third} == {Message.objects.get(message_id="new-3").pk}
+
+
+def test_first_receipts_are_one_statement_on_postgresql_and_letters_seen_before_go_the_general_way(monkeypatch):
+    general = []  # sizes of the batches the general path recorded
+    original = recording._insert
+
+    def spy(batch, *args, **kwargs):
+        general.append(len(batch))
+        return original(batch, *args, **kwargs)
+
+    monkeypatch.setattr(recording, "_insert", spy)
+    ours = Message(message_id="ours-2", routing_key="q", status=Message.Status.PUBLISHED)  # published by Mailroom
+    ours.set_body(b"ours")
+    ours.save()
+    first = record_batch([received(1, message_id="ext-a"), received(2, message_id="ours-2")], worker_id=None)
+    acked, requeued = (recording.Settlement(delivery_tag=s.delivery_tag, delivery_id=s.delivery_id,
+                                            message_id=s.message_id, action=action)
+                       for s, action in zip(first, (Delivery.Status.ACKED, Delivery.Status.REQUEUED)))
+    second = record_batch([received(3, message_id="ext-b")], worker_id=None, settled=[acked, requeued])
+    again = record_batch([received(4, message_id="ext-a")], worker_id=None)  # delivered on this queue before
+    assert general == ([1] if connection.vendor == "postgresql" else [2, 1, 1])
+    rows = list(Delivery.objects.order_by("pk").values_list("message__message_id", "attempt", "duplicate", "status"))
+    assert rows == [("ext-a", 1, False, "acked"), ("ours-2", 1, False, "requeued"), ("ext-b", 1, False, "received"),
+                    ("ext-a", 2, True, "received")]
+    assert [s.message_id for s in first + second + again] == list(Delivery.objects.order_by("pk").values_list(
+        "message_id", flat=True))
+    assert Message.objects.count() == 3 and Message.objects.get(message_id="ours-2").status == Message.Status.PUBLISHED
+
+
+def test_recording_inside_a_callers_transaction_rolls_back_with_it():
+    with pytest.raises(RuntimeError), transaction.atomic():
+        record_batch([received(1, message_id="in-tx")], worker_id=None)
+        assert Delivery.objects.filter(message__message_id="in-tx").exists()
+        raise RuntimeError("the caller changes its mind")
+    assert not Message.objects.filter(message_id="in-tx").exists() and not Delivery.objects.exists()
 
 
 def test_redelivery_after_a_crash_is_a_new_delivery_and_the_old_one_is_marked_requeued():
