@@ -327,7 +327,8 @@ class Worker:
             try:
                 settlements = in_flight.future.result()
             except DatabaseError as exc:
-                # Nothing of this batch was committed, so nothing is acked: try it again later.
+                # No delivery of this batch was committed (at most its new letters and the earlier
+                # settlements, which are written again harmlessly), so nothing is acked: try it again later.
                 self._pending[retried:retried] = in_flight.batch
                 retried += len(in_flight.batch)
                 self._unsettled[:0] = in_flight.settled

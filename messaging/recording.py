@@ -380,7 +380,7 @@ def _first_receipts_sql(settle_groups: int, count: int, *, known: bool) -> str:
         f"SELECT {', '.join(constants.get(c) or typed[c] for c in DELIVERY_COLUMNS)} "
         f"FROM (VALUES {rows}) AS v({', '.join(_FIRST_RECEIPT_VALUES)}, position) "
         f"JOIN letters ON letters.message_id = v.letter "
-        f"WHERE (SELECT count(*) FROM letters) = %s ORDER BY v.position "
+        f"WHERE (SELECT count(DISTINCT message_id) FROM letters) = %s ORDER BY v.position "
         f"RETURNING id, message_id)"
     )
     return (f"WITH {', '.join(ctes)} SELECT letters.message_id, received.id, letters.id, letters.fresh "
