@@ -194,8 +194,8 @@ def delete(queue: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=30_000, help="letters per throughput run (default 30000)")
-    parser.add_argument("--prefetch", type=int, default=1000)
-    parser.add_argument("--batch", type=int, default=200)
+    parser.add_argument("--prefetch", type=int, default=ConsumeOptions().prefetch, help="default: consume's")
+    parser.add_argument("--batch", type=int, default=ConsumeOptions().batch_size, help="default: consume's")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds; the median is reported")
     parser.add_argument("--memory-total", type=int, default=100_000)
     parser.add_argument("--skip-latency", action="store_true")

@@ -47,11 +47,14 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("queues", nargs="*", help="Queues to consume; none with --exchange binds a server-named queue.")
-        parser.add_argument("--prefetch", type=positive_int, default=1000,
-                            help="basic.qos prefetch count (default 1000, what bench/consume.py shows best; "
-                                 "use a small one, e.g. 1-10, with slow handlers so competing workers share fairly).")
-        parser.add_argument("--batch-size", type=positive_int, default=200,
-                            help="Most deliveries recorded in one commit and acked at once (default 200).")
+        defaults = ConsumeOptions()
+        parser.add_argument("--prefetch", type=positive_int, default=defaults.prefetch,
+                            help=f"basic.qos prefetch count (default {defaults.prefetch}, what bench/consume.py "
+                                 "shows best; use a small one, e.g. 1-10, with slow handlers so competing workers "
+                                 "share fairly, and a smaller one for large bodies: the worker holds up to this many).")
+        parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
+                            help="Most deliveries recorded in one commit and acked at once "
+                                 f"(default {defaults.batch_size}; a batch is what one read brought, up to this).")
         parser.add_argument("--max-messages", type=positive_int, help="Exit after N deliveries.")
         parser.add_argument("--inactivity-timeout", type=positive_float, help="Exit after S seconds without a delivery.")
         parser.add_argument("--handler", default="", help="Dotted path of a callable run with each letter (Message).")
