@@ -541,7 +541,6 @@ class _EmptyJson(dict):
 
 
 EMPTY_JSON = _EmptyJson()
-
 EXTERNAL_ORIGIN = Message.Origin.EXTERNAL.value
 EXTERNAL_STATUS = Message.Status.EXTERNAL.value
 RECEIVED = Delivery.Status.RECEIVED.value
