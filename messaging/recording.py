@@ -109,17 +109,23 @@ def _one_writer():
 def record_settled(settlements: list[Settlement]) -> None:
     """Record acks, requeues and rejects after the broker was told (one UPDATE per outcome)."""
     now = connection.ops.adapt_datetimefield_value(timezone.now())
-    by_action: dict[str, list[Settlement]] = {}
     with transaction.atomic(savepoint=False):
         for s in settlements:
             if s.error:
                 Delivery.objects.filter(pk=s.delivery_id).update(status=s.action, error=s.error)
-            by_action.setdefault(s.action, []).append(s)
         delivery = Delivery._meta.db_table
         p = _param()
-        for action, group in by_action.items():
-            where, params = _in("id", [s.delivery_id for s in group])
+        for action, ids in _ids_by_action(settlements).items():
+            where, params = _in("id", ids)
             _execute(f"UPDATE {delivery} SET status = {p}, settled_at = {p} WHERE {where}", [action, now, *params])
+
+
+def _ids_by_action(settlements: list[Settlement]) -> dict[str, list[int]]:
+    """Delivery ids per settlement action (acked, requeued, rejected): one UPDATE each."""
+    by_action: dict[str, list[int]] = {}
+    for s in settlements:
+        by_action.setdefault(s.action, []).append(s.delivery_id)
+    return by_action
 
 
 def _param() -> str:
@@ -296,9 +302,7 @@ def _record_first_receipts(batch: list[Received], prepared: Prepared | None, *, 
             or len(prepared.letters) != len(batch) or any(r.redelivered for r in batch)
             or any(s.error for s in settled)):
         return None, False
-    by_action: dict[str, list[int]] = {}
-    for s in settled:
-        by_action.setdefault(s.action, []).append(s.delivery_id)
+    by_action = _ids_by_action(settled)
     settling: list = []
     if by_action:
         now = connection.ops.adapt_datetimefield_value(timezone.now())
@@ -316,9 +320,7 @@ def _record_first_receipts(batch: list[Received], prepared: Prepared | None, *, 
     def write(*, known: bool, settle: bool) -> list[tuple]:
         sql = _first_receipts_sql(len(by_action) if settle else 0, len(batch), known=known)
         params = (settling if settle else []) + letters + (lookup if known else []) + receipts
-        # In a caller's transaction (tests), a savepoint; otherwise the statement is its own transaction.
-        with transaction.atomic() if connection.in_atomic_block else nullcontext():
-            return _execute(sql, params)
+        return _execute(sql, params)  # its own transaction, or part of a caller's (tests)
 
     known = _look_up_letters
     rows = write(known=known, settle=True)
