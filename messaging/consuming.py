@@ -281,7 +281,7 @@ class Worker:
             self._pump()
             if self._db_retry_at > time.monotonic():
                 # Stopping is not worth waiting for a database that fails: what was not committed
-                # stays unacked (the broker requeues it); acks already sent stay 'received' rows.
+                # stays unacked (the broker requeues it); handlers' acks already sent stay 'received' rows.
                 logger.error(
                     "database unavailable while stopping: %s buffered deliveries left unacked, %s acks not written",
                     len(self._pending), len(self._unsettled),
@@ -344,8 +344,10 @@ class Worker:
                 except (*broker.CONNECTION_ERRORS, broker.pe.AMQPError):
                     self._in_flight.appendleft(in_flight)  # _drop_connection marks them lost
                     raise
-                self._unsettled.extend(settlements)
-                self._unsettled_ids |= in_flight.message_ids
+                unwritten = [s for s in settlements if not s.recorded]  # handlers' outcomes
+                if unwritten:
+                    self._unsettled.extend(unwritten)
+                    self._unsettled_ids |= in_flight.message_ids
         if time.monotonic() < self._db_retry_at:
             return
         while len(self._in_flight) < len(self._recorders):

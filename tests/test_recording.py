@@ -41,7 +41,16 @@ def test_outside_letter_gets_message_and_delivery_with_its_properties():
                               "nul": "a\\u0000b"}
     assert letter.properties == {"priority": 3, "app_id": "send.py"}
     delivery = Delivery.objects.get(pk=s.delivery_id)
-    assert (delivery.status, delivery.attempt, delivery.duplicate) == (Delivery.Status.RECEIVED, 1, False)
+    # No handler: nothing can change the outcome, so the row is written acked, with the ack to follow.
+    assert (delivery.status, delivery.attempt, delivery.duplicate) == (Delivery.Status.ACKED, 1, False)
+    assert delivery.settled_at is not None and s.recorded and s.action == Delivery.Status.ACKED
+
+
+def test_a_handlers_delivery_is_received_until_its_settlement_is_written():
+    [s] = record_batch([received(1, message_id="h-1")], worker_id=None, handlers={"q": lambda message: None})
+    delivery = Delivery.objects.get(pk=s.delivery_id)
+    assert (delivery.status, delivery.settled_at, delivery.handled_at is not None) == ("received", None, True)
+    assert not s.recorded
     ack_all([s])
     delivery.refresh_from_db()
     assert delivery.status == Delivery.Status.ACKED and delivery.settled_at is not None
@@ -77,10 +86,11 @@ def test_same_message_id_twice_is_one_letter_and_a_duplicate_delivery():
 def test_a_small_batch_with_a_known_letter_is_recorded_whole_with_the_earlier_settlements():
     # On PostgreSQL a small batch of new letters is one statement; a known letter in it undoes that
     # statement and the general path records the whole batch (and the settlements) once.
-    first = record_batch([received(1, message_id="known")], worker_id=None)
+    handlers = {"q": lambda message: None}  # their outcomes are written after the ack, with the next batch
+    first = record_batch([received(1, message_id="known")], worker_id=None, handlers=handlers)
     second = record_batch([received(2, message_id="new-1"), received(3, message_id="known"),
-                           received(4, message_id="new-2")], worker_id=None, settled=first)
-    third = record_batch([received(5, message_id="new-3")], worker_id=None, settled=second)
+                           received(4, message_id="new-2")], worker_id=None, handlers=handlers, settled=first)
+    third = record_batch([received(5, message_id="new-3")], worker_id=None, handlers=handlers, settled=second)
     assert Message.objects.count() == 4
     rows = list(Delivery.objects.order_by("pk").values_list("message__message_id", "attempt", "duplicate", "status"))
     assert rows == [("known", 1, False, "acked"), ("new-1", 1, False, "acked"), ("known", 2, True, "acked"),
@@ -102,16 +112,20 @@ def test_first_receipts_are_one_statement_on_postgresql_and_letters_seen_before_
     ours = Message(message_id="ours-2", routing_key="q", status=Message.Status.PUBLISHED)  # published by Mailroom
     ours.set_body(b"ours")
     ours.save()
-    first = record_batch([received(1, message_id="ext-a"), received(2, message_id="ours-2")], worker_id=None)
+    handlers = {"q": lambda message: None}
+    first = record_batch([received(1, message_id="ext-a"), received(2, message_id="ours-2")], worker_id=None,
+                         handlers=handlers)
     acked, requeued = (recording.Settlement(delivery_tag=s.delivery_tag, delivery_id=s.delivery_id,
                                             message_id=s.message_id, action=action)
                        for s, action in zip(first, (Delivery.Status.ACKED, Delivery.Status.REQUEUED)))
-    second = record_batch([received(3, message_id="ext-b")], worker_id=None, settled=[acked, requeued])
+    second = record_batch([received(3, message_id="ext-b", queue="plain")], worker_id=None, handlers=handlers,
+                          settled=[acked, requeued])  # a queue without a handler: written acked at once
     again = record_batch([received(4, message_id="ext-a")], worker_id=None)  # delivered on this queue before
     assert general == ([1] if connection.vendor == "postgresql" else [2, 1, 1])
     rows = list(Delivery.objects.order_by("pk").values_list("message__message_id", "attempt", "duplicate", "status"))
-    assert rows == [("ext-a", 1, False, "acked"), ("ours-2", 1, False, "requeued"), ("ext-b", 1, False, "received"),
-                    ("ext-a", 2, True, "received")]
+    assert rows == [("ext-a", 1, False, "acked"), ("ours-2", 1, False, "requeued"), ("ext-b", 1, False, "acked"),
+                    ("ext-a", 2, True, "acked")]
+    assert [s.recorded for s in first + second + again] == [False, False, True, True]
     assert [s.message_id for s in first + second + again] == list(Delivery.objects.order_by("pk").values_list(
         "message_id", flat=True))
     assert Message.objects.count() == 3 and Message.objects.get(message_id="ours-2").status == Message.Status.PUBLISHED
@@ -125,13 +139,27 @@ def test_recording_inside_a_callers_transaction_rolls_back_with_it():
     assert not Message.objects.filter(message_id="in-tx").exists() and not Delivery.objects.exists()
 
 
-def test_redelivery_after_a_crash_is_a_new_delivery_and_the_old_one_is_marked_requeued():
-    record_batch([received(1, message_id="crash")], worker_id=None)  # recorded, never acked (kill -9)
-    [s] = record_batch([received(1, message_id="crash", redelivered=True)], worker_id=None)
-    old, new = Delivery.objects.order_by("pk")
+@pytest.mark.parametrize("handler", [False, True], ids=["written-acked", "handler"])
+def test_redelivery_after_a_crash_is_a_new_delivery_and_the_old_one_is_marked_requeued(handler):
+    handlers = {"q": lambda message: None} if handler else None
+    # Recorded, never acked (kill -9 between the commit and the ack): 'acked' without a handler
+    # (written with the row), 'received' with one.
+    record_batch([received(1, message_id="crash")], worker_id=None, handlers=handlers)
+    record_batch([received(2, message_id="other")], worker_id=None, handlers=handlers)
+    [s] = record_batch([received(1, message_id="crash", redelivered=True)], worker_id=None, handlers=handlers)
+    old, other, new = Delivery.objects.order_by("pk")
     assert old.status == Delivery.Status.REQUEUED and "redelivered" in old.error
-    assert (new.redelivered, new.attempt, new.duplicate) == (True, 2, False)
-    assert Message.objects.count() == 1
+    assert other.status == (Delivery.Status.RECEIVED if handler else Delivery.Status.ACKED)  # left alone
+    # Not a duplicate: the handler's success was its own commit, but without a handler nothing ran.
+    assert (new.redelivered, new.attempt, new.duplicate) == (True, 2, handler)
+    assert Message.objects.count() == 2
+
+
+def test_a_letter_delivered_again_without_the_redelivered_flag_keeps_the_earlier_ack():
+    [first] = record_batch([received(1, message_id="twice")], worker_id=None)
+    [second] = record_batch([received(2, message_id="twice")], worker_id=None)  # published twice
+    assert list(Delivery.objects.order_by("pk").values_list("status", "attempt", "duplicate")) == [
+        ("acked", 1, False), ("acked", 2, True)]
 
 
 def test_redelivered_outside_letter_without_message_id_is_matched_by_content():
@@ -146,12 +174,15 @@ def test_quorum_delivery_count_header_gives_the_attempt():
     assert Delivery.objects.get(pk=s.delivery_id).attempt == 4
 
 
-def test_record_lost_marks_unsettled_deliveries_requeued_only():
-    a, b = record_batch([received(1, message_id="a"), received(2, message_id="b")], worker_id=None)
-    record_settled([a])
-    record_lost([a.delivery_id, b.delivery_id], reason="connection closed")
-    assert Delivery.objects.get(pk=a.delivery_id).status == Delivery.Status.ACKED
-    assert Delivery.objects.get(pk=b.delivery_id).status == Delivery.Status.REQUEUED
+def test_record_lost_marks_unacked_deliveries_requeued_and_keeps_a_recorded_reject():
+    a, b = record_batch([received(1, message_id="a"), received(2, message_id="b")], worker_id=None,
+                        handlers={"q": lambda message: None})
+    [c] = record_batch([received(3, message_id="c")], worker_id=None)  # written acked, its ack never sent
+    record_settled([recording.Settlement(delivery_tag=1, delivery_id=a.delivery_id, message_id=a.message_id,
+                                         action=Delivery.Status.REJECTED)])
+    record_lost([a.delivery_id, b.delivery_id, c.delivery_id], reason="connection closed")
+    statuses = dict(Delivery.objects.values_list("pk", "status"))
+    assert [statuses[x.delivery_id] for x in (a, b, c)] == ["rejected", "requeued", "requeued"]
 
 
 def test_handler_failure_requeues_then_rejects_and_success_is_not_rerun():
@@ -206,16 +237,10 @@ def test_receipt_times_are_stored_as_taken_and_sort_in_time_order():
 
 def test_insert_skipping_a_conflict_returns_the_new_letters_ids():
     [first] = record_batch([received(1, message_id="dup-a")], worker_id=None)
-    rows = [recording._external_message_row(received(2, message_id=m), m, "2026-01-01 00:00:00", _adapt_json())
+    rows = [recording._external_message_row(received(2, message_id=m), m, "2026-01-01 00:00:00")
             for m in ("dup-a", "dup-b")]
     with transaction.atomic():
         ids = dict(recording._insert_rows(Message, recording.MESSAGE_COLUMNS, rows, ignore_conflicts=True,
                                           returning=("message_id", "id")))
     assert ids["dup-b"] == Message.objects.get(message_id="dup-b").pk
     assert ids.get("dup-a", first.message_id) == first.message_id  # skipped: left out, or its own id
-
-
-def _adapt_json():
-    from django.db import connection
-
-    return connection.ops.adapt_json_value
