@@ -154,7 +154,11 @@ class Delivery(models.Model):
     handled_at = models.DateTimeField(
         null=True, blank=True, help_text="When the handler succeeded (committed with the handler's own writes).",
     )
-    settled_at = models.DateTimeField(null=True, blank=True, help_text="When it was acked, requeued or rejected.")
+    settled_at = models.DateTimeField(
+        null=True, blank=True,
+        help_text="When it was acked, requeued or rejected (without a handler: written acked with the row, the ack "
+                  "following the commit).",
+    )
     error = models.TextField(blank=True, help_text="The handler's traceback, or why the delivery was not acked.")
 
     objects = DeliveryQuerySet.as_manager()
