@@ -588,8 +588,8 @@ ACKED = Delivery.Status.ACKED.value
 UNACKED_OR_ACKED_AT_INSERT = (RECEIVED, ACKED)
 
 
-def _history(batch, ids, known, *, fresh: set[str]) -> dict[tuple[int, str], list[tuple[str, bool]]]:
-    """Earlier deliveries (status, handled) per (message, queue), for attempts and duplicates."""
+def _history(batch, ids, known, *, fresh: set[str]) -> dict[tuple[int, str], list]:
+    """Earlier deliveries ([status, handled]) per (message, queue), oldest first, for attempts and duplicates."""
     old = {known[i] for i in ids if i not in fresh}
     history: dict[tuple[int, str], list[tuple[str, bool]]] = {}
     if not old:
@@ -605,8 +605,9 @@ def _history(batch, ids, known, *, fresh: set[str]) -> dict[tuple[int, str], lis
         latest[(message_pk, queue)] = (status, pk)
         if status == Delivery.Status.RECEIVED:
             stale.append(pk)
-    # A redelivered letter was not acked last time: a delivery written 'acked' with its row (the
-    # ack was to follow the commit) was cut off before its ack reached the broker, e.g. by kill -9.
+    # A redelivered letter was not acked last time, so its latest delivery, if recorded 'acked', lost
+    # its ack: written acked with its row and cut off before the ack left (kill -9), or acked as the
+    # connection died (a basic.ack is not confirmed).
     redelivered = {(known[i], r.queue) for r, i in zip(batch, ids) if r.redelivered}
     for key in redelivered:
         status, pk = latest.get(key, ("", 0))
