@@ -92,12 +92,12 @@ def record_batch(
             for r, d in zip(batch, deliveries)
         ]
     settlements = []
-    for r, d, recorded in zip(batch, deliveries, prepared.acked if prepared else ()):
+    for r, d, (status, _) in zip(batch, deliveries, prepared.settlement if prepared else ()):
         handler = handlers.get(r.queue)
         if handler is None or d.duplicate:
             settlements.append(Settlement(
                 delivery_tag=r.delivery_tag, delivery_id=d.pk, message_id=d.message_pk, action=Delivery.Status.ACKED,
-                duplicate=d.duplicate, recorded=recorded,
+                duplicate=d.duplicate, recorded=status == ACKED,
             ))
         else:
             settlements.append(_handle(r, d, handler=handler, max_retries=max_retries))
@@ -221,7 +221,6 @@ class Prepared:
     ids: list[str]
     received: list
     letters: dict[str, tuple]
-    acked: list[bool]
     settlement: list[tuple]  # (status, settled_at) per delivery
 
 
@@ -232,10 +231,9 @@ def _prepare(batch: list[Received], handlers: dict[str, Handler] | None) -> Prep
     for r, message_id, received_at in zip(batch, ids, received):
         if message_id not in letters:
             letters[message_id] = _external_message_row(r, message_id, received_at)
-    acked = [not handlers or r.queue not in handlers for r in batch]
-    now = (ACKED, _receipt_times([time.time()])[0])
-    settlement = [now if a else (RECEIVED, None) for a in acked]
-    return Prepared(ids=ids, received=received, letters=letters, acked=acked, settlement=settlement)
+    acked_now = (ACKED, _receipt_times([time.time()])[0])
+    settlement = [(RECEIVED, None) if handlers and r.queue in handlers else acked_now for r in batch]
+    return Prepared(ids=ids, received=received, letters=letters, settlement=settlement)
 
 
 def _receipt_times(stamps: list[float]) -> list:
