@@ -150,7 +150,8 @@ def test_redelivery_after_a_crash_is_a_new_delivery_and_the_old_one_is_marked_re
     old, other, new = Delivery.objects.order_by("pk")
     assert old.status == Delivery.Status.REQUEUED and "redelivered" in old.error
     assert other.status == (Delivery.Status.RECEIVED if handler else Delivery.Status.ACKED)  # left alone
-    # Not a duplicate: the handler's success was its own commit, but without a handler nothing ran.
+    # With a handler its earlier success (handled_at) makes the redelivery a duplicate; without one,
+    # the earlier delivery now reads requeued, so the redelivery is the letter's first ack.
     assert (new.redelivered, new.attempt, new.duplicate) == (True, 2, handler)
     assert Message.objects.count() == 2
 
