@@ -549,13 +549,15 @@ def _message_id(r: Received) -> str:
 
 
 def _match_by_content(r: Received) -> str | None:
+    """The latest identical letter delivered on this queue and not rejected. 'acked' counts too:
+    without a handler the row was written acked, its ack to follow the commit."""
     sha = hashlib.sha256(r.body).hexdigest()
-    # 'acked' too: without a handler the row was written acked, its ack to follow the commit.
     return (
         Delivery.objects.filter(
-            queue=r.queue, status__in=[*UNACKED_OR_ACKED_AT_INSERT, Delivery.Status.REQUEUED],
-            message__body_sha256=sha, message__origin=Message.Origin.EXTERNAL, message__routing_key=r.routing_key,
+            queue=r.queue, message__body_sha256=sha, message__origin=Message.Origin.EXTERNAL,
+            message__routing_key=r.routing_key,
         )
+        .exclude(status=Delivery.Status.REJECTED)
         .order_by("-pk").values_list("message__message_id", flat=True).first()
     )
 
