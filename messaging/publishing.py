@@ -243,25 +243,28 @@ def record_outcome(pk: int, fields: dict[str, Any]) -> None:
     Plain SQL on the driver's own cursor: on this hot path the ORM's and the cursor wrapper's
     overhead is as large as the write itself.
     """
-    names = tuple(fields)
-    meta = Message._meta
-    params = [meta.get_field(name).get_db_prep_save(fields[name], connection) for name in names]
     connection.ensure_connection()
-    sql = _outcome_sql(connection.vendor, names)
+    sql = outcome_sql(tuple(fields), mark="?" if connection.vendor == "sqlite" else "%s")  # the driver's paramstyle
     if connection.vendor == "postgresql" and not connection.in_atomic_block:
         # One round trip (client-side binding allows several statements), and a commit that does
         # not wait for the WAL flush: see `relaxed_commit`.
         sql = f"BEGIN; SET LOCAL synchronous_commit TO OFF; {sql}; COMMIT"
     cursor = connection.connection.cursor()
     try:
-        cursor.execute(sql, [*params, pk])
+        cursor.execute(sql, [*outcome_params(connection, fields), pk])
     finally:
         cursor.close()
 
 
+def outcome_params(db, fields: dict[str, Any]) -> list[Any]:
+    """The values of `fields` as the database connection `db` takes them, in order."""
+    meta = Message._meta
+    return [meta.get_field(name).get_db_prep_save(value, db) for name, value in fields.items()]
+
+
 @contextlib.contextmanager
 def relaxed_commit():
-    """A transaction whose commit does not wait for PostgreSQL's WAL flush (for publish outcomes and leases).
+    """A transaction whose commit does not wait for PostgreSQL's WAL flush (for publish outcomes).
 
     Such a write is lost only if PostgreSQL itself crashes within a fraction of a second of the
     commit (the WAL writer flushes every `wal_writer_delay`, 200 ms by default); the letter is then
@@ -277,13 +280,20 @@ def relaxed_commit():
         yield
 
 
-@functools.cache
-def _outcome_sql(vendor: str, names: tuple[str, ...]) -> str:
+@functools.lru_cache(maxsize=64)
+def outcome_sql(names: tuple[str, ...], *, mark: str = "%s", letters: int = 0) -> str:
+    """The UPDATE of an outcome: `attempts + 1` and the columns `names`, each a `mark` parameter.
+
+    Of the one letter whose pk follows the values (`letters` = 0), or of `letters` pks that follow
+    them and then the pending status: the relay writes only over letters still pending.
+    """
     meta, quote = Message._meta, connection.ops.quote_name
-    mark = "?" if vendor == "sqlite" else "%s"  # the DB-API paramstyle of sqlite3 / psycopg
     attempts = quote(meta.get_field("attempts").column)
     sets = ", ".join(f"{quote(meta.get_field(name).column)} = {mark}" for name in names)
-    return f"UPDATE {quote(meta.db_table)} SET {attempts} = {attempts} + 1, {sets} WHERE {quote(meta.pk.column)} = {mark}"
+    sql = f"UPDATE {quote(meta.db_table)} SET {attempts} = {attempts} + 1, {sets} WHERE {quote(meta.pk.column)}"
+    if not letters:
+        return f"{sql} = {mark}"
+    return f"{sql} IN ({', '.join([mark] * letters)}) AND {quote(meta.get_field('status').column)} = {mark}"
 
 
 # --- routing preview (management API) -------------------------------------------------------

@@ -1,10 +1,17 @@
 """The outbox relay: publish every letter still pending, in batches with pipelined confirms.
 
 A letter stays pending when the web request that wrote it crashed before publishing, when the
-broker was down or blocked, or when it nacked. The relay claims due rows and pushes their
-`next_attempt_at` forward as a lease in one statement (`FOR UPDATE SKIP LOCKED` on PostgreSQL;
-SQLite serializes writers with BEGIN IMMEDIATE), so several relays never publish a letter at
-once. It publishes a batch with confirms in flight and records the outcomes with one UPDATE per
+broker was down or blocked, or when it nacked. The relay claims a batch of due rows so that
+several relays never publish a letter at once:
+
+* PostgreSQL: `SELECT ... FOR UPDATE SKIP LOCKED` in a transaction that stays open until the
+  batch's outcomes are written and committed. Other relays skip the locked rows; a relay that
+  dies releases them at once (its transaction rolls back). Each letter is written once. Two
+  connections take turns, so the next batch is claimed while this one is in flight.
+* SQLite (no row locks; BEGIN IMMEDIATE serializes writers): the claim pushes the rows'
+  `next_attempt_at` forward as a lease in one statement, and the outcomes are written after.
+
+It publishes a batch with confirms in flight and records the outcomes with one UPDATE per
 outcome; the database work overlaps the broker's.
 """
 from __future__ import annotations
@@ -17,13 +24,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import close_old_connections, connection
-from django.db.models import F
+from django.db import DEFAULT_DB_ALIAS, close_old_connections, connection, connections
+from django.db import Error as DatabaseError  # also InterfaceError: "connection already closed"
 from django.utils import timezone
 
 from messaging import broker
+from messaging.consuming import backoff_delays
 from messaging.models import Message
-from messaging.publishing import outcome_fields, publish_once, relaxed_commit
+from messaging.publishing import outcome_fields, outcome_params, outcome_sql, publish_once, relaxed_commit
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +86,10 @@ class Outgoing:
 
 
 class Batch:
-    """Letters claimed together and their outcomes as (status, reason)."""
+    """Letters claimed together on one database connection, and their outcomes as (status, reason)."""
 
-    def __init__(self, letters: list[Letter]) -> None:
+    def __init__(self, db, letters: list[Letter]) -> None:
+        self.db = db  # on PostgreSQL, in the open transaction that holds the letters' row locks
         self.letters = letters
         self.outcomes: list[tuple[str, str] | None] = [None] * len(letters)
         self.sendable: list[int] = []
@@ -97,6 +106,10 @@ class Relay:
         self.pipeline = broker.PipelinedPublisher(timeout=timeout, window=options.window)
         # A batch is at most one window, so a whole batch is in flight at once.
         self.batch_size = min(options.batch_size, options.window)
+        # Row locks where the database has them (PostgreSQL): two connections of the relay's own,
+        # one per batch in hand, each batch's transaction open until its outcomes are committed.
+        self.holds_locks = connection.features.has_select_for_update_skip_locked
+        self._databases: list = []  # opened by the thread that claims (a connection belongs to its thread)
 
     def request_stop(self) -> None:
         self.stop_requested.set()
@@ -104,16 +117,32 @@ class Relay:
     def run(self) -> int:
         """Relay until stopped (or, with `once`, until nothing is due). Returns the exit code."""
         logger.info("relay started batch_size=%s once=%s", self.batch_size, self.options.once)
+        delays = None
         try:
             while not self.stop_requested.is_set():
                 close_old_connections()
-                self.relay_due()
+                for db in self._databases:
+                    db.close_if_unusable_or_obsolete()
+                try:
+                    self.relay_due()
+                    delays = None
+                except DatabaseError as exc:  # nothing claimed is lost: the letters stay pending
+                    delays = delays or backoff_delays()
+                    delay = next(delays)
+                    if self.options.once:
+                        logger.error("database unavailable (%s); nothing relayed", exc)
+                        return 1
+                    logger.error("database unavailable (%s); retrying in %.1fs", exc, delay)
+                    self.stop_requested.wait(delay)
+                    continue
                 if self.options.once:
                     break
                 self.stop_requested.wait(self.options.idle_seconds)
         finally:
             self.pipeline.close()
             broker.publisher().close()
+            for db in self._databases:
+                db.close()
         logger.info("relay stopped %s", " ".join(f"{k}={v}" for k, v in sorted(self.totals.items())) or "relayed=0")
         return 0
 
@@ -121,54 +150,76 @@ class Relay:
         """Publish batches until nothing is due (or a stop is requested); returns how many were relayed.
 
         The next batch is claimed while the broker confirms this one, and this one is recorded
-        while the broker works on the next.
+        while the broker works on the next. On any error the open claims roll back: their
+        letters are due again at once, for this relay or another.
         """
         relayed = 0
-        current = self._send(self.claim())
-        while current is not None:
-            upcoming = self.claim() if not self.stop_requested.is_set() else []
-            self._collect(current)
-            following = self._send(upcoming)
-            self._record(current)
-            relayed += len(current.letters)
-            current = following
+        try:
+            current = self._send(self.claim())
+            while current is not None:
+                upcoming = self.claim() if not self.stop_requested.is_set() else None
+                self._collect(current)
+                following = self._send(upcoming)
+                self._record(current)
+                relayed += len(current.letters)
+                current = following
+        finally:
+            for db in self._databases:  # nothing is open after a clean pass; after an error, release the claims
+                if db.connection is not None and not db.get_autocommit():
+                    try:
+                        db.rollback()
+                        db.set_autocommit(True)
+                    except DatabaseError:  # the connection itself is broken: closing it ends the transaction
+                        db.close()
         return relayed
 
-    def claim(self) -> list[Letter]:
-        """Due letters, leased to this relay by pushing their next attempt forward (one statement).
+    def claim(self) -> Batch | None:
+        """Due letters, oldest due first, claimed for this relay (see the module's docstring).
 
-        `UPDATE ... WHERE id IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED) RETURNING ...`: on
-        PostgreSQL concurrent relays skip each other's rows; SQLite serializes writers anyway
-        (BEGIN IMMEDIATE). Both have RETURNING (SQLite 3.35+).
+        `ORDER BY next_attempt_at LIMIT n` is read in order from the partial index of pending
+        letters. PostgreSQL is told not to sort instead: with statistics that lag a burst of pending
+        letters (a broker that was down), the planner expects a few rows, fetches the whole backlog
+        and sorts it for every batch, so each claim cost O(backlog).
         """
         now = timezone.now()
         meta = Message._meta
         quote = connection.ops.quote_name
         columns = ", ".join(quote(meta.pk.column if name == "pk" else meta.get_field(name).column) for name in COLUMNS)
-        lock = " FOR UPDATE SKIP LOCKED" if connection.features.has_select_for_update_skip_locked else ""
         table, pk = quote(meta.db_table), quote(meta.pk.column)
         due_at = meta.get_field("next_attempt_at")
         due, status = quote(due_at.column), quote(meta.get_field("status").column)
-        sql = (
-            f"UPDATE {table} SET {due} = %s WHERE {pk} IN ("
-            f"SELECT {pk} FROM {table} WHERE {status} = %s AND {due} <= %s ORDER BY {due} LIMIT %s{lock}"
-            f") RETURNING {columns}"
-        )
+        due_letters = f"SELECT {{}} FROM {table} WHERE {status} = %s AND {due} <= %s ORDER BY {due} LIMIT %s"
+        if self.holds_locks:
+            if not self._databases:
+                self._databases = [connections.create_connection(DEFAULT_DB_ALIAS) for _ in range(2)]
+            db = next(db for db in self._databases if db.get_autocommit())  # not holding a batch
+            db.set_autocommit(False)
+            with db.cursor() as cursor:
+                # Losing an outcome in a PostgreSQL crash only means the letter is published again.
+                cursor.execute("SET LOCAL synchronous_commit TO OFF; SET LOCAL enable_sort TO OFF")
+                cursor.execute(due_letters.format(columns) + " FOR UPDATE SKIP LOCKED",
+                               [Message.Status.PENDING, due_at.get_db_prep_value(now, db), self.batch_size])
+                rows = cursor.fetchall()
+            if not rows:
+                db.commit()
+                db.set_autocommit(True)
+                return None
+            return Batch(db, [Letter(row) for row in rows])
         lease = now + timedelta(seconds=self.options.lease_seconds)
+        sql = f"UPDATE {table} SET {due} = %s WHERE {pk} IN ({due_letters.format(pk)}) RETURNING {columns}"
         params = [due_at.get_db_prep_value(lease, connection), Message.Status.PENDING,
                   due_at.get_db_prep_value(now, connection), self.batch_size]
-        with relaxed_commit(), connection.cursor() as cursor:  # losing a lease only means an earlier retry
+        with relaxed_commit(), connection.cursor() as cursor:
             cursor.execute(sql, params)
             rows = cursor.fetchall()
-        return [Letter(row) for row in rows]
+        return Batch(connection, [Letter(row) for row in rows]) if rows else None
 
-    def _send(self, letters: list[Letter]) -> Batch | None:
-        if not letters:
+    def _send(self, batch: Batch | None) -> Batch | None:
+        if batch is None:
             return None
-        batch = Batch(letters)
         batch.sendable = self._prepare_destinations(batch)
         if batch.sendable:
-            self.pipeline.send([Outgoing(letters[i]) for i in batch.sendable])
+            self.pipeline.send([Outgoing(batch.letters[i]) for i in batch.sendable])
         return batch
 
     def _collect(self, batch: Batch) -> None:
@@ -212,17 +263,27 @@ class Relay:
         return Message.Status.PENDING, result.reason
 
     def _record(self, batch: Batch) -> None:
-        """One UPDATE per outcome (status, reason) of the batch."""
+        """One UPDATE per outcome (status, reason) of the batch, then the batch's commit."""
         groups: dict[tuple[str, str, int], list[int]] = defaultdict(list)
         for letter, (status, reason) in zip(batch.letters, batch.outcomes):
             attempts = letter.attempts + 1 if status == Message.Status.PENDING else 0
             groups[(status, reason, attempts)].append(letter.pk)
-        with relaxed_commit():  # one commit for the batch
-            for (status, reason, attempts), pks in groups.items():
-                Message.objects.filter(pk__in=pks, status=Message.Status.PENDING).update(
-                    attempts=F("attempts") + 1, **outcome_fields(status, reason, attempts=attempts),
-                )
+        if batch.db.get_autocommit():  # the lease path: the batch's outcomes in one transaction
+            with relaxed_commit():
+                self._write_outcomes(batch.db, groups)
+        else:
+            self._write_outcomes(batch.db, groups)
+            batch.db.commit()  # and the row locks go
+            batch.db.set_autocommit(True)
         for (status, reason, _), pks in groups.items():
             self.totals[status] += len(pks)
             log = logger.info if status == Message.Status.PUBLISHED else logger.warning
             log("relay %s=%s%s", status, len(pks), f" reason={reason}" if reason else "")
+
+    @staticmethod
+    def _write_outcomes(db, groups: dict[tuple[str, str, int], list[int]]) -> None:
+        with db.cursor() as cursor:
+            for (status, reason, attempts), pks in groups.items():
+                fields = outcome_fields(status, reason, attempts=attempts)
+                cursor.execute(outcome_sql(tuple(fields), letters=len(pks)),
+                               [*outcome_params(db, fields), *pks, Message.Status.PENDING])

@@ -211,3 +211,101 @@ def test_disk_alarm_blocks_then_relay_publishes(client, publisher_user, short_ti
     assert "blocking publishers" not in client.get("/messages/").content.decode()
     relay.signal(signal.SIGTERM)
     assert relay.wait(timeout=20) == 0, relay.output
+
+
+def test_a_claimed_batch_is_kept_from_other_relays_and_released_by_a_crash(amqp, queue_name):
+    """PostgreSQL holds the batch's row locks until its outcomes commit; a relay that dies releases
+    them at once. SQLite leases the rows instead: they stay claimed until the lease runs out."""
+    from django.db import connection
+
+    from messaging.relay import Relay, RelayOptions
+
+    pending_letters(queue_name, 30)
+    first, second = Relay(RelayOptions(batch_size=20)), Relay(RelayOptions(batch_size=20))
+    try:
+        claimed = first.claim()
+        assert len(claimed.letters) == 20
+        rest = second.claim()
+        assert len(rest.letters) == 10
+        assert not {letter.pk for letter in claimed.letters} & {letter.pk for letter in rest.letters}
+        assert second.claim() is None  # nothing else is due while the first batch is held
+        claimed.db.close()  # the first relay dies without recording its batch
+        again = second.claim()
+        if connection.vendor == "postgresql":
+            assert sorted(letter.pk for letter in again.letters) == sorted(letter.pk for letter in claimed.letters)
+        else:
+            assert again is None  # leased for RelayOptions.lease_seconds
+    finally:
+        for relay in (first, second):
+            relay.pipeline.close()
+            for db in relay._databases:
+                db.close()
+    assert Message.objects.filter(status=Message.Status.PENDING).count() == 30  # nothing recorded, nothing lost
+
+
+def test_the_claim_reads_the_due_index_even_with_stale_statistics(queue_name):
+    """A burst of pending letters (a broker that was down) before PostgreSQL's statistics catch up:
+    the claim still walks the partial index in due order, not a bitmap scan and a sort of the backlog."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from messaging.relay import Relay, RelayOptions
+
+    if connection.vendor != "postgresql":
+        pytest.skip("planner settings are PostgreSQL's; SQLite's claim is checked by the other relay tests")
+    pending_letters(queue_name, 5000)
+    Message.objects.update(status=Message.Status.PUBLISHED, next_attempt_at=None)
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE messaging_message")  # statistics of a table of published letters
+    pending_letters(queue_name, 5000)
+    relay = Relay(RelayOptions(batch_size=100))
+    try:
+        first = relay.claim()  # on one of the relay's two connections; the next claim takes the other
+        db = next(db for db in relay._databases if db is not first.db)
+        with CaptureQueriesContext(db) as queries:
+            batch = relay.claim()
+        assert len(batch.letters) == 100 and batch.db is db
+        with db.cursor() as cursor:  # in the claim's transaction, with its settings
+            cursor.execute("EXPLAIN " + queries.captured_queries[-1]["sql"])
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+        assert "Index Scan using message_relay_idx" in plan and "Sort" not in plan, plan
+    finally:
+        relay.pipeline.close()
+        for db in relay._databases:
+            db.close()
+
+
+def test_relay_waits_out_a_database_outage(amqp, queue_name, monkeypatch, caplog):
+    """A database error (here injected into the first claim) is logged and retried with backoff;
+    the relay then publishes everything. With --once it exits 1 instead."""
+    import threading
+
+    from django.db import OperationalError
+
+    from messaging.relay import Relay, RelayOptions
+
+    amqp.queue_declare(queue_name, durable=True)
+    pending_letters(queue_name, 5)
+    real_claim, failures = Relay.claim, []
+
+    def claim(self):
+        if not failures:
+            failures.append(1)
+            raise OperationalError("connection refused (injected)")
+        return real_claim(self)
+
+    monkeypatch.setattr(Relay, "claim", claim)
+    assert Relay(RelayOptions(once=True)).run() == 1
+    assert "database unavailable" in caplog.text and "nothing relayed" in caplog.text
+    failures.clear()
+    relay = Relay(RelayOptions(idle_seconds=0.1))
+    thread = threading.Thread(target=relay.run)
+    thread.start()
+    try:
+        wait_for(lambda: not Message.objects.pending().exists(), timeout=30, message="the relay to publish")
+    finally:
+        relay.request_stop()
+        thread.join(timeout=10)
+    assert "retrying in" in caplog.text
+    assert Message.objects.filter(status=Message.Status.PUBLISHED).count() == 5
+    assert queue_depth(queue_name) == (5, 0)

@@ -21,7 +21,8 @@ class Command(BaseCommand):
         parser.add_argument("--window", type=positive_int, default=1000, help="Unconfirmed letters in flight (default 1000).")
         parser.add_argument("--idle", type=positive_float, default=1.0, help="Seconds between polls when nothing is due.")
         parser.add_argument("--lease", type=positive_float, default=60.0,
-                            help="Seconds a claimed batch is kept from other relays (default 60).")
+                            help="SQLite: seconds a claimed batch is kept from other relays (default 60). "
+                                 "PostgreSQL holds row locks instead, released when the batch is recorded.")
 
     def handle(self, *args, **options):
         logging.getLogger("messaging").setLevel(VERBOSITY_LEVELS.get(options["verbosity"], logging.INFO))
@@ -30,7 +31,7 @@ class Command(BaseCommand):
             lease_seconds=options["lease"], window=options["window"],
         ))
 
-        stop_on_signals(relay)  # a second signal leaves the batch in hand to be retried after its lease
+        stop_on_signals(relay)  # a second signal leaves the batch in hand to be retried (SQLite: after its lease)
         code = relay.run()
         self.stdout.write(" ".join(f"{k}={v}" for k, v in sorted(relay.totals.items())) or "relayed=0")
         if code:
