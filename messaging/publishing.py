@@ -13,6 +13,7 @@ import contextlib
 import functools
 import logging
 import random
+import select
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -227,14 +228,84 @@ def publish_once(message) -> tuple[str, str]:
 
 
 def publish_message(message: Message) -> Message:
-    """Publish one pending letter on this thread's long-lived channel and record the outcome (one UPDATE)."""
-    status, reason = publish_once(message)
+    """Publish one pending letter on this thread's long-lived channel and record the outcome (one UPDATE).
+
+    On PostgreSQL, outside a transaction, the UPDATE to `published` goes out before the letter, in a
+    transaction of its own that is committed once the broker confirms (`_publish_with_outcome_ahead`).
+    """
+    if connection.vendor == "postgresql" and not connection.in_atomic_block and connection.get_autocommit():
+        status, reason, fields = _publish_with_outcome_ahead(message)
+    else:
+        (status, reason), fields = publish_once(message), None
     message.attempts += 1
-    fields = outcome_fields(status, reason, attempts=message.attempts)
-    record_outcome(message.pk, fields)
+    if fields is None:
+        fields = outcome_fields(status, reason, attempts=message.attempts)
+        record_outcome(message.pk, fields)
     for name, value in fields.items():
         setattr(message, name, value)
     return message
+
+
+def _publish_with_outcome_ahead(message: Message) -> tuple[str, str, dict[str, Any] | None]:
+    """Publish with the `published` outcome already written, uncommitted: commit it on the confirm.
+
+    PostgreSQL runs the UPDATE while the broker confirms, so the only database wait left after the
+    confirm is the COMMIT's round trip. Until then the row stays pending for everyone else (and
+    locked: a relay skips it); if this process dies first, the transaction rolls back and the relay
+    publishes the letter. Any other outcome rolls it back and is written the ordinary way. Returns
+    (status, reason, the fields written, or None when the outcome still has to be written).
+    Driven through libpq (psycopg's `pq`), as psycopg itself waits for each statement's result.
+    """
+    fields = outcome_fields(Message.Status.PUBLISHED)
+    sql = _published_ahead_sql().format(published_at=fields["published_at"].isoformat(), pk=int(message.pk))
+    with connection.wrap_database_errors:
+        connection.ensure_connection()
+        pgconn = connection.connection.pgconn
+        _send(pgconn, sql)
+    published = False
+    try:
+        status, reason = publish_once(message)
+        published = status == Message.Status.PUBLISHED
+    finally:
+        with connection.wrap_database_errors:
+            written = _results_ok(pgconn)
+            _send(pgconn, "COMMIT" if published and written else "ROLLBACK")
+            committed = _results_ok(pgconn)
+    return status, reason, fields if published and written and committed else None
+
+
+@functools.cache
+def _published_ahead_sql() -> str:
+    """BEGIN, a relaxed commit (see `relaxed_commit`) and the UPDATE of a published outcome.
+
+    Its values are literals: the outcome's constants, and slots for `published_at` (ISO text of an
+    aware datetime) and the pk (an int). Rendering parameters with psycopg's client-side binding
+    costs ~0.1 ms here, a third of what this path saves.
+    """
+    values = {name: "NULL" if value is None else "'{published_at}'" if name == "published_at"
+              else "'" + str(value).replace("'", "''") + "'"
+              for name, value in outcome_fields(Message.Status.PUBLISHED).items()}
+    meta, quote = Message._meta, connection.ops.quote_name
+    attempts = quote(meta.get_field("attempts").column)
+    sets = ", ".join(f"{quote(meta.get_field(name).column)} = {literal}" for name, literal in values.items())
+    return (f"BEGIN; SET LOCAL synchronous_commit TO OFF; UPDATE {quote(meta.db_table)} "
+            f"SET {attempts} = {attempts} + 1, {sets} WHERE {quote(meta.pk.column)} = {{pk}}")
+
+
+def _send(pgconn, sql: str) -> None:
+    pgconn.send_query(sql.encode())
+    while pgconn.flush():  # psycopg keeps libpq non-blocking: push the rest out
+        select.select([], [pgconn.socket], [])
+
+
+def _results_ok(pgconn) -> bool:
+    """Read every result of the statements sent; whether all of them succeeded."""
+    from psycopg import pq
+
+    ok = True
+    while (result := pgconn.get_result()) is not None:
+        ok = ok and result.status == pq.ExecStatus.COMMAND_OK
+    return ok
 
 
 def record_outcome(pk: int, fields: dict[str, Any]) -> None:
