@@ -19,7 +19,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
 from messaging import broker
@@ -256,22 +256,37 @@ def _publish_with_outcome_ahead(message: Message) -> tuple[str, str, dict[str, A
     (status, reason, the fields written, or None when the outcome still has to be written).
     Driven through libpq (psycopg's `pq`), as psycopg itself waits for each statement's result.
     """
-    fields = outcome_fields(Message.Status.PUBLISHED)
+    fields = outcome_fields(Message.Status.PUBLISHED)  # published_at: when the publish began
     sql = _published_ahead_sql().format(published_at=fields["published_at"].isoformat(), pk=int(message.pk))
     with connection.wrap_database_errors:
         connection.ensure_connection()
         pgconn = connection.connection.pgconn
-        _send(pgconn, sql)
-    published = False
     try:
-        status, reason = publish_once(message)
-        published = status == Message.Status.PUBLISHED
-    finally:
         with connection.wrap_database_errors:
-            written = _results_ok(pgconn)
-            _send(pgconn, "COMMIT" if published and written else "ROLLBACK")
-            committed = _results_ok(pgconn)
-    return status, reason, fields if published and written and committed else None
+            _send(pgconn, sql)
+        status, reason = publish_once(message)
+    except BaseException:
+        _roll_back_quietly(pgconn)  # the error in hand is the one to report
+        raise
+    published = status == Message.Status.PUBLISHED
+    with connection.wrap_database_errors:
+        written = _results_ok(pgconn)
+        _send(pgconn, "COMMIT" if published and written else "ROLLBACK")
+        committed = _results_ok(pgconn)
+    if published and not (written and committed):
+        logger.warning("message_id=%s the outcome written ahead failed; writing it again", message.message_id)
+        return status, reason, None
+    return status, reason, fields if published else None
+
+
+def _roll_back_quietly(pgconn) -> None:
+    try:
+        with connection.wrap_database_errors:
+            _results_ok(pgconn)
+            _send(pgconn, "ROLLBACK")
+            _results_ok(pgconn)
+    except DatabaseError as exc:
+        logger.warning("rolling back the outcome written ahead failed: %s", exc.__class__.__name__)
 
 
 @functools.cache
@@ -295,17 +310,32 @@ def _published_ahead_sql() -> str:
 def _send(pgconn, sql: str) -> None:
     pgconn.send_query(sql.encode())
     while pgconn.flush():  # psycopg keeps libpq non-blocking: push the rest out
-        select.select([], [pgconn.socket], [])
+        _wait(pgconn, select.POLLOUT)
 
 
 def _results_ok(pgconn) -> bool:
-    """Read every result of the statements sent; whether all of them succeeded."""
+    """Read every result of the statements sent; whether all of them succeeded.
+
+    Waits in `poll` (the GIL released, other threads run) rather than in libpq's blocking
+    `PQgetResult`, which holds the GIL for as long as a row lock may make the UPDATE wait.
+    """
     from psycopg import pq
 
     ok = True
-    while (result := pgconn.get_result()) is not None:
+    while True:
+        while pgconn.is_busy():
+            _wait(pgconn, select.POLLIN)
+            pgconn.consume_input()
+        result = pgconn.get_result()
+        if result is None:
+            return ok
         ok = ok and result.status == pq.ExecStatus.COMMAND_OK
-    return ok
+
+
+def _wait(pgconn, event: int) -> None:
+    poller = select.poll()
+    poller.register(pgconn.socket, event)
+    poller.poll()
 
 
 def record_outcome(pk: int, fields: dict[str, Any]) -> None:

@@ -4,10 +4,12 @@ A letter stays pending when the web request that wrote it crashed before publish
 broker was down or blocked, or when it nacked. The relay claims a batch of due rows so that
 several relays never publish a letter at once:
 
-* PostgreSQL: `SELECT ... FOR UPDATE SKIP LOCKED` in a transaction that stays open until the
+* PostgreSQL: `SELECT ... FOR NO KEY UPDATE SKIP LOCKED` in a transaction that stays open until the
   batch's outcomes are written and committed. Other relays skip the locked rows; a relay that
   dies releases them at once (its transaction rolls back). Each letter is written once. Two
-  connections take turns, so the next batch is claimed while this one is in flight.
+  connections take turns, so the next batch is claimed while this one is in flight. (NO KEY: a
+  worker recording a delivery of a letter in flight checks its foreign key with a KEY SHARE
+  lock, which this lock lets through; another relay's claim and the web's UPDATE wait or skip.)
 * SQLite (no row locks; BEGIN IMMEDIATE serializes writers): the claim pushes the rows'
   `next_attempt_at` forward as a lease in one statement, and the outcomes are written after.
 
@@ -108,7 +110,7 @@ class Relay:
         self.batch_size = min(options.batch_size, options.window)
         # Row locks where the database has them (PostgreSQL): two connections of the relay's own,
         # one per batch in hand, each batch's transaction open until its outcomes are committed.
-        self.holds_locks = connection.features.has_select_for_update_skip_locked
+        self.holds_locks = connection.vendor == "postgresql"
         self._databases: list = []  # opened by the thread that claims (a connection belongs to its thread)
 
     def request_stop(self) -> None:
@@ -117,7 +119,7 @@ class Relay:
     def run(self) -> int:
         """Relay until stopped (or, with `once`, until nothing is due). Returns the exit code."""
         logger.info("relay started batch_size=%s once=%s", self.batch_size, self.options.once)
-        delays = None
+        delays, code = None, 0
         try:
             while not self.stop_requested.is_set():
                 close_old_connections()
@@ -130,8 +132,9 @@ class Relay:
                     delays = delays or backoff_delays()
                     delay = next(delays)
                     if self.options.once:
-                        logger.error("database unavailable (%s); nothing relayed", exc)
-                        return 1
+                        logger.error("database unavailable (%s); the rest stays pending", exc)
+                        code = 1
+                        break
                     logger.error("database unavailable (%s); retrying in %.1fs", exc, delay)
                     self.stop_requested.wait(delay)
                     continue
@@ -144,7 +147,7 @@ class Relay:
             for db in self._databases:
                 db.close()
         logger.info("relay stopped %s", " ".join(f"{k}={v}" for k, v in sorted(self.totals.items())) or "relayed=0")
-        return 0
+        return code
 
     def relay_due(self) -> int:
         """Publish batches until nothing is due (or a stop is requested); returns how many were relayed.
@@ -197,7 +200,7 @@ class Relay:
             with db.cursor() as cursor:
                 # Losing an outcome in a PostgreSQL crash only means the letter is published again.
                 cursor.execute("SET LOCAL synchronous_commit TO OFF; SET LOCAL enable_sort TO OFF")
-                cursor.execute(due_letters.format(columns) + " FOR UPDATE SKIP LOCKED",
+                cursor.execute(due_letters.format(columns) + " FOR NO KEY UPDATE SKIP LOCKED",
                                [Message.Status.PENDING, due_at.get_db_prep_value(now, db), self.batch_size])
                 rows = cursor.fetchall()
             if not rows:

@@ -252,7 +252,7 @@ def test_connection_closed_while_idle_is_replaced_before_publishing(queue_name):
     ours = [row.split("\t")[0] for row in rows if f":{port} ->" in row]
     assert len(ours) == 1, rows
     rabbitmqctl("close_connection", ours[0], "closed by a test while idle")  # only this test's connection
-    time.sleep(0.5)
+    time.sleep(broker.IDLE_CHECK_SECONDS + 0.2)  # idle: the publisher checks the connection first
     assert broker.publisher()._connection.is_open  # pika has not noticed yet: nothing serviced it
     after = send(routing_key=queue_name, body=b"two")
     assert after.status == Message.Status.PUBLISHED and after.attempts == 1, after.last_error
