@@ -323,9 +323,11 @@ def _results_ok(pgconn) -> bool:
 
     ok = True
     while True:
-        while pgconn.is_busy():
-            _wait(pgconn, select.POLLIN)
-            pgconn.consume_input()
+        if pgconn.is_busy():
+            pgconn.consume_input()  # what has arrived already: usually all of it
+            while pgconn.is_busy():
+                _wait(pgconn, select.POLLIN)
+                pgconn.consume_input()
         result = pgconn.get_result()
         if result is None:
             return ok
