@@ -348,13 +348,20 @@ def record_outcome(pk: int, fields: dict[str, Any]) -> None:
     """
     connection.ensure_connection()
     sql = outcome_sql(tuple(fields), mark="?" if connection.vendor == "sqlite" else "%s")  # the driver's paramstyle
-    if connection.vendor == "postgresql" and not connection.in_atomic_block:
+    own_transaction = connection.vendor == "postgresql" and not connection.in_atomic_block and connection.get_autocommit()
+    if own_transaction:
         # One round trip (client-side binding allows several statements), and a commit that does
         # not wait for the WAL flush: see `relaxed_commit`.
         sql = f"BEGIN; SET LOCAL synchronous_commit TO OFF; {sql}; COMMIT"
     cursor = connection.connection.cursor()
     try:
-        cursor.execute(sql, [*outcome_params(connection, fields), pk])
+        with connection.wrap_database_errors:  # Django's exceptions, and its note that the connection erred
+            cursor.execute(sql, [*outcome_params(connection, fields), pk])
+    except DatabaseError:
+        if own_transaction:  # a failed UPDATE skips the COMMIT: end the transaction it leaves open
+            with contextlib.suppress(DatabaseError), connection.wrap_database_errors:
+                connection.connection.rollback()
+        raise
     finally:
         cursor.close()
 

@@ -185,6 +185,37 @@ def test_outcome_written_ahead_commits_only_on_the_confirm(queue_name, monkeypat
     assert letter.status == Message.Status.UNROUTABLE and letter.attempts == 1 and "NO_ROUTE" in letter.last_error
 
 
+def test_a_locked_letter_fails_its_outcome_cleanly_and_the_connection_goes_on(queue_name, amqp):
+    """Another transaction holds the letter's row (an admin edit, a relay): the outcome cannot be
+    written within lock_timeout. The error is Django's, no transaction is left open on the
+    connection, and the letter stays pending for the relay."""
+    from django.db import OperationalError, connection, connections
+
+    amqp.queue_declare(queue_name, durable=True)
+    with transaction.atomic():
+        letter = Message.objects.create(routing_key=queue_name, body=b"x", status=Message.Status.PENDING)
+    other = connections.create_connection("default")
+    other.set_autocommit(False)
+    try:
+        with other.cursor() as cursor:
+            if connection.vendor == "postgresql":
+                cursor.execute("SELECT id FROM messaging_message WHERE id = %s FOR UPDATE", [letter.pk])
+            else:  # SQLite: a held write transaction
+                cursor.execute("UPDATE messaging_message SET attempts = attempts WHERE id = %s", [letter.pk])
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '300ms'" if connection.vendor == "postgresql" else "PRAGMA busy_timeout = 300")
+        with pytest.raises(OperationalError):
+            publish_message(letter)
+    finally:
+        other.rollback()
+        other.close()
+    assert not connection.in_atomic_block and connection.get_autocommit()
+    letter.refresh_from_db()  # the same connection answers: nothing aborted is left open on it
+    assert letter.status == Message.Status.PENDING and letter.attempts == 0
+    if connection.vendor == "postgresql":
+        assert connection.connection.info.transaction_status == 0  # IDLE
+
+
 def test_republish_records_lineage_and_publisher(django_user_model, amqp, queue_name):
     user = django_user_model.objects.create_user("rita", password="pw-for-tests")
     original = send(routing_key=queue_name, body=BINARY, declare=True, headers={"a": 1}, properties={"type": "t"})
