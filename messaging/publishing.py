@@ -233,7 +233,7 @@ def publish_message(message: Message) -> Message:
     On PostgreSQL, outside a transaction, the UPDATE to `published` goes out before the letter, in a
     transaction of its own that is committed once the broker confirms (`_publish_with_outcome_ahead`).
     """
-    if connection.vendor == "postgresql" and not connection.in_atomic_block and connection.get_autocommit():
+    if _postgresql_outside_a_transaction():
         status, reason, fields = _publish_with_outcome_ahead(message)
     else:
         (status, reason), fields = publish_once(message), None
@@ -244,6 +244,11 @@ def publish_message(message: Message) -> Message:
     for name, value in fields.items():
         setattr(message, name, value)
     return message
+
+
+def _postgresql_outside_a_transaction() -> bool:
+    """Whether the outcome may be written in a transaction of its own (none of the caller's is open)."""
+    return connection.vendor == "postgresql" and not connection.in_atomic_block and connection.get_autocommit()
 
 
 def _publish_with_outcome_ahead(message: Message) -> tuple[str, str, dict[str, Any] | None]:
@@ -348,7 +353,7 @@ def record_outcome(pk: int, fields: dict[str, Any]) -> None:
     """
     connection.ensure_connection()
     sql = outcome_sql(tuple(fields), mark="?" if connection.vendor == "sqlite" else "%s")  # the driver's paramstyle
-    own_transaction = connection.vendor == "postgresql" and not connection.in_atomic_block and connection.get_autocommit()
+    own_transaction = _postgresql_outside_a_transaction()
     if own_transaction:
         # One round trip (client-side binding allows several statements), and a commit that does
         # not wait for the WAL flush: see `relaxed_commit`.

@@ -129,12 +129,12 @@ class Relay:
                     self.relay_due()
                     delays = None
                 except DatabaseError as exc:  # nothing claimed is lost: the letters stay pending
-                    delays = delays or backoff_delays()
-                    delay = next(delays)
                     if self.options.once:
                         logger.error("database unavailable (%s); the rest stays pending", exc)
                         code = 1
                         break
+                    delays = delays or backoff_delays()
+                    delay = next(delays)
                     logger.error("database unavailable (%s); retrying in %.1fs", exc, delay)
                     self.stop_requested.wait(delay)
                     continue
@@ -212,7 +212,7 @@ class Relay:
         sql = f"UPDATE {table} SET {due} = %s WHERE {pk} IN ({due_letters.format(pk)}) RETURNING {columns}"
         params = [due_at.get_db_prep_value(lease, connection), Message.Status.PENDING,
                   due_at.get_db_prep_value(now, connection), self.batch_size]
-        with relaxed_commit(), connection.cursor() as cursor:
+        with relaxed_commit(), connection.cursor() as cursor:  # losing a lease only means an earlier retry
             cursor.execute(sql, params)
             rows = cursor.fetchall()
         return Batch(connection, [Letter(row) for row in rows]) if rows else None

@@ -194,21 +194,27 @@ def test_a_locked_letter_fails_its_outcome_cleanly_and_the_connection_goes_on(qu
     amqp.queue_declare(queue_name, durable=True)
     with transaction.atomic():
         letter = Message.objects.create(routing_key=queue_name, body=b"x", status=Message.Status.PENDING)
+    postgresql = connection.vendor == "postgresql"
     other = connections.create_connection("default")
     other.set_autocommit(False)
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW lock_timeout" if postgresql else "PRAGMA busy_timeout")
+        usual = cursor.fetchone()[0]
     try:
         with other.cursor() as cursor:
-            if connection.vendor == "postgresql":
+            if postgresql:
                 cursor.execute("SELECT id FROM messaging_message WHERE id = %s FOR UPDATE", [letter.pk])
             else:  # SQLite: a held write transaction
                 cursor.execute("UPDATE messaging_message SET attempts = attempts WHERE id = %s", [letter.pk])
-        with connection.cursor() as cursor:
-            cursor.execute("SET lock_timeout = '300ms'" if connection.vendor == "postgresql" else "PRAGMA busy_timeout = 300")
+        with connection.cursor() as cursor:  # give up on the lock quickly
+            cursor.execute("SET lock_timeout = '300ms'" if postgresql else "PRAGMA busy_timeout = 300")
         with pytest.raises(OperationalError):
             publish_message(letter)
     finally:
         other.rollback()
         other.close()
+        with connection.cursor() as cursor:  # this connection serves the next tests
+            cursor.execute(f"SET lock_timeout = '{usual}'" if postgresql else f"PRAGMA busy_timeout = {int(usual)}")
     assert not connection.in_atomic_block and connection.get_autocommit()
     letter.refresh_from_db()  # the same connection answers: nothing aborted is left open on it
     assert letter.status == Message.Status.PENDING and letter.attempts == 0
