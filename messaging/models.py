@@ -71,8 +71,8 @@ class Message(models.Model):
     last_error = models.TextField(blank=True, help_text="Why the last publish attempt did not succeed.")
     attempts = models.PositiveIntegerField(default=0, help_text="Publish attempts so far.")
     next_attempt_at = models.DateTimeField(null=True, blank=True, help_text="When the relay tries again.")
-    # These three are mostly empty (letters from other producers, never republished): their indexes,
-    # in Meta, hold only the rows that have a value, so most writes skip them.
+    # These three are often empty (a letter from another producer has none of them; few letters are
+    # republished): their indexes, in Meta, hold only the rows that have a value, which such writes skip.
     published_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", db_index=False,
     )
