@@ -379,7 +379,7 @@ def outcome_params(db, fields: dict[str, Any]) -> list[Any]:
 
 @contextlib.contextmanager
 def relaxed_commit():
-    """A transaction whose commit does not wait for PostgreSQL's WAL flush (for publish outcomes).
+    """A transaction whose commit does not wait for PostgreSQL's WAL flush (publish outcomes, the relay's leases).
 
     Such a write is lost only if PostgreSQL itself crashes within a fraction of a second of the
     commit (the WAL writer flushes every `wal_writer_delay`, 200 ms by default); the letter is then

@@ -142,12 +142,16 @@ class Relay:
                     break
                 self.stop_requested.wait(self.options.idle_seconds)
         finally:
-            self.pipeline.close()
-            broker.publisher().close()
-            for db in self._databases:
-                db.close()
+            self.close()
         logger.info("relay stopped %s", " ".join(f"{k}={v}" for k, v in sorted(self.totals.items())) or "relayed=0")
         return code
+
+    def close(self) -> None:
+        """Close the relay's broker connections and its own database connections (open claims roll back)."""
+        self.pipeline.close()
+        broker.publisher().close()
+        for db in self._databases:
+            db.close()
 
     def relay_due(self) -> int:
         """Publish batches until nothing is due (or a stop is requested); returns how many were relayed.
@@ -271,13 +275,13 @@ class Relay:
         for letter, (status, reason) in zip(batch.letters, batch.outcomes):
             attempts = letter.attempts + 1 if status == Message.Status.PENDING else 0
             groups[(status, reason, attempts)].append(letter.pk)
-        if batch.db.get_autocommit():  # the lease path: the batch's outcomes in one transaction
-            with relaxed_commit():
-                self._write_outcomes(batch.db, groups)
-        else:
+        if self.holds_locks:  # in the claim's transaction
             self._write_outcomes(batch.db, groups)
             batch.db.commit()  # and the row locks go
             batch.db.set_autocommit(True)
+        else:  # the lease path: the batch's outcomes in one transaction
+            with relaxed_commit():
+                self._write_outcomes(batch.db, groups)
         for (status, reason, _), pks in groups.items():
             self.totals[status] += len(pks)
             log = logger.info if status == Message.Status.PUBLISHED else logger.warning

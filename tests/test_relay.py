@@ -244,10 +244,8 @@ def test_a_claimed_batch_is_kept_from_other_relays_and_released_by_a_crash(amqp,
         else:
             assert again is None  # leased for RelayOptions.lease_seconds
     finally:
-        for relay in (first, second):
-            relay.pipeline.close()
-            for db in relay._databases:
-                db.close()
+        first.close()
+        second.close()
     assert Message.objects.filter(status=Message.Status.PENDING).count() == 30  # no outcome recorded, nothing lost
 
 
@@ -278,9 +276,7 @@ def test_the_claim_reads_the_due_index_even_with_stale_statistics(queue_name):
             plan = "\n".join(row[0] for row in cursor.fetchall())
         assert "Index Scan using message_relay_idx" in plan and "Sort" not in plan, plan
     finally:
-        relay.pipeline.close()
-        for db in relay._databases:
-            db.close()
+        relay.close()
 
 
 def test_relay_waits_out_a_database_outage(amqp, queue_name, monkeypatch, caplog):
