@@ -163,8 +163,9 @@ MAILROOM_QUEUE_HANDLERS = env.json("MAILROOM_QUEUE_HANDLERS", default={})
 # Prometheus sends `Authorization: Bearer <token>` to /metrics; empty: only logged-in staff may read it.
 MAILROOM_METRICS_TOKEN = env.str("MAILROOM_METRICS_TOKEN", default="")
 
-# Request bodies may carry a base64 body of MAILROOM_MAX_BODY_BYTES plus the form's fields.
-DATA_UPLOAD_MAX_MEMORY_SIZE = MAILROOM_MAX_BODY_BYTES * 4 // 3 + 1024 * 1024
+# Request bodies may carry a body of MAILROOM_MAX_BODY_BYTES plus the form's fields: the form's
+# percent-encoding and JSON's \\u escapes write a byte of UTF-8 as up to 3 (base64: 4 for 3).
+DATA_UPLOAD_MAX_MEMORY_SIZE = MAILROOM_MAX_BODY_BYTES * 3 + 1024 * 1024
 
 # --- Logging ----------------------------------------------------------------
 LOGGING = {

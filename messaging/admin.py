@@ -27,7 +27,7 @@ from django.utils.html import format_html, format_html_join
 
 from messaging.counting import RECENT_DELIVERIES, CappedCountPaginator, recently_delivered
 from messaging.models import ApiToken, Delivery, Message, Worker
-from messaging.publishing import republish
+from messaging.publishing import LetterError, republish
 
 logger = logging.getLogger(__name__)
 
@@ -333,10 +333,15 @@ class MessageAdmin(ReadOnlyAdmin):
                 "opts": self.model._meta, "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
                 "select_across": request.POST.get("select_across", "0"),
             })
-        copies = []
+        copies, refused = [], []
         for original in Message.objects.filter(pk__in=[m.pk for m in letters]).order_by("created_at", "id"):
-            with transaction.atomic():
-                copies.append(republish(original, user=request.user))
+            try:
+                with transaction.atomic():
+                    copies.append(republish(original, user=request.user))
+            except LetterError as exc:  # e.g. a letter from another producer over MAILROOM_MAX_BODY_BYTES
+                refused.append(f"{original.message_id}: {exc}")
+        for reason in refused[:10]:
+            self.message_user(request, f"Not republished: {reason}", messages.ERROR)
         for copy in copies:
             copy.refresh_from_db(fields=["status"])
         outcome = Counter(c.status for c in copies)

@@ -11,6 +11,8 @@ import json
 import secrets
 from http import HTTPStatus
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.db import transaction
 from django.http import HttpRequest, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
@@ -92,8 +94,14 @@ def messages(request):
     if request.method != "POST":
         return _error(HTTPStatus.METHOD_NOT_ALLOWED, "POST a letter here; GET /api/messages/<message_id>/ reads one.")
     try:
-        payload = json.loads(request.body or b"{}")
-    except (ValueError, UnicodeDecodeError) as exc:
+        raw = request.body
+    except RequestDataTooBig:
+        return _error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                      f"The request is over {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes; "
+                      f"a body may have at most {settings.MAILROOM_MAX_BODY_BYTES} bytes.")
+    try:
+        payload = json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         return _error(HTTPStatus.BAD_REQUEST, f"The request body is not valid JSON: {exc}")
     if not isinstance(payload, dict):
         return _error(HTTPStatus.BAD_REQUEST, "The request body must be a JSON object.")
@@ -142,7 +150,7 @@ def letter_kwargs(payload: dict) -> dict:
     for name in ("content_type", "content_encoding", "correlation_id", "message_id"):
         if not isinstance(own[name], str):
             raise LetterError(f"{name} must be a string.")
-    if own["delivery_mode"] not in (1, 2) or isinstance(own["delivery_mode"], bool):
+    if type(own["delivery_mode"]) is not int or own["delivery_mode"] not in (1, 2):
         raise LetterError("delivery_mode must be 1 (transient) or 2 (persistent).")
     declare = payload.get("declare", False)
     if not isinstance(declare, bool):

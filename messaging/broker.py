@@ -180,6 +180,25 @@ def queue_states(names, *, timeout: float = 3.0) -> dict[str, QueueState | None]
 
 
 # --- headers and properties -----------------------------------------------------------------
+def _decode_value(encoded: bytes, offset: int, _pika_decode_value=pika.data.decode_value):
+    """pika's `decode_value`, with AMQP floats and doubles decoded as floats.
+
+    pika 1.4 casts them to int (pika/pika#599): a header of 1.5 from another client (kombu, Java,
+    Go) was recorded as 1. Nested tables and arrays come back through here: pika's decoders look
+    the name up in their module. (NaN and the infinities never arrive: RabbitMQ closes the
+    publisher's connection with an internal error instead.)
+    """
+    kind = encoded[offset:offset + 1]
+    if kind == b"d":
+        return struct.unpack_from(">d", encoded, offset + 1)[0], offset + 9
+    if kind == b"f":
+        return struct.unpack_from(">f", encoded, offset + 1)[0], offset + 5
+    return _pika_decode_value(encoded, offset)
+
+
+pika.data.decode_value = _decode_value
+
+
 def json_safe(value: Any) -> Any:
     """An AMQP table value as JSON (bytes as text or base64, datetimes ISO, decimals as strings).
 
@@ -217,6 +236,17 @@ def json_safe_str(text: str) -> str:
     return text.replace("\x00", "\\u0000") if "\x00" in text else text
 
 
+def text_value(value) -> str:
+    """A received short string (a property, the exchange, the routing key) as storable text.
+
+    pika hands over bytes where another producer sent invalid UTF-8: those are decoded with
+    U+FFFD for the invalid bytes, and NUL is escaped as in `json_safe_str`.
+    """
+    if type(value) is not str:
+        value = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return json_safe_str(value)
+
+
 PROPERTY_NAMES = ("priority", "reply_to", "expiration", "timestamp", "type", "user_id", "app_id", "cluster_id")
 
 
@@ -243,9 +273,9 @@ def read_properties(properties) -> dict[str, Any]:
         if value is not None:
             extra[name] = json_safe(value)
     return {
-        "content_type": json_safe_str(properties.content_type or ""),
-        "content_encoding": json_safe_str(properties.content_encoding or ""),
-        "correlation_id": json_safe_str(properties.correlation_id or "")[:255],
+        "content_type": text_value(properties.content_type or ""),
+        "content_encoding": text_value(properties.content_encoding or ""),
+        "correlation_id": text_value(properties.correlation_id or "")[:255],
         "delivery_mode": properties.delivery_mode or 1,
         "headers": json_safe(properties.headers or {}),
         "properties": extra,
@@ -311,6 +341,7 @@ class Publisher:
             except ENCODING_ERRORS as exc:
                 raise PublishRefused(f"the letter cannot be encoded in AMQP: {exc.__class__.__name__}") from exc
             except pe.UnroutableError as exc:
+                self._declared.clear()  # its queue may have been deleted since we declared it
                 returned = exc.messages[0].method if exc.messages else None
                 reason = f"{returned.reply_code} {returned.reply_text}" if returned else "returned by the broker"
                 raise Unroutable(reason) from exc
@@ -324,11 +355,12 @@ class Publisher:
             yield
         except pe.ChannelClosedByBroker as exc:
             self._channel = None
+            self._declared.clear()  # e.g. a 404: an exchange declared earlier was deleted since
             if exc.reply_code in (403, 404, 406):
                 raise PublishRefused(describe(exc)) from exc
             raise BrokerError(describe(exc)) from exc
-        except FatalBrokerError as exc:
-            raise PublishRefused(str(exc)) from exc
+        except FatalBrokerError as exc:  # the login or vhost, not the letter: it stays pending
+            raise BrokerError(str(exc)) from exc
         except pe.ConnectionBlockedTimeout as exc:
             self.close()
             raise BrokerBlocked(describe(exc)) from exc
@@ -368,7 +400,9 @@ class Publisher:
 
 
 # What pika raises when a header value cannot be written as an AMQP field.
-ENCODING_ERRORS = (pe.UnsupportedAMQPFieldException, struct.error, OverflowError, TypeError, ValueError)
+ENCODING_ERRORS = (
+    pe.UnsupportedAMQPFieldException, pe.ShortStringTooLong, struct.error, OverflowError, TypeError, ValueError,
+)
 
 
 def header_encoding_error(headers: dict) -> str:

@@ -30,7 +30,7 @@ def typed_header(name: str, kind: str, text: str):
     if kind == "list":
         try:
             value = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise forms.ValidationError(f"Header {name!r}: the list is not valid JSON: {exc}") from exc
         if not isinstance(value, list):
             raise forms.ValidationError(f"Header {name!r}: a list is written as a JSON array, e.g. [1, \"a\"].")
@@ -102,7 +102,7 @@ class PublishForm(forms.Form):
             return {}
         try:
             value = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise forms.ValidationError(f"Headers are not valid JSON: {exc}") from exc
         if not isinstance(value, dict):
             raise forms.ValidationError("Headers must be a JSON object.")

@@ -19,7 +19,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.utils import timezone
 
 from messaging import broker
@@ -41,8 +41,19 @@ class LetterError(ValueError):
 
 
 def check_short_string(value: str, *, field: str) -> None:
-    if len(value.encode("utf-8")) > broker.MAX_SHORTSTR_BYTES:
+    """At most 255 bytes of UTF-8 (an AMQP short string), and text a database can store (no NUL)."""
+    if "\x00" in value:
+        raise LetterError(f"{field} contains a NUL character.")
+    if len(utf8(value, field=field)) > broker.MAX_SHORTSTR_BYTES:
         raise LetterError(f"{field} is longer than {broker.MAX_SHORTSTR_BYTES} bytes (UTF-8).")
+
+
+def utf8(text: str, *, field: str) -> bytes:
+    """`text` as UTF-8; a lone surrogate (which JSON's \\ud800 escapes can carry) is refused clearly."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LetterError(f"{field} is not valid Unicode text ({exc.reason}).") from exc
 
 
 def validate_letter(
@@ -58,8 +69,7 @@ def validate_letter(
     if exchange.startswith("amq.") and exchange_type:
         raise LetterError("Exchanges named amq.* are reserved by RabbitMQ and cannot be declared; "
                           "publish to an existing one without declaring it.")
-    if exchange_type and exchange_type not in broker.EXCHANGE_TYPES:
-        raise LetterError(f"Unknown exchange type {exchange_type!r}.")
+    check_exchange_type(exchange_type)
     if not exchange and not routing_key:
         raise LetterError("A queue name (routing key) is needed on the default exchange.")
     if len(body) > settings.MAILROOM_MAX_BODY_BYTES:
@@ -72,9 +82,18 @@ def validate_letter(
         raise LetterError(problem[0].upper() + problem[1:] + ".")
 
 
+def check_exchange_type(exchange_type: str) -> None:
+    if exchange_type and exchange_type not in broker.EXCHANGE_TYPES:
+        raise LetterError(f"Unknown exchange type {exchange_type[:40]!r}.")
+
+
+MAX_HEADER_DEPTH = 10
+
+
 def check_header_table(table: dict, *, depth: int = 0) -> None:
-    """Header names of at most 255 bytes; values a string, number, boolean, null, list or table."""
-    if depth > 10:
+    """Header names of at most 255 bytes; values a string, number, boolean, null, list or table,
+    tables and lists nested at most `MAX_HEADER_DEPTH` deep."""
+    if depth > MAX_HEADER_DEPTH:
         raise LetterError("Headers are nested too deeply.")
     for key, value in table.items():
         check_short_string(str(key), field=f"Header name {str(key)[:40]!r}")
@@ -82,13 +101,19 @@ def check_header_table(table: dict, *, depth: int = 0) -> None:
 
 
 def check_header_value(value: Any, *, depth: int) -> None:
-    if isinstance(value, dict):
+    if depth > MAX_HEADER_DEPTH:
+        raise LetterError("Headers are nested too deeply.")
+    if isinstance(value, str):
+        utf8(value, field="A header value")
+    elif isinstance(value, dict):
         check_header_table(value, depth=depth + 1)
     elif isinstance(value, list):
         for item in value:
             check_header_value(item, depth=depth + 1)
     elif isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
         raise LetterError("A header number does not fit in 64 bits.")
+    elif isinstance(value, float) and value - value != 0:  # json.loads reads NaN and Infinity
+        raise LetterError("A header number must be finite (not NaN or Infinity).")
     elif not (value is None or isinstance(value, (str, int, float, bool))):
         raise LetterError(f"Unsupported header value type {type(value).__name__}.")
 
@@ -111,6 +136,7 @@ def clean_properties(properties: dict[str, Any] | None) -> dict[str, Any]:
             value = str(value)
             if not value.isdigit() or not value.isascii():
                 raise LetterError("expiration must be a whole number of milliseconds (as text), e.g. '60000'.")
+            check_short_string(value, field=name)
         elif not isinstance(value, str):
             raise LetterError(f"{name} must be text.")
         else:
@@ -128,7 +154,7 @@ def decode_body(text: str, *, encoding: str) -> bytes:
             raise LetterError(f"The body is not valid base64: {exc}") from exc
     if encoding not in ("string", ""):
         raise LetterError("The payload encoding must be 'string' or 'base64'.")
-    return text.encode("utf-8")
+    return utf8(text, field="The body")
 
 
 def create_letter(
@@ -157,8 +183,9 @@ def create_letter(
     for value, field in ((content_type, "content_type"), (content_encoding, "content_encoding"),
                          (correlation_id, "correlation_id")):
         check_short_string(value, field=field)
-    if delivery_mode not in (1, 2):
+    if type(delivery_mode) is not int or delivery_mode not in (1, 2):
         raise LetterError("delivery_mode must be 1 (transient) or 2 (persistent).")
+    check_exchange_type(exchange_type)
     if message_id:
         check_short_string(message_id, field="The message_id")
         if Message.objects.filter(message_id=message_id).exists():
@@ -176,8 +203,14 @@ def create_letter(
     if message_id:
         message.message_id = message_id
     message.set_body(body)
-    message.save()
-    transaction.on_commit(lambda: publish_message(message))
+    try:
+        with transaction.atomic():  # a savepoint: the caller's transaction goes on after a refusal
+            message.save()
+    except IntegrityError as exc:  # the same message_id, written by another request meanwhile
+        raise LetterError(f"A letter with message_id {message.message_id!r} already exists.") from exc
+    # robust: an error writing the outcome (the database gone since the commit) is logged and the
+    # letter stays pending for the relay, instead of failing a request whose letter is saved.
+    transaction.on_commit(lambda: publish_message(message), robust=True)
     return message
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from django.contrib.auth.decorators import login_required
+from django.contrib.auth.decorators import login_required, permission_required
 from django.db import connection
 from django.shortcuts import render
 
@@ -141,5 +141,6 @@ def broker_view(*, limit: int = MAX_PASSIVE_QUEUES) -> BrokerView:
 
 
 @login_required
+@permission_required("messaging.view_message", raise_exception=True)
 def queues(request):
     return render(request, "messaging/queues.html", {"view": broker_view()})

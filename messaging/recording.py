@@ -225,6 +225,11 @@ class Prepared:
 
 
 def _prepare(batch: list[Received], handlers: dict[str, Handler] | None) -> Prepared:
+    for r in batch:  # as the database can store them: another producer's bytes may not be UTF-8, or hold NUL
+        if type(r.exchange) is not str or "\x00" in r.exchange:
+            r.exchange = broker.text_value(r.exchange)
+        if type(r.routing_key) is not str or "\x00" in r.routing_key:
+            r.routing_key = broker.text_value(r.routing_key)
     received = _receipt_times([r.received_at for r in batch])
     ids = [_message_id(r) for r in batch]
     letters: dict[str, tuple] = {}
@@ -539,7 +544,7 @@ def _id_sequence(cursor, table: str, column: str) -> str:
 def _message_id(r: Received) -> str:
     message_id = r.properties.message_id
     if message_id:
-        return broker.json_safe_str(str(message_id))[:255]
+        return broker.text_value(message_id)[:255]
     if r.redelivered:
         # A letter without message_id recorded before the consumer died: find it by its content.
         found = _match_by_content(r)

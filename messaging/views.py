@@ -69,6 +69,7 @@ def republish(request, message_id: str):
 
 
 @login_required
+@permission_required("messaging.view_message", raise_exception=True)
 def message_list(request):
     letters = Message.objects.only(
         "message_id", "exchange", "routing_key", "status", "origin", "created_at", "body_size", "content_type",
@@ -78,14 +79,16 @@ def message_list(request):
     q = request.GET.get("q", "").strip()
     if status in Message.Status.values:
         letters = letters.filter(status=status)
-    if queue:
+    if queue and "\x00" not in queue:
         # Not a join + DISTINCT over every delivery ever made on the queue: the letters of its
         # latest deliveries and the latest sent to it directly (two fixed-size index ranges).
         ids = set(letters.filter(exchange="", routing_key=queue).order_by("-created_at")
                   .values_list("pk", flat=True)[:RECENT_DELIVERIES])
         ids.update(row["message_id"] for row in recently_delivered(queue=queue))
         letters = letters.filter(pk__in=ids)
-    if q:
+    if "\x00" in q + queue:  # no name or id holds a NUL (and PostgreSQL refuses one in a query)
+        letters = letters.none()
+    elif q:
         letters = letters.filter(Q(message_id=q) | Q(routing_key=q) | Q(correlation_id=q))
     page = CappedCountPaginator(letters.order_by("-created_at", "-id"), PAGE_SIZE).get_page(request.GET.get("page"))
     return render(request, "messaging/message_list.html", {
@@ -94,28 +97,38 @@ def message_list(request):
 
 
 @login_required
+@permission_required("messaging.view_message", raise_exception=True)
 def message_detail(request, message_id: str):
     message = get_object_or_404(Message.objects.select_related("published_by", "republished_from"), message_id=message_id)
     deliveries = message.deliveries.select_related("worker").order_by("received_at", "id")
     return render(request, "messaging/message_detail.html", {
-        "message": message, "deliveries": deliveries, "body": body_view(bytes(message.body), message.content_type),
+        "message": message, "deliveries": deliveries, "body": body_view(bytes(message.body)),
     })
 
 
-def body_view(body: bytes, content_type: str) -> dict:
-    """How to show a body: text (escaped by the template) or size, sha256 and a hex preview."""
+PAGE_BODY_BYTES = 64 * 1024  # the page reloads itself every second until the letter settles
+
+
+def body_view(body: bytes) -> dict:
+    """How to show a body: its first `PAGE_BODY_BYTES` as text (escaped by the template), or a hex
+    preview when it is binary; its size and sha256 either way."""
+    shown = body[:PAGE_BODY_BYTES]
     try:
-        text = body.decode("utf-8")
-        binary = "\x00" in text
-    except UnicodeDecodeError:
-        text, binary = "", True
+        text = shown.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A character cut at the end of the part shown is still text; anything else is binary.
+        cut = len(shown) < len(body) and exc.reason == "unexpected end of data" and exc.start >= len(shown) - 3
+        shown, text = (shown[:exc.start], shown[:exc.start].decode("utf-8")) if cut else (b"", None)
+    binary = text is None or "\x00" in text
     return {
-        "binary": binary, "text": text if not binary else "", "size": len(body),
+        "binary": binary, "text": "" if binary else text, "size": len(body), "shown": len(shown),
+        "truncated": not binary and len(shown) < len(body),
         "sha256": hashlib.sha256(body).hexdigest(), "hex": body[:64].hex(" ") if binary else "",
     }
 
 
 @login_required
+@permission_required("messaging.view_message", raise_exception=True)
 def dashboard(request):
     broker = queues.broker_view(limit=10)
     return render(request, "messaging/dashboard.html", {

@@ -31,11 +31,11 @@ def rabbitmq_answers():
 
 @pytest.fixture
 def publisher_client(client):
-    """The test client, logged in as 'pat', who may publish (messaging.add_message)."""
+    """The test client, logged in as 'pat', who may publish and read letters (add_message, view_message)."""
     from django.contrib.auth.models import Permission, User
 
     user = User.objects.create_user("pat", password="pw-for-tests")
-    user.user_permissions.add(Permission.objects.get(codename="add_message"))
+    user.user_permissions.add(*Permission.objects.filter(codename__in=["add_message", "view_message"]))
     client.force_login(user)
     return client
 

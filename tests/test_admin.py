@@ -122,6 +122,24 @@ def test_publisher_sees_history_and_may_republish(publisher, trail, queue_name, 
     assert publisher.post(reverse("admin:messaging_message_change", args=[trail.pk]), {}).status_code == 403
 
 
+def test_republish_reports_a_letter_it_cannot_copy_and_copies_the_others(publisher, queue_name, amqp, settings,
+                                                                         django_capture_on_commit_callbacks):
+    """Another producer's letter may be over MAILROOM_MAX_BODY_BYTES: refused with its reason, no 500."""
+    amqp.queue_declare(queue=queue_name, durable=True)
+    settings.MAILROOM_MAX_BODY_BYTES = 10
+    big = letter(message_id="too-big", routing_key=queue_name, body=b"x" * 11)
+    small = letter(message_id="small", routing_key=queue_name, body=b"x")
+    data = {"action": "republish_letters", "_selected_action": [big.pk, small.pk], "confirmed": "yes"}
+    with django_capture_on_commit_callbacks(execute=True):
+        done = publisher.post(reverse(CHANGELIST), data, follow=True)
+    assert done.status_code == HTTPStatus.OK
+    page = done.content.decode()
+    assert "Not republished: too-big: The body is 11 bytes; the limit is 10 bytes." in page
+    assert "Republished 1 letter(s)" in page
+    copy = Message.objects.get(republished_from__isnull=False)
+    assert copy.republished_from == small and copy.status == Message.Status.PUBLISHED
+
+
 def test_list_columns_and_filters(admin_client, trail):
     html = admin_client.get(reverse(CHANGELIST)).content.decode()
     assert "last delivery" in html.lower() and 'class="field-deliveries">2<' in html

@@ -88,6 +88,23 @@ def test_unroutable_and_missing_exchange_are_answered_with_their_outcome(client,
     ({"routing_key": "q", "colour": "blue"}, "Unknown fields"),
     ({"routing_key": "q", "properties": {"priority": "high"}}, "priority"),
     ({"routing_key": "q", "headers": ["not", "an", "object"]}, "JSON objects"),
+    # Lone surrogates (JSON's \\ud800 escapes), NUL (PostgreSQL refuses it in text), nesting, types
+    ({"routing_key": "q\ud800", "body": "x"}, "not valid Unicode"),
+    ({"routing_key": "q", "body": "\ud800"}, "not valid Unicode"),
+    ({"routing_key": "q", "body": "x", "headers": {"\ud800": 1}}, "not valid Unicode"),
+    pytest.param("[" * 100_000 + "]" * 100_000, "not valid JSON", id="nested-100000-deep"),
+    ({"routing_key": "q", "body": "x", "headers": {"deep": json.loads("[" * 50 + "]" * 50)}}, "nested too deeply"),
+    ({"routing_key": "q\x00", "body": "x"}, "NUL"),
+    ({"routing_key": "q", "exchange": "e\x00", "body": "x"}, "NUL"),
+    ({"routing_key": "q", "body": "x", "message_id": "m\x00"}, "NUL"),
+    ({"routing_key": "q", "body": "x", "content_type": "text/\x00"}, "NUL"),
+    ({"routing_key": "q", "body": "x", "properties": {"app_id": "\x00"}}, "NUL"),
+    ({"routing_key": "q", "body": "x", "headers": {"\x00" * 43: 1}}, "NUL"),
+    ({"routing_key": "q", "body": "x", "properties": {"expiration": "1" * 256}}, "255 bytes"),
+    ({"routing_key": "q", "body": "x", "delivery_mode": 2.0}, "delivery_mode"),
+    ({"routing_key": "q", "body": "x", "delivery_mode": True}, "delivery_mode"),
+    ({"routing_key": "q", "body": "x", "exchange": "e", "exchange_type": "x" * 20}, "Unknown exchange type"),
+    ('{"routing_key": "q", "body": "x", "headers": {"n": NaN}}', "finite"),  # json.loads reads NaN
 ])
 def test_invalid_payloads_are_400_and_write_nothing(client, service, payload, fragment):
     response = post(client, payload, key=service)
@@ -100,6 +117,13 @@ def test_body_over_the_limit_is_400(client, service, settings):
     settings.MAILROOM_MAX_BODY_BYTES = 100
     response = post(client, {"routing_key": "q", "body": "x" * 101}, key=service)
     assert response.status_code == 400 and "limit is 100 bytes" in response.json()["detail"]
+
+
+def test_a_request_over_the_upload_limit_is_413_in_json(client, service, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 100
+    response = post(client, {"routing_key": "q", "body": "x" * 200}, key=service)
+    assert response.status_code == 413 and "over 100 bytes" in response.json()["detail"]
+    assert not Message.objects.exists()
 
 
 def test_duplicate_message_id_is_409(client, service, queue_name):
@@ -154,6 +178,39 @@ def test_session_use_keeps_csrf(queue_name):
 
 def test_unknown_letter_is_404(client, service):
     assert client.get("/api/messages/nope/", HTTP_AUTHORIZATION=f"Bearer {service}").status_code == 404
+    assert client.get("/api/messages/a%00b/", HTTP_AUTHORIZATION=f"Bearer {service}").status_code == 404
+
+
+def test_a_message_id_with_a_newline_has_its_pages(client, service, queue_name):
+    """Other producers choose message_ids freely: a newline must not break a page that links the letter."""
+    response = post(client, {"routing_key": queue_name, "body": "x", "declare": True, "message_id": "two\nlines"},
+                    key=service)
+    assert response.status_code == 201, response.content
+    trail = client.get("/api/messages/two%0Alines/", HTTP_AUTHORIZATION=f"Bearer {service}")
+    assert trail.status_code == 200 and trail.json()["message_id"] == "two\nlines"
+    client.force_login(user_with("view_message", name="reader"))
+    assert client.get("/").status_code == 200
+    for path in ("/messages/", "/messages/?q=two%0Alines"):  # each links the letter's page
+        page = client.get(path)
+        assert page.status_code == 200 and "/messages/two%0Alines/" in page.content.decode(), path
+    page = client.get("/messages/two%0Alines/")
+    assert page.status_code == 200 and "two\nlines" in page.content.decode()
+    # NUL is in no stored id or name (and PostgreSQL refuses it in a query): nothing found, no error.
+    assert client.get("/messages/a%00b/").status_code == 404
+    for query in ({"q": "a\x00b"}, {"queue": "a\x00b"}):
+        page = client.get("/messages/", query)
+        assert page.status_code == 200 and "/messages/two%0Alines/" not in page.content.decode()
+
+
+def test_pages_need_the_view_permission(client):
+    """Bodies are read on the pages as in the API: only with messaging.view_message (both roles have it)."""
+    client.force_login(user_with(name="no-role"))
+    for path in ("/", "/messages/", "/messages/anything/", "/queues/"):
+        assert client.get(path).status_code == 403, path
+    client.force_login(user_with("view_message", name="reader"))
+    for path in ("/", "/messages/", "/queues/"):
+        assert client.get(path).status_code == 200, path
+    assert client.get("/messages/anything/").status_code == 404
 
 
 def test_create_api_token_command_stores_only_the_hash(django_user_model):

@@ -45,3 +45,18 @@ def test_every_page_escapes_a_script(admin_client, hostile):
     assert "&lt;script&gt;alert(" in detail
     listing = admin_client.get(reverse("admin:messaging_message_changelist")).content.decode()
     assert "rk&lt;script&gt;" in listing
+
+
+def test_a_large_body_shows_its_first_64_kb_on_the_letter_page(admin_client):
+    """The letter page reloads itself every second while the letter settles: not megabytes each time."""
+    from messaging.views import PAGE_BODY_BYTES, body_view
+
+    body = b"a" * (PAGE_BODY_BYTES - 1) + "é".encode() + b"<b>" * 100_000  # "é" cut in two at the limit
+    m = letter(message_id="large", body=body)
+    page = admin_client.get(reverse("message-detail", args=[m.message_id])).content.decode()
+    assert f"the first {PAGE_BODY_BYTES - 1} bytes of {len(body)}" in page
+    assert len(page) < PAGE_BODY_BYTES + 20_000 and "<b>" not in page
+    view = body_view(body)
+    assert view["text"] == "a" * (PAGE_BODY_BYTES - 1) and view["truncated"] and not view["binary"]
+    assert body_view(b"\xff" + body)["binary"] and body_view(b"ok")["text"] == "ok"
+    assert body_view("é".encode() * PAGE_BODY_BYTES)["text"] == "é" * (PAGE_BODY_BYTES // 2)

@@ -14,6 +14,7 @@ import time
 from contextlib import contextmanager
 from datetime import timedelta
 
+import pika
 import psycopg
 import pytest
 from django.db import connection
@@ -290,3 +291,35 @@ def test_channel_closed_by_the_broker_opens_another(queue_name, caplog):
     assert not thread.is_alive()
     assert "the broker closed the channel" in caplog.text
     assert_exactly_once(queue_name, first + second)
+
+
+def test_hostile_properties_and_routing_key_are_recorded_not_fatal(queue_name, manage):
+    """Another producer's short strings that are not UTF-8, or hold NUL, are stored as text, not a crash
+    (pika hands such properties over as bytes) nor a batch the database refuses forever."""
+    exchange = f"{queue_name}-x"
+    conn = connect()
+    channel = conn.channel()
+    channel.confirm_delivery()
+    channel.exchange_declare(exchange=exchange, exchange_type="topic")
+    channel.queue_declare(queue=queue_name, durable=True)
+    channel.queue_bind(queue=queue_name, exchange=exchange, routing_key="#")
+    try:
+        channel.basic_publish(exchange=exchange, routing_key=b"k\x00\xff", body=b"hostile", properties=pika.BasicProperties(
+            message_id=b"hostile-\xff", content_type=b"text/\xff", content_encoding=b"\x00gzip",
+            correlation_id=b"\xfe", headers={"n": 1},
+        ))
+        following = publish(queue_name, 3)
+        worker = manage("consume", queue_name)
+        wait_for(lambda: acked_count(queue_name) == 4, timeout=30, message="all four letters acked")
+        assert worker.proc.poll() is None, worker.output
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(timeout=10) == 0, worker.output
+    finally:
+        channel.exchange_delete(exchange=exchange)
+        conn.close()
+    hostile = Delivery.objects.select_related("message").get(message__message_id="hostile-\ufffd")
+    assert hostile.routing_key == "k\\u0000\ufffd" and hostile.exchange == exchange
+    letter = hostile.message
+    assert (letter.content_type, letter.content_encoding, letter.correlation_id) == ("text/\ufffd", "\\u0000gzip", "\ufffd")
+    assert (letter.routing_key, bytes(letter.body)) == ("k\\u0000\ufffd", b"hostile")
+    assert_exactly_once(queue_name, ["hostile-\ufffd", *following])

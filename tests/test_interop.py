@@ -146,3 +146,23 @@ def test_form_letter_reaches_a_fanout_subscriber_through_its_server_named_queue(
         assert_received_intact(amqp, own, letter)
     finally:
         amqp.exchange_delete(exchange=exchange)
+
+
+def test_float_headers_from_another_client_are_kept(amqp, queue_name, manage):
+    """pika 1.4 decodes AMQP doubles as ints (see broker._decode_value); kombu sends Python floats as doubles."""
+    amqp.queue_declare(queue=queue_name, durable=True)
+    address = broker_address()
+    with kombu.Connection(
+        hostname=address.host, port=address.port, userid=address.credentials.username,
+        password=address.credentials.password, virtual_host=address.virtual_host, transport="pyamqp",
+    ) as connection:
+        producer = connection.Producer()
+        producer.publish(b"floats", exchange="", routing_key=queue_name, serializer=None, message_id="floats-" + queue_name,
+                         headers={"ratio": 1.5, "negative": -0.125, "nested": {"x": [2.25, 7]}})
+        producer.publish(b"after", exchange="", routing_key=queue_name, serializer=None, message_id="after-" + queue_name)
+
+    worker = manage("consume", queue_name, "--max-messages", "2", "--inactivity-timeout", "20")
+    assert worker.wait(timeout=60) == 0, worker.output
+    floats = Message.objects.get(message_id="floats-" + queue_name)
+    assert floats.headers == {"ratio": 1.5, "negative": -0.125, "nested": {"x": [2.25, 7]}}
+    assert Message.objects.filter(message_id="after-" + queue_name).exists()

@@ -95,6 +95,9 @@ def test_wrong_user_id_is_failed_and_the_channel_recovers(amqp, queue_name):
     ({"routing_key": "q", "properties": {"colour": "blue"}}, "Unknown property"),
     ({"routing_key": "q", "delivery_mode": 3}, "delivery_mode"),
     ({"routing_key": ""}, "queue name"),
+    ({"routing_key": "q", "headers": {"x": 1}, "message_id": "m\x00"}, "NUL"),
+    ({"routing_key": "q", "properties": {"expiration": "1" * 256}}, "255 bytes"),
+    ({"routing_key": "q", "delivery_mode": 2.0}, "delivery_mode"),
 ])
 def test_invalid_letters_are_refused_before_anything_is_written(kwargs, message):
     with pytest.raises(LetterError, match=message):
@@ -113,6 +116,59 @@ def test_duplicate_message_id_is_refused(queue_name):
     send(routing_key=queue_name, body=b"x", declare=True, message_id="dup-1")
     with pytest.raises(LetterError, match="already exists"):
         send(routing_key=queue_name, body=b"x", message_id="dup-1")
+
+
+def test_a_message_id_taken_meanwhile_is_refused_and_the_transaction_goes_on(queue_name, monkeypatch):
+    """Two requests with one message_id at once: both pass the existence check, one insert loses."""
+    send(routing_key=queue_name, body=b"x", declare=True, message_id="race-1")
+    monkeypatch.setattr("django.db.models.query.QuerySet.exists", lambda self: False)  # the other request's view
+    with transaction.atomic():
+        with pytest.raises(LetterError, match="already exists"):
+            create_letter(routing_key=queue_name, body=b"y", message_id="race-1")
+        create_letter(routing_key=queue_name, body=b"z", message_id="race-2")  # the caller's transaction goes on
+    assert sorted(Message.objects.values_list("message_id", "body")) == [("race-1", b"x"), ("race-2", b"z")]
+
+
+def test_an_outcome_that_cannot_be_written_leaves_the_letter_pending(queue_name, monkeypatch, caplog):
+    """The database gone between the commit and the outcome: the request still answers, the relay takes over."""
+    from django.db import OperationalError
+
+    def database_gone(*args, **kwargs):
+        raise OperationalError("the database went away")
+
+    monkeypatch.setattr("messaging.publishing.record_outcome", database_gone)
+    monkeypatch.setattr("messaging.publishing._postgresql_outside_a_transaction", lambda: False)
+    with transaction.atomic():
+        letter = create_letter(routing_key=queue_name, body=b"x", declare=True)
+    letter.refresh_from_db()
+    assert letter.status == Message.Status.PENDING and letter.attempts == 0  # the relay publishes it again
+    assert "the database went away" in caplog.text
+
+
+def test_a_declared_exchange_deleted_since_is_declared_again(amqp, queue_name):
+    exchange = f"{queue_name}-x"
+    try:
+        assert send(exchange=exchange, exchange_type="fanout", declare=True, routing_key="k",
+                    body=b"x").status == Message.Status.UNROUTABLE  # declared; nothing bound
+        amqp.exchange_delete(exchange=exchange)
+        missing = send(exchange=exchange, routing_key="k", body=b"y")  # not declaring: 404, refused for good
+        assert missing.status == Message.Status.FAILED and "404" in missing.last_error
+        again = send(exchange=exchange, exchange_type="fanout", declare=True, routing_key="k", body=b"z")
+        assert again.status == Message.Status.UNROUTABLE, again.last_error  # declared again, not a 404
+    finally:
+        amqp.exchange_delete(exchange=exchange)
+
+
+def test_a_refused_login_leaves_the_letter_pending(settings, queue_name):
+    """Wrong credentials are the deployment's fault, not the letter's: it waits for the relay."""
+    settings.RABBITMQ_URL = "amqp://guest:not-the-password@127.0.0.1:5672/%2F"
+    broker._local.__dict__.clear()  # this thread's publisher must read the new URL
+    try:
+        letter = send(routing_key=queue_name, body=b"x", declare=True)
+    finally:
+        broker._local.__dict__.clear()
+    assert letter.status == Message.Status.PENDING and "refused the login" in letter.last_error
+    assert "not-the-password" not in letter.last_error
 
 
 def test_one_connection_reused_across_publishes(queue_name):

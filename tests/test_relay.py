@@ -128,6 +128,25 @@ def test_relay_records_unroutable_and_failed_in_a_batch(amqp, queue_name):
     assert queue_depth(queue_name) == (5, 0)
 
 
+def test_a_letter_pika_cannot_encode_is_failed_and_the_relay_goes_on(amqp, queue_name):
+    """A row written past the checks (an older version, a hand-made INSERT) must not stop the relay."""
+    from messaging.relay import Relay, RelayOptions
+
+    amqp.queue_declare(queue_name, durable=True)
+    now = timezone.now()
+    long_property = Message.objects.create(routing_key=queue_name, body=b"x", next_attempt_at=now,
+                                           properties={"expiration": "1" * 300})
+    long_header = Message.objects.create(routing_key=queue_name, body=b"x", next_attempt_at=now,
+                                         headers={"h" * 300: 1})
+    pending_letters(queue_name, 3)
+    assert Relay(RelayOptions(once=True)).run() == 0
+    for refused in (long_property, long_header):
+        refused.refresh_from_db()
+        assert refused.status == Message.Status.FAILED and "ShortStringTooLong" in refused.last_error
+    assert Message.objects.filter(status=Message.Status.PUBLISHED).count() == 3
+    assert queue_depth(queue_name) == (3, 0)
+
+
 def test_relay_stops_gracefully_on_sigterm(manage, amqp, queue_name):
     amqp.queue_declare(queue_name, durable=True)
     relay = manage("relay", "--idle", "0.2")
