@@ -47,12 +47,16 @@ async def publish_with_aio_pika(queue: str) -> None:
         )
 
 
-def publish_with_kombu(queue: str) -> None:
+def kombu_connection() -> kombu.Connection:
     address = broker_address()
-    with kombu.Connection(
+    return kombu.Connection(
         hostname=address.host, port=address.port, userid=address.credentials.username,
         password=address.credentials.password, virtual_host=address.virtual_host, transport="pyamqp",
-    ) as connection:
+    )
+
+
+def publish_with_kombu(queue: str) -> None:
+    with kombu_connection() as connection:
         producer = connection.Producer()
         producer.publish(
             json.dumps({"hello": "kombu", "ok": True}).encode(), exchange="", routing_key=queue,
@@ -151,11 +155,7 @@ def test_form_letter_reaches_a_fanout_subscriber_through_its_server_named_queue(
 def test_float_headers_from_another_client_are_kept(amqp, queue_name, manage):
     """pika 1.4 decodes AMQP doubles as ints (see broker._decode_value); kombu sends Python floats as doubles."""
     amqp.queue_declare(queue=queue_name, durable=True)
-    address = broker_address()
-    with kombu.Connection(
-        hostname=address.host, port=address.port, userid=address.credentials.username,
-        password=address.credentials.password, virtual_host=address.virtual_host, transport="pyamqp",
-    ) as connection:
+    with kombu_connection() as connection:
         producer = connection.Producer()
         producer.publish(b"floats", exchange="", routing_key=queue_name, serializer=None, message_id="floats-" + queue_name,
                          headers={"ratio": 1.5, "negative": -0.125, "nested": {"x": [2.25, 7]}})
