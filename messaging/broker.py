@@ -40,6 +40,10 @@ class BrokerBlocked(BrokerError):
     """The broker blocked the connection (memory or disk alarm)."""
 
 
+class ConfirmTimeout(BrokerError):
+    """No confirm in time (a queue stuck, a quorum queue without its majority): the letter stays pending."""
+
+
 class PublishRefused(Exception):
     """The broker refused this letter for good (no such exchange, too large, access refused)."""
 
@@ -333,10 +337,11 @@ class Publisher:
                 channel = self._ensure_channel()
                 if declare:
                     channel = self._declare(channel, message)
-                channel.basic_publish(
-                    exchange=message.exchange, routing_key=message.routing_key, body=bytes(message.body),
-                    properties=build_properties(message), mandatory=True,
-                )
+                with self._confirm_deadline():
+                    channel.basic_publish(
+                        exchange=message.exchange, routing_key=message.routing_key, body=bytes(message.body),
+                        properties=build_properties(message), mandatory=True,
+                    )
                 self._check_after = time.monotonic() + IDLE_CHECK_SECONDS
             except ENCODING_ERRORS as exc:
                 raise PublishRefused(f"the letter cannot be encoded in AMQP: {exc.__class__.__name__}") from exc
@@ -347,6 +352,33 @@ class Publisher:
                 raise Unroutable(reason) from exc
             except pe.NackError as exc:
                 raise BrokerError("the broker nacked the letter (negative confirm)") from exc
+
+    @contextlib.contextmanager
+    def _confirm_deadline(self):
+        """Give up on the confirm after `timeout` seconds.
+
+        pika's blocking `basic_publish` waits for it without a limit, and a broker that withholds
+        confirms (a stuck queue process, a quorum queue without its majority) still answers
+        heartbeats. pika 1.4's public timers fire only in `process_data_events`, so the deadline is
+        a timer of the connection's own I/O loop that drops the connection the way pika's blocked-
+        connection timeout does (no closing handshake, which a stuck broker may never answer): the
+        wait ends with `ConfirmTimeout`, and the channel, whose confirm may still come, is gone.
+        While the broker blocks the connection (an alarm), pika's blocked timeout ends the wait instead.
+        """
+        impl = self._connection._impl
+
+        def expire():
+            if impl._blocked_conn_timer is None:
+                impl._terminate_stream(ConfirmTimeout(f"no confirm within {self.timeout:g}s"))
+
+        timer = impl.ioloop.call_later(self.timeout, expire)
+        try:
+            yield
+        except ConfirmTimeout:
+            self.close()  # already dropped: forget it
+            raise
+        finally:
+            impl.ioloop.remove_timeout(timer)
 
     @contextlib.contextmanager
     def _outcomes(self):
