@@ -77,18 +77,18 @@ def message_list(request):
     status = request.GET.get("status", "")
     queue = request.GET.get("queue", "").strip()
     q = request.GET.get("q", "").strip()
+    if "\x00" in q + queue:  # no name or id holds a NUL (and PostgreSQL refuses one in a query)
+        letters, q, queue = letters.none(), "", ""
     if status in Message.Status.values:
         letters = letters.filter(status=status)
-    if queue and "\x00" not in queue:
+    if queue:
         # Not a join + DISTINCT over every delivery ever made on the queue: the letters of its
         # latest deliveries and the latest sent to it directly (two fixed-size index ranges).
         ids = set(letters.filter(exchange="", routing_key=queue).order_by("-created_at")
                   .values_list("pk", flat=True)[:RECENT_DELIVERIES])
         ids.update(row["message_id"] for row in recently_delivered(queue=queue))
         letters = letters.filter(pk__in=ids)
-    if "\x00" in q + queue:  # no name or id holds a NUL (and PostgreSQL refuses one in a query)
-        letters = letters.none()
-    elif q:
+    if q:
         letters = letters.filter(Q(message_id=q) | Q(routing_key=q) | Q(correlation_id=q))
     page = CappedCountPaginator(letters.order_by("-created_at", "-id"), PAGE_SIZE).get_page(request.GET.get("page"))
     return render(request, "messaging/message_list.html", {
