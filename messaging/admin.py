@@ -342,6 +342,8 @@ class MessageAdmin(ReadOnlyAdmin):
                 refused.append(f"{original.message_id}: {exc}")
         for reason in refused[:10]:
             self.message_user(request, f"Not republished: {reason}", messages.ERROR)
+        if len(refused) > 10:
+            self.message_user(request, f"… and {len(refused) - 10} more not republished.", messages.ERROR)
         for copy in copies:
             copy.refresh_from_db(fields=["status"])
         outcome = Counter(c.status for c in copies)

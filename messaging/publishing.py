@@ -185,7 +185,8 @@ def create_letter(
         check_short_string(value, field=field)
     if type(delivery_mode) is not int or delivery_mode not in (1, 2):
         raise LetterError("delivery_mode must be 1 (transient) or 2 (persistent).")
-    check_exchange_type(exchange_type)
+    if not declare:  # validate_letter checked it when declaring
+        check_exchange_type(exchange_type)
     if message_id:
         check_short_string(message_id, field="The message_id")
         if Message.objects.filter(message_id=message_id).exists():

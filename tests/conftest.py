@@ -41,6 +41,24 @@ def publisher_client(client):
 
 
 @pytest.fixture
+def fresh_publisher():
+    """This thread's publisher made anew before and after the test: a publisher reads
+    MAILROOM_PUBLISH_TIMEOUT when it is created and RABBITMQ_URL when it connects, and the test may
+    change both (set them before the first publish)."""
+    from messaging import broker
+
+    def forget():
+        current = getattr(broker._local, "publisher", None)
+        if current is not None:
+            current.close()
+        broker._local.__dict__.clear()
+
+    forget()
+    yield
+    forget()
+
+
+@pytest.fixture
 def amqp():
     """A plain pika channel: the outside producer/consumer of the tests."""
     conn = pika.BlockingConnection(pika.URLParameters(settings.RABBITMQ_URL.split(",")[0]))

@@ -15,7 +15,6 @@ import pytest
 from django.db import transaction
 from django.db.models import Count
 
-from messaging import broker
 from messaging.models import Delivery, Message, Worker
 from messaging.publishing import create_letter
 from tests.conftest import queue_depth, subprocess_env, wait_for
@@ -77,7 +76,7 @@ def test_three_workers_share_a_burst_and_record_each_letter_once(amqp, queue_nam
                 BURST, elapsed, BURST / elapsed, WORKERS, acked_logged)
 
 
-def test_a_dead_first_broker_address_is_skipped(settings, amqp, queue_name, manage):
+def test_a_dead_first_broker_address_is_skipped(settings, fresh_publisher, amqp, queue_name, manage):
     """RABBITMQ_URL lists a cluster's nodes; pika tries them in turn (the first is down here)."""
     real = settings.RABBITMQ_URL.split(",")[0]
     cluster = f"amqp://guest:guest@127.0.0.1:1/%2F,{real}"
@@ -85,13 +84,9 @@ def test_a_dead_first_broker_address_is_skipped(settings, amqp, queue_name, mana
                     "--inactivity-timeout", "30", env=subprocess_env(RABBITMQ_URL=cluster))
     wait_for(lambda: consumers(queue_name) == 1, timeout=30, message="the worker to consume")
 
-    settings.RABBITMQ_URL = cluster
-    broker._local.__dict__.clear()  # this thread's publisher must read the new URL
-    try:
-        with transaction.atomic():
-            letter = create_letter(routing_key=queue_name, body=b"via the second address", declare=True)
-    finally:
-        broker._local.__dict__.clear()
+    settings.RABBITMQ_URL = cluster  # fresh_publisher: this thread's publisher connects anew
+    with transaction.atomic():
+        letter = create_letter(routing_key=queue_name, body=b"via the second address", declare=True)
     letter.refresh_from_db()
     assert letter.status == Message.Status.PUBLISHED, letter.last_error
 

@@ -159,24 +159,19 @@ def test_a_declared_exchange_deleted_since_is_declared_again(amqp, queue_name):
         amqp.exchange_delete(exchange=exchange)
 
 
-def test_a_refused_login_leaves_the_letter_pending(settings, queue_name):
+def test_a_refused_login_leaves_the_letter_pending(settings, fresh_publisher, queue_name):
     """Wrong credentials are the deployment's fault, not the letter's: it waits for the relay."""
     settings.RABBITMQ_URL = "amqp://guest:not-the-password@127.0.0.1:5672/%2F"
-    broker._local.__dict__.clear()  # this thread's publisher must read the new URL
-    try:
-        letter = send(routing_key=queue_name, body=b"x", declare=True)
-    finally:
-        broker._local.__dict__.clear()
+    letter = send(routing_key=queue_name, body=b"x", declare=True)
     assert letter.status == Message.Status.PENDING and "refused the login" in letter.last_error
     assert "not-the-password" not in letter.last_error
 
 
-def test_a_withheld_confirm_is_given_up_after_the_timeout(settings, amqp, queue_name):
+def test_a_withheld_confirm_is_given_up_after_the_timeout(settings, fresh_publisher, amqp, queue_name):
     """pika's blocking publish waits for a confirm without a limit; the broker here keeps answering
     heartbeats while the queue's process, suspended, confirms nothing."""
     amqp.queue_declare(queue_name, durable=True)
     settings.MAILROOM_PUBLISH_TIMEOUT = 1.0
-    broker._local.__dict__.clear()  # this thread's publisher must read the new timeout
     queue_process = ('{ok, Q} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"%s">>)), '
                      'sys:%s(amqqueue:get_pid(Q)).')
     rabbitmqctl("eval", queue_process % (queue_name, "suspend"))
@@ -189,7 +184,6 @@ def test_a_withheld_confirm_is_given_up_after_the_timeout(settings, amqp, queue_
     assert stuck.status == Message.Status.PENDING and stuck.last_error == "no confirm within 1s"
     assert 1.0 <= waited < 2.5
     assert send(routing_key=queue_name, body=b"next").status == Message.Status.PUBLISHED  # a new connection
-    broker._local.__dict__.clear()
 
 
 def test_one_connection_reused_across_publishes(queue_name):

@@ -15,7 +15,6 @@ from django.contrib.auth.models import Permission, User
 from django.db import transaction
 from django.utils import timezone
 
-from messaging import broker
 from messaging.api import create_token
 from messaging.models import Delivery, Message
 from tests.conftest import ROOT, queue_depth, subprocess_env, wait_for
@@ -40,14 +39,9 @@ def broker_answers() -> bool:
 
 
 @pytest.fixture
-def short_timeout(settings):
+def short_timeout(settings, fresh_publisher):
     """A fresh publisher for this thread with a 2 s broker timeout (it reads the setting when created)."""
     settings.MAILROOM_PUBLISH_TIMEOUT = 2.0
-    broker.publisher().close()
-    del broker._local.publisher
-    yield
-    broker.publisher().close()
-    del broker._local.publisher
 
 
 @pytest.fixture
