@@ -87,6 +87,13 @@ else:
     _pg_options = DATABASES["default"].setdefault("OPTIONS", {})
     _lock_ms = round(env.float("MAILROOM_PG_LOCK_TIMEOUT", default=20.0) * 1000)
     _pg_options["options"] = f"{_pg_options.get('options', '')} -c lock_timeout={_lock_ms}".strip()
+    # psycopg prepares a statement once it ran this many times on a connection; Django leaves it off
+    # for PgBouncer in transaction mode (before 1.21). Only the consumer's statements bind
+    # server-side and so can be prepared (Django's own queries are rendered client-side).
+    if env.bool("MAILROOM_PG_PREPARED_STATEMENTS", default=True):
+        _pg_options.setdefault("prepare_threshold", 5)
+    else:
+        _pg_options["prepare_threshold"] = None
 DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DJANGO_CONN_MAX_AGE", default=60))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -131,6 +131,30 @@ def test_first_receipts_are_one_statement_on_postgresql_and_letters_seen_before_
     assert Message.objects.count() == 3 and Message.objects.get(message_id="ours-2").status == Message.Status.PUBLISHED
 
 
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="prepared statements are PostgreSQL's")
+@pytest.mark.parametrize("threshold", [5, None])
+def test_small_batches_statement_is_prepared_on_postgresql_unless_turned_off(threshold):
+    connection.ensure_connection()
+    before = connection.connection.prepare_threshold
+    connection.connection.prepare_threshold = threshold  # what MAILROOM_PG_PREPARED_STATEMENTS sets
+    try:
+        for tag in range(1, 8):
+            record_batch([received(tag, message_id=f"prep-{tag}")], worker_id=None)
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s",
+                           ["WITH inserted AS (INSERT INTO messaging_message%"])
+            prepared = cursor.fetchone()[0]
+    finally:
+        connection.connection.prepare_threshold = before
+    assert prepared == (1 if threshold else 0)
+    assert Delivery.objects.filter(status=Delivery.Status.ACKED).count() == 7 == Message.objects.count()
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="prepared statements are PostgreSQL's")
+def test_settings_prepare_the_consumers_statements_on_postgresql_by_default(settings):
+    assert settings.DATABASES["default"]["OPTIONS"]["prepare_threshold"] == 5
+
+
 def test_recording_inside_a_callers_transaction_rolls_back_with_it():
     with pytest.raises(RuntimeError), transaction.atomic():
         record_batch([received(1, message_id="in-tx")], worker_id=None)
