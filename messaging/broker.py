@@ -674,7 +674,7 @@ class PipelinedPublisher:
             self.close()
             try:
                 self._connect()
-            except (BrokerError, FatalBrokerError) as exc:
+            except BrokerError as exc:  # a FatalBrokerError (login, vhost) goes to the caller: retrying cannot help
                 self._outcomes = [Outcome(status=Outcome.RETRY, reason=str(exc))] * len(letters)
                 return
         channel = self._channel

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import logging
+import operator
 import threading
 import time
 import traceback
@@ -537,8 +538,11 @@ def _copy_rows(model, columns, rows, *, ignore_conflicts: bool, returning: tuple
                 raise
             # A competing worker recorded one of these letters meanwhile: skip the ones that exist.
             return _insert_values(model, columns, rows, ignore_conflicts=True, returning=returning)
-    positions = [columns.index(c) for c in returning]
-    return [tuple(row[i] for i in positions) for row in rows]
+    if len(returning) == 1:
+        position = columns.index(returning[0])
+        return [(row[position],) for row in rows]
+    take = operator.itemgetter(*(columns.index(c) for c in returning))
+    return [take(row) for row in rows]
 
 
 _sequences: dict[tuple[str, str], str] = {}

@@ -128,6 +128,11 @@ class Relay:
                 try:
                     self.relay_due()
                     delays = None
+                except broker.FatalBrokerError as exc:  # the claimed letters roll back: they stay pending
+                    logger.error("cannot publish: %s (check RABBITMQ_URL's user, password and vhost); "
+                                 "the letters stay pending", exc)
+                    code = 1
+                    break
                 except DatabaseError as exc:  # nothing claimed is lost: the letters stay pending
                     if self.options.once:
                         logger.error("database unavailable (%s); the rest stays pending", exc)

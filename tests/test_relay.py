@@ -227,6 +227,21 @@ def test_disk_alarm_blocks_then_relay_publishes(client, publisher_user, short_ti
     assert relay.wait(timeout=20) == 0, relay.output
 
 
+@pytest.mark.parametrize("url, said", [
+    ("amqp://guest:not-the-password@127.0.0.1:5672/%2F", "refused the login"),
+    ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "ProbableAccessDeniedError"),
+])
+def test_wrong_credentials_or_vhost_stop_the_relay_with_exit_1_and_the_letters_stay_pending(manage, queue_name,
+                                                                                            url, said):
+    pending_letters(queue_name, 3)
+    relay = manage("relay", "--idle", "0.2", env=subprocess_env(RABBITMQ_URL=url))
+    assert relay.wait(timeout=30) == 1, relay.output
+    assert "cannot publish" in relay.output and said in relay.output
+    assert "not-the-password" not in relay.output
+    statuses = list(Message.objects.filter(routing_key=queue_name).values_list("status", flat=True))
+    assert statuses == [Message.Status.PENDING] * 3
+
+
 def test_a_claimed_batch_is_kept_from_other_relays_and_released_by_a_crash(amqp, queue_name):
     """PostgreSQL holds the batch's row locks until its outcomes commit; a relay that dies releases
     them at once. SQLite leases the rows instead: they stay claimed until the lease runs out."""

@@ -12,7 +12,8 @@ from messaging.relay import Relay, RelayOptions
 class Command(BaseCommand):
     help = (
         "Publish pending letters (crashed requests, broker down or blocked, nacks) in batches with pipelined "
-        "confirms, with backoff. Several relays may run at once. SIGINT/SIGTERM finish the batch in hand."
+        "confirms, with backoff. Several relays may run at once. SIGINT/SIGTERM finish the batch in hand. "
+        "Exits 1 when the broker refuses the login or vhost (the letters stay pending)."
     )
 
     def add_arguments(self, parser):
