@@ -88,8 +88,8 @@ else:
     _lock_ms = round(env.float("MAILROOM_PG_LOCK_TIMEOUT", default=20.0) * 1000)
     _pg_options["options"] = f"{_pg_options.get('options', '')} -c lock_timeout={_lock_ms}".strip()
     # psycopg prepares a statement once it ran this many times on a connection; Django leaves it off
-    # for PgBouncer in transaction mode (before 1.21). Only the consumer's statements bind
-    # server-side and so can be prepared (Django's own queries are rendered client-side).
+    # for PgBouncer in transaction mode (before 1.22, or without max_prepared_statements). Only the
+    # consumer's statements bind server-side and so can be prepared (Django's own are rendered client-side).
     if env.bool("MAILROOM_PG_PREPARED_STATEMENTS", default=True):
         _pg_options.setdefault("prepare_threshold", 5)
     else:

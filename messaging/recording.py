@@ -124,8 +124,9 @@ def record_settled(settlements: list[Settlement]) -> None:
         delivery = Delivery._meta.db_table
         p = _param()
         for action, ids in _ids_by_action(settlements).items():
-            where, params = _in("id", ids)
-            _execute(f"UPDATE {delivery} SET status = {p}, settled_at = {p} WHERE {where}", [action, now, *params])
+            for part in _parts(ids):
+                where, params = _in("id", part)
+                _execute(f"UPDATE {delivery} SET status = {p}, settled_at = {p} WHERE {where}", [action, now, *params])
 
 
 def _ids_by_action(settlements: list[Settlement]) -> dict[str, list[int]]:
@@ -139,6 +140,14 @@ def _ids_by_action(settlements: list[Settlement]) -> dict[str, list[int]]:
 def _param() -> str:
     """The driver's own placeholder: statements here bypass Django's cursor wrapper (see `_execute`)."""
     return "?" if connection.vendor == "sqlite" else "%s"
+
+
+MAX_PARAMETERS = 30_000  # per statement: SQLite takes at most 32,766, PostgreSQL 65,535 (server-side binding)
+
+
+def _parts(values: list) -> list[list]:
+    """`values` in lists short enough to bind one parameter each (SQLite's `IN (?, …)`)."""
+    return [values[i:i + MAX_PARAMETERS] for i in range(0, len(values), MAX_PARAMETERS)]
 
 
 def _in(column: str, values: list) -> tuple[str, list]:
@@ -185,8 +194,11 @@ def _server_binding_cursor():
 
 
 def _message_pks(message_ids) -> dict[str, int]:
-    where, params = _in("message_id", list(message_ids))
-    return dict(_execute(f"SELECT message_id, id FROM {Message._meta.db_table} WHERE {where}", params))
+    found = {}
+    for part in _parts(list(message_ids)):
+        where, params = _in("message_id", part)
+        found.update(_execute(f"SELECT message_id, id FROM {Message._meta.db_table} WHERE {where}", params))
+    return found
 
 
 def record_lost(delivery_ids: list[int], *, reason: str) -> None:
@@ -471,6 +483,18 @@ def _insert_rows(model, columns: tuple[str, ...], rows: list[tuple], *, ignore_c
     return _insert_values(model, columns, rows, ignore_conflicts=ignore_conflicts, returning=returning)
 
 
+def _in_statements(insert):
+    """Split a multi-row insert into statements of at most MAX_PARAMETERS values (large --batch-size)."""
+    @functools.wraps(insert)
+    def split(model, columns, rows, **kwargs) -> list[tuple]:
+        step = max(1, MAX_PARAMETERS // len(columns))
+        if len(rows) <= step:
+            return insert(model, columns, rows, **kwargs)
+        return [row for i in range(0, len(rows), step) for row in insert(model, columns, rows[i:i + step], **kwargs)]
+    return split
+
+
+@_in_statements
 def _insert_values(model, columns, rows, *, ignore_conflicts: bool, returning: tuple[str, ...]) -> list[tuple]:
     sql = _insert_sql(model, columns, len(rows), ignore_conflicts=ignore_conflicts)
     if returning:
@@ -492,6 +516,7 @@ def _insert_sql(model, columns, count: int, *, ignore_conflicts: bool) -> str:
     return sql
 
 
+@_in_statements
 def _insert_sqlite(model, columns, rows, *, ignore_conflicts: bool, returning: tuple[str, ...]) -> list[tuple]:
     """SQLite: insert without RETURNING and derive the ids.
 

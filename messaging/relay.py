@@ -171,7 +171,11 @@ class Relay:
             while current is not None:
                 upcoming = self.claim() if not self.stop_requested.is_set() else None
                 self._collect(current)
-                following = self._send(upcoming)
+                try:
+                    following = self._send(upcoming)
+                except broker.FatalBrokerError:
+                    self._record(current)  # what the broker confirmed is written before the relay stops
+                    raise
                 self._record(current)
                 relayed += len(current.letters)
                 current = following
@@ -256,6 +260,8 @@ class Relay:
                 except broker.PublishRefused as exc:
                     verdicts[key] = (Message.Status.FAILED, str(exc))
                 except broker.BrokerError as exc:
+                    if isinstance(exc.__cause__, broker.FatalBrokerError):
+                        raise exc.__cause__ from None  # the login or vhost: the relay stops (see run)
                     verdicts[key] = (Message.Status.PENDING, str(exc))
             if verdicts[key] is None:
                 sendable.append(index)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from datetime import datetime, timedelta, timezone
 
 import pika
@@ -150,7 +151,8 @@ def test_small_batches_statement_is_prepared_on_postgresql_unless_turned_off(thr
     assert Delivery.objects.filter(status=Delivery.Status.ACKED).count() == 7 == Message.objects.count()
 
 
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="prepared statements are PostgreSQL's")
+@pytest.mark.skipif(connection.vendor != "postgresql" or "MAILROOM_PG_PREPARED_STATEMENTS" in os.environ,
+                    reason="prepared statements are PostgreSQL's; the default is what is checked")
 def test_settings_prepare_the_consumers_statements_on_postgresql_by_default(settings):
     assert settings.DATABASES["default"]["OPTIONS"]["prepare_threshold"] == 5
 
@@ -234,6 +236,31 @@ def test_handler_failure_requeues_then_rejects_and_success_is_not_rerun():
     assert again.duplicate and again.action == Delivery.Status.ACKED
     assert calls.count("good") == 1
     assert Message.objects.get(message_id="good").correlation_id == "handled"
+
+
+def test_a_batch_over_one_statements_parameters_is_recorded_whole(monkeypatch):
+    monkeypatch.setattr(recording, "MAX_PARAMETERS", 30)  # a statement per letter or two, as 30,000 does for big batches
+    [first] = record_batch([received(1, message_id="many-0")], worker_id=None)
+    batch = [received(tag, message_id=f"many-{tag - 2}") for tag in range(2, 42)]  # many-0 again: the general way
+    settlements = record_batch(batch, worker_id=None)
+    rows = list(Delivery.objects.order_by("pk").values_list("pk", "message__message_id", "attempt", "duplicate"))
+    assert [row[0] for row in rows] == [s.delivery_id for s in [first, *settlements]]
+    assert [row[1] for row in rows] == ["many-0"] + [f"many-{i}" for i in range(40)]
+    assert rows[1][2:] == (2, True) and all(row[2:] == (1, False) for row in rows[2:])
+    assert Message.objects.count() == 40
+
+
+def test_a_batch_of_2000_letters_fits_the_databases_parameter_limit():
+    """2000 letters × 19 columns is more values than SQLite binds in one statement as built upstream
+    (32,766; Debian's build allows 250,000, so the test sets the upstream limit)."""
+    if connection.vendor == "sqlite":
+        import sqlite3
+
+        connection.ensure_connection()
+        connection.connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 32766)
+    settlements = record_batch([received(tag, message_id=f"big-{tag}") for tag in range(1, 2001)], worker_id=None)
+    assert len(settlements) == 2000 == Delivery.objects.filter(status=Delivery.Status.ACKED).count()
+    assert Message.objects.filter(message_id__startswith="big-").count() == 2000
 
 
 def test_a_big_batch_keeps_order_of_ids():

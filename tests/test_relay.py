@@ -227,19 +227,46 @@ def test_disk_alarm_blocks_then_relay_publishes(client, publisher_user, short_ti
     assert relay.wait(timeout=20) == 0, relay.output
 
 
-@pytest.mark.parametrize("url, said", [
-    ("amqp://guest:not-the-password@127.0.0.1:5672/%2F", "refused the login"),
-    ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "ProbableAccessDeniedError"),
+@pytest.mark.parametrize("url, said, exchange", [
+    ("amqp://guest:not-the-password@127.0.0.1:5672/%2F", "refused the login", ""),
+    ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "ProbableAccessDeniedError", ""),
+    ("amqp://guest:not-the-password@127.0.0.1:5672/%2F", "refused the login", "mailroom-relay-login"),  # declared first
 ])
 def test_wrong_credentials_or_vhost_stop_the_relay_with_exit_1_and_the_letters_stay_pending(manage, queue_name,
-                                                                                            url, said):
+                                                                                            url, said, exchange):
     pending_letters(queue_name, 3)
+    if exchange:
+        Message.objects.filter(routing_key=queue_name).update(exchange=exchange, exchange_type="direct", declare=True)
     relay = manage("relay", "--idle", "0.2", env=subprocess_env(RABBITMQ_URL=url))
     assert relay.wait(timeout=30) == 1, relay.output
     assert "cannot publish" in relay.output and said in relay.output
     assert "not-the-password" not in relay.output
     statuses = list(Message.objects.filter(routing_key=queue_name).values_list("status", flat=True))
     assert statuses == [Message.Status.PENDING] * 3
+
+
+def test_a_login_refused_for_the_next_batch_still_records_what_the_broker_confirmed(amqp, queue_name, monkeypatch):
+    """The next batch goes out while the one before is still to be recorded: a refusal then must not
+    leave the confirmed letters pending (the relay would publish them again)."""
+    from messaging import broker
+    from messaging.relay import Relay, RelayOptions
+
+    amqp.queue_declare(queue_name, durable=True)
+    pending_letters(queue_name, 6)
+    relay = Relay(RelayOptions(batch_size=3, window=3))
+    sent, calls = relay.pipeline.send, []
+
+    def send(letters):
+        calls.append(len(letters))
+        if len(calls) == 2:  # the second batch: the login is refused
+            raise broker.FatalBrokerError("the broker refused the login (injected)")
+        return sent(letters)
+
+    monkeypatch.setattr(relay.pipeline, "send", send)
+    assert relay.run() == 1
+    statuses = sorted(Message.objects.filter(routing_key=queue_name).values_list("status", flat=True))
+    assert statuses == [Message.Status.PENDING] * 3 + [Message.Status.PUBLISHED] * 3
+    wait_for(lambda: queue_depth(queue_name)[0] == 3, message="the three confirmed letters in the queue")
 
 
 def test_a_claimed_batch_is_kept_from_other_relays_and_released_by_a_crash(amqp, queue_name):
