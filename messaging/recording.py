@@ -145,9 +145,11 @@ def _param() -> str:
 MAX_PARAMETERS = 30_000  # per statement: SQLite takes at most 32,766, PostgreSQL 65,535 (server-side binding)
 
 
-def _parts(values: list) -> list[list]:
-    """`values` in lists short enough to bind one parameter each (SQLite's `IN (?, …)`)."""
-    return [values[i:i + MAX_PARAMETERS] for i in range(0, len(values), MAX_PARAMETERS)]
+def _parts(values: list, size: int | None = None) -> list[list]:
+    """`values` in lists of at most `size` (default: short enough to bind one parameter each, as in
+    SQLite's `IN (?, …)`)."""
+    size = size or MAX_PARAMETERS
+    return [values[i:i + size] for i in range(0, len(values), size)]
 
 
 def _in(column: str, values: list) -> tuple[str, list]:
@@ -487,10 +489,10 @@ def _in_statements(insert):
     """Split a multi-row insert into statements of at most MAX_PARAMETERS values (large --batch-size)."""
     @functools.wraps(insert)
     def split(model, columns, rows, **kwargs) -> list[tuple]:
-        step = max(1, MAX_PARAMETERS // len(columns))
-        if len(rows) <= step:
+        parts = _parts(rows, max(1, MAX_PARAMETERS // len(columns)))
+        if len(parts) == 1:
             return insert(model, columns, rows, **kwargs)
-        return [row for i in range(0, len(rows), step) for row in insert(model, columns, rows[i:i + step], **kwargs)]
+        return [row for part in parts for row in insert(model, columns, part, **kwargs)]
     return split
 
 

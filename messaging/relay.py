@@ -173,10 +173,8 @@ class Relay:
                 self._collect(current)
                 try:
                     following = self._send(upcoming)
-                except broker.FatalBrokerError:
-                    self._record(current)  # what the broker confirmed is written before the relay stops
-                    raise
-                self._record(current)
+                finally:  # what the broker confirmed is written, even if the next batch cannot go (a refused login)
+                    self._record(current)
                 relayed += len(current.letters)
                 current = following
         finally:
