@@ -155,17 +155,17 @@ def _parts(values: list, size: int | None = None) -> list[list]:
 def _in(column: str, values: list) -> tuple[str, list]:
     """`column IN (…)` as SQL and parameters; one array parameter on PostgreSQL (far cheaper to bind).
 
-    SQLite: as many `?` as `_slots` gives, the spare ones NULL (which matches nothing).
+    SQLite: as many `?` as `statement_slots` gives, the spare ones NULL (which matches nothing).
     """
     if connection.vendor == "postgresql":
         return f"{column} = ANY(%s)", [list(values)]
-    slots = _slots(len(values), MAX_PARAMETERS)
+    slots = statement_slots(len(values))
     return f"{column} IN ({', '.join(['?'] * slots)})", [*values, *[None] * (slots - len(values))]
 
 
-def _slots(count: int, most: int) -> int:
-    """How many rows or values a SQLite statement is written for: `count` rounded up to a power of
-    two, at most `most` (what the caller splits its values by).
+def statement_slots(count: int, most: int = MAX_PARAMETERS) -> int:
+    """How many rows or values a statement is written for: `count` rounded up to a power of two, at
+    most `most` (what the caller splits its values by).
 
     Python's sqlite3 keeps each connection's last 128 statements compiled, by their text. Written
     for the exact count, every batch size was a statement of its own, compiled afresh (~2 ms for
@@ -543,15 +543,15 @@ def _insert_sqlite(model, columns, rows, *, ignore_conflicts: bool, returning: t
     statement's rows take consecutive rowids in VALUES order, ending at `lastrowid`; rows skipped as
     conflicts break that, and then the ids are looked up by `returning[0]`, a unique column.
 
-    Each statement is written for `_slots` rows (the rest NULL rows, which `WHERE column1 IS NOT
-    NULL` skips): the first column, a letter's message_id or a delivery's letter, is never NULL.
+    Each statement is written for `statement_slots` rows (the rest NULL rows, which `WHERE column1
+    IS NOT NULL` skips): the first column, a letter's message_id or a delivery's letter, is never NULL.
     """
     most = max(1, MAX_PARAMETERS // len(columns))
     found: list[tuple] = []
     for part in _parts(rows, most):
         if any(row[0] is None for row in part):
             raise ValueError(f"{model.__name__} rows need a first column ({columns[0]}) that is not NULL")
-        slots = _slots(len(part), most)
+        slots = statement_slots(len(part), most)
         sql = _sqlite_insert_sql(model._meta.db_table, columns, slots, ignore_conflicts=ignore_conflicts)
         params = list(chain.from_iterable(part))
         params += [None] * (len(columns) * (slots - len(part)))

@@ -34,6 +34,7 @@ from messaging import broker
 from messaging.consuming import backoff_delays
 from messaging.models import Message
 from messaging.publishing import outcome_fields, outcome_params, outcome_sql, publish_once, relaxed_commit
+from messaging.recording import statement_slots
 
 logger = logging.getLogger(__name__)
 
@@ -301,5 +302,6 @@ class Relay:
         with db.cursor() as cursor:
             for (status, reason, attempts), pks in groups.items():
                 fields = outcome_fields(status, reason, attempts=attempts)
-                cursor.execute(outcome_sql(tuple(fields), letters=len(pks)),
-                               [*outcome_params(db, fields), *pks, Message.Status.PENDING])
+                slots = statement_slots(len(pks))  # a few statement shapes (see there); NULL matches no pk
+                cursor.execute(outcome_sql(tuple(fields), letters=slots),
+                               [*outcome_params(db, fields), *pks, *[None] * (slots - len(pks)), Message.Status.PENDING])
