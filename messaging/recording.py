@@ -163,16 +163,16 @@ def _in(column: str, values: list) -> tuple[str, list]:
     return f"{column} IN ({', '.join(['?'] * slots)})", [*values, *[None] * (slots - len(values))]
 
 
-def statement_slots(count: int, most: int = MAX_PARAMETERS) -> int:
+def statement_slots(count: int, most: int | None = None) -> int:
     """How many rows or values a statement is written for: `count` rounded up to a power of two, at
-    most `most` (what the caller splits its values by).
+    most `most` (what the caller splits its values by; default MAX_PARAMETERS).
 
     Python's sqlite3 keeps each connection's last 128 statements compiled, by their text. Written
     for the exact count, every batch size was a statement of its own, compiled afresh (~2 ms for
     400 rows) and then kept: hundreds of kilobytes each, which grew a worker by 20–30 MB. Rounded,
     a connection needs a dozen shapes per statement; the spare slots are NULL and skipped.
     """
-    return min(1 << (count - 1).bit_length(), most) if count > 1 else 1
+    return min(1 << (count - 1).bit_length(), most or MAX_PARAMETERS) if count > 1 else 1
 
 
 def _execute(sql: str, params: list) -> list[tuple]:

@@ -7,12 +7,13 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import timedelta
 
 import pika
 import pytest
 from django.conf import settings
 from django.contrib.auth.models import Permission, User
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from messaging.api import create_token
@@ -120,6 +121,31 @@ def test_relay_records_unroutable_and_failed_in_a_batch(amqp, queue_name):
     assert missing.status == Message.Status.FAILED and "404" in missing.last_error
     assert Message.objects.filter(status=Message.Status.PUBLISHED).count() == 5
     assert queue_depth(queue_name) == (5, 0)
+
+
+def test_outcomes_of_a_group_over_the_parameter_limit_are_written_in_parts(amqp, queue_name, monkeypatch):
+    from messaging import relay as relay_module
+    from messaging.relay import Relay, RelayOptions
+
+    monkeypatch.setattr(relay_module, "MAX_PARAMETERS", 3)  # 7 letters: UPDATEs for 3, 3 and 1 (padded on SQLite)
+    amqp.queue_declare(queue_name, durable=True)
+    pending_letters(queue_name, 7)
+    other = Message.objects.create(routing_key=queue_name, body=b"x", next_attempt_at=timezone.now() + timedelta(hours=1))
+    limit = None
+    if connection.vendor == "sqlite":  # a limit as small as the patched one: one UPDATE for all 7 would fail
+        import sqlite3
+
+        connection.ensure_connection()
+        limit = connection.connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 10)
+    try:
+        Relay(RelayOptions(once=True)).run()
+    finally:
+        if limit is not None:
+            connection.connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, limit)
+    assert Message.objects.filter(status=Message.Status.PUBLISHED, attempts=1).count() == 7
+    other.refresh_from_db()
+    assert (other.status, other.attempts) == (Message.Status.PENDING, 0)  # not due: its pk is nowhere in the IN lists
+    assert queue_depth(queue_name) == (7, 0)
 
 
 def test_a_letter_pika_cannot_encode_is_failed_and_the_relay_goes_on(amqp, queue_name):
