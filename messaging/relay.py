@@ -166,14 +166,15 @@ class Relay:
         while the broker works on the next. On any error the open claims roll back: their
         letters are due again at once, for this relay or another.
         """
-        relayed = 0
+        relayed, unsent = 0, None  # unsent: claimed, and its sending has not succeeded (yet)
         try:
-            current = self._send(self.claim())
+            unsent = self.claim()
+            current, unsent = self._send(unsent), None
             while current is not None:
-                upcoming = self.claim() if not self.stop_requested.is_set() else None
+                unsent = self.claim() if not self.stop_requested.is_set() else None
                 self._collect(current)
                 try:
-                    following = self._send(upcoming)
+                    following, unsent = self._send(unsent), None
                 finally:  # what the broker confirmed is written, even if the next batch cannot go (a refused login)
                     self._record(current)
                 relayed += len(current.letters)
@@ -186,7 +187,20 @@ class Relay:
                         db.set_autocommit(True)
                     except DatabaseError:  # the connection itself is broken: closing it ends the transaction
                         db.close()
+            if unsent is not None and not self.holds_locks:
+                self._lift_lease(unsent)
         return relayed
+
+    @staticmethod
+    def _lift_lease(batch: Batch) -> None:
+        """SQLite: a claimed batch that never went out is due again at once, as a rolled-back claim is
+        on PostgreSQL: a relay restarted after a refused login does not wait out the lease."""
+        pks = [letter.pk for letter in batch.letters]
+        try:
+            with relaxed_commit():
+                Message.objects.filter(pk__in=pks, status=Message.Status.PENDING).update(next_attempt_at=timezone.now())
+        except DatabaseError as exc:
+            logger.warning("%s claimed letters stay claimed until their lease ends: %s", len(pks), exc)
 
     def claim(self) -> Batch | None:
         """Due letters, oldest due first, claimed for this relay (see the module's docstring).

@@ -269,6 +269,8 @@ def test_wrong_credentials_or_vhost_stop_the_relay_with_exit_1_and_the_letters_s
     assert "not-the-password" not in relay.output
     statuses = list(Message.objects.filter(routing_key=queue_name).values_list("status", flat=True))
     assert statuses == [Message.Status.PENDING] * 3
+    # and due at once, for a relay started with the right settings (SQLite's claim lease is lifted)
+    assert Message.objects.filter(routing_key=queue_name, next_attempt_at__lte=timezone.now()).count() == 3
 
 
 def test_a_login_refused_for_the_next_batch_still_records_what_the_broker_confirmed(amqp, queue_name, monkeypatch):
@@ -292,6 +294,8 @@ def test_a_login_refused_for_the_next_batch_still_records_what_the_broker_confir
     assert relay.run() == 1
     statuses = sorted(Message.objects.filter(routing_key=queue_name).values_list("status", flat=True))
     assert statuses == [Message.Status.PENDING] * 3 + [Message.Status.PUBLISHED] * 3
+    pending = Message.objects.filter(routing_key=queue_name, status=Message.Status.PENDING)
+    assert [m.next_attempt_at <= timezone.now() and m.attempts == 0 for m in pending] == [True] * 3  # not sent: due at once
     wait_for(lambda: queue_depth(queue_name)[0] == 3, message="the three confirmed letters in the queue")
 
 
