@@ -124,7 +124,7 @@ def record_settled(settlements: list[Settlement]) -> None:
         delivery = Delivery._meta.db_table
         p = _param()
         for action, ids in _ids_by_action(settlements).items():
-            for part in _parts(ids):
+            for part in in_lists(ids, pad=connection.vendor == "sqlite"):
                 where, params = _in("id", part)
                 _execute(f"UPDATE {delivery} SET status = {p}, settled_at = {p} WHERE {where}", [action, now, *params])
 
@@ -152,15 +152,20 @@ def _parts(values: list, size: int | None = None) -> list[list]:
     return [values[i:i + size] for i in range(0, len(values), size)]
 
 
-def _in(column: str, values: list) -> tuple[str, list]:
-    """`column IN (…)` as SQL and parameters; one array parameter on PostgreSQL (far cheaper to bind).
+def in_lists(values: list, *, pad: bool) -> list[list]:
+    """`values` in lists for `IN (…)`, each short enough to bind one parameter per value; with `pad`
+    (SQLite), each filled with NULLs (which match nothing) to `statement_slots` values."""
+    parts = _parts(values)
+    if pad:
+        return [part + [None] * (statement_slots(len(part)) - len(part)) for part in parts]
+    return parts
 
-    SQLite: as many `?` as `statement_slots` gives, the spare ones NULL (which matches nothing).
-    """
+
+def _in(column: str, values: list) -> tuple[str, list]:
+    """`column IN (…)` as SQL and parameters; one array parameter on PostgreSQL (far cheaper to bind)."""
     if connection.vendor == "postgresql":
         return f"{column} = ANY(%s)", [list(values)]
-    slots = statement_slots(len(values))
-    return f"{column} IN ({', '.join(['?'] * slots)})", [*values, *[None] * (slots - len(values))]
+    return f"{column} IN ({', '.join([_param()] * len(values))})", list(values)
 
 
 def statement_slots(count: int, most: int | None = None) -> int:
@@ -213,7 +218,7 @@ def _server_binding_cursor():
 
 def _message_pks(message_ids) -> dict[str, int]:
     found = {}
-    for part in _parts(list(message_ids)):
+    for part in in_lists(list(message_ids), pad=connection.vendor == "sqlite"):
         where, params = _in("message_id", part)
         found.update(_execute(f"SELECT message_id, id FROM {Message._meta.db_table} WHERE {where}", params))
     return found
@@ -501,23 +506,19 @@ def _insert_rows(model, columns: tuple[str, ...], rows: list[tuple], *, ignore_c
     return _insert_values(model, columns, rows, ignore_conflicts=ignore_conflicts, returning=returning)
 
 
-def _in_statements(insert):
-    """Split a multi-row insert into statements of at most MAX_PARAMETERS values (large --batch-size)."""
-    @functools.wraps(insert)
-    def split(model, columns, rows, **kwargs) -> list[tuple]:
-        parts = _parts(rows, max(1, MAX_PARAMETERS // len(columns)))
-        if len(parts) == 1:
-            return insert(model, columns, rows, **kwargs)
-        return [row for part in parts for row in insert(model, columns, part, **kwargs)]
-    return split
+def _rows_per_statement(columns) -> int:
+    """Rows of `columns` one statement binds under MAX_PARAMETERS (a large --batch-size takes several)."""
+    return max(1, MAX_PARAMETERS // len(columns))
 
 
-@_in_statements
 def _insert_values(model, columns, rows, *, ignore_conflicts: bool, returning: tuple[str, ...]) -> list[tuple]:
-    sql = _insert_sql(model, columns, len(rows), ignore_conflicts=ignore_conflicts)
-    if returning:
-        sql += f" RETURNING {', '.join(connection.ops.quote_name(c) for c in returning)}"
-    return _execute(sql, list(chain.from_iterable(rows)))
+    found: list[tuple] = []
+    for part in _parts(rows, _rows_per_statement(columns)):
+        sql = _insert_sql(model, columns, len(part), ignore_conflicts=ignore_conflicts)
+        if returning:
+            sql += f" RETURNING {', '.join(connection.ops.quote_name(c) for c in returning)}"
+        found += _execute(sql, list(chain.from_iterable(part)))
+    return found
 
 
 def _insert_sql(model, columns, count: int, *, ignore_conflicts: bool) -> str:
@@ -546,7 +547,7 @@ def _insert_sqlite(model, columns, rows, *, ignore_conflicts: bool, returning: t
     Each statement is written for `statement_slots` rows (the rest NULL rows, which `WHERE column1
     IS NOT NULL` skips): the first column, a letter's message_id or a delivery's letter, is never NULL.
     """
-    most = max(1, MAX_PARAMETERS // len(columns))
+    most = _rows_per_statement(columns)
     found: list[tuple] = []
     for part in _parts(rows, most):
         if any(row[0] is None for row in part):
@@ -565,8 +566,9 @@ def _insert_sqlite(model, columns, rows, *, ignore_conflicts: bool, returning: t
                 found += [(row[key], pk) for pk, row in zip(ids, part)]
             continue
         key = returning[0]
-        where, params = _in(key, [row[columns.index(key)] for row in part])
-        found += _execute(f"SELECT {', '.join(returning)} FROM {model._meta.db_table} WHERE {where}", params)
+        for values in in_lists([row[columns.index(key)] for row in part], pad=True):
+            where, params = _in(key, values)
+            found += _execute(f"SELECT {', '.join(returning)} FROM {model._meta.db_table} WHERE {where}", params)
     return found
 
 

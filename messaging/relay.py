@@ -34,7 +34,7 @@ from messaging import broker
 from messaging.consuming import backoff_delays
 from messaging.models import Message
 from messaging.publishing import outcome_fields, outcome_params, outcome_sql, publish_once, relaxed_commit
-from messaging.recording import MAX_PARAMETERS, statement_slots
+from messaging.recording import in_lists
 
 logger = logging.getLogger(__name__)
 
@@ -316,10 +316,6 @@ class Relay:
         with db.cursor() as cursor:
             for (status, reason, attempts), pks in groups.items():
                 fields = outcome_fields(status, reason, attempts=attempts)
-                for start in range(0, len(pks), MAX_PARAMETERS):  # under SQLite's limit of parameters
-                    part = pks[start:start + MAX_PARAMETERS]
-                    # SQLite: a few statement shapes, not one per count (see statement_slots); NULL matches no pk
-                    slots = statement_slots(len(part)) if db.vendor == "sqlite" else len(part)
-                    cursor.execute(outcome_sql(tuple(fields), letters=slots), [
-                        *outcome_params(db, fields), *part, *[None] * (slots - len(part)), Message.Status.PENDING,
-                    ])
+                for part in in_lists(pks, pad=db.vendor == "sqlite"):  # a few statement shapes on SQLite
+                    cursor.execute(outcome_sql(tuple(fields), letters=len(part)),
+                                   [*outcome_params(db, fields), *part, Message.Status.PENDING])

@@ -124,10 +124,10 @@ def test_relay_records_unroutable_and_failed_in_a_batch(amqp, queue_name):
 
 
 def test_outcomes_of_a_group_over_the_parameter_limit_are_written_in_parts(amqp, queue_name, monkeypatch):
-    from messaging import relay as relay_module
+    from messaging import recording
     from messaging.relay import Relay, RelayOptions
 
-    monkeypatch.setattr(relay_module, "MAX_PARAMETERS", 3)  # 7 letters: UPDATEs for 3, 3 and 1 (padded on SQLite)
+    monkeypatch.setattr(recording, "MAX_PARAMETERS", 3)  # 7 letters: UPDATEs for 3, 3 and 1
     amqp.queue_declare(queue_name, durable=True)
     pending_letters(queue_name, 7)
     other = Message.objects.create(routing_key=queue_name, body=b"x", next_attempt_at=timezone.now() + timedelta(hours=1))
