@@ -69,7 +69,7 @@ def backoff_delays(*, start: float = BACKOFF_START, cap: float = BACKOFF_CAP):
     """
     attempt = 0
     while True:
-        ceiling = min(cap, start * 2 ** (attempt + 1))
+        ceiling = min(cap, start * 2 ** min(attempt + 1, 32))  # a bounded exponent: no float overflow, ever
         yield random.uniform(max(start, ceiling / 2), ceiling)
         attempt += 1
 

@@ -229,7 +229,8 @@ def republish(original: Message, *, user=None) -> Message:
 
 def retry_delay(attempts: int) -> timedelta:
     """Capped exponential backoff with full jitter for the relay's next attempt."""
-    ceiling = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2 ** max(0, attempts - 1))
+    # The exponent is bounded: a letter pending for days (~1,000 attempts) would overflow a float.
+    ceiling = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2 ** min(max(0, attempts - 1), 32))
     return timedelta(seconds=random.uniform(ceiling / 2, ceiling))
 
 

@@ -11,7 +11,9 @@ from django.db import transaction
 
 from messaging import broker
 from messaging.models import Message
-from messaging.publishing import LetterError, create_letter, preview_route, publish_message, republish, topic_matches
+from messaging.publishing import (
+    LetterError, create_letter, preview_route, publish_message, republish, retry_delay, topic_matches,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -305,6 +307,13 @@ def test_republish_records_lineage_and_publisher(django_user_model, amqp, queue_
     assert bytes(copy.body) == BINARY and copy.headers == {"a": 1} and copy.properties == {"type": "t"}
     bodies = [amqp.basic_get(queue_name, auto_ack=True)[2] for _ in range(2)]
     assert bodies == [BINARY, BINARY]
+
+
+def test_the_relays_backoff_holds_for_a_letter_pending_for_days():
+    # ~1,000 attempts at the 300 s cap is 3 days; 2 ** 1024 would overflow a float and crash the relay.
+    for attempts in (1, 2, 9, 10, 1025, 5000, 10**6):
+        ceiling = min(300.0, 2.0 ** (attempts - 1)) if attempts < 64 else 300.0
+        assert ceiling / 2 <= retry_delay(attempts).total_seconds() <= ceiling
 
 
 def test_topic_matching():

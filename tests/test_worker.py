@@ -239,3 +239,9 @@ def test_reconnect_backoff_is_capped_exponential_with_jitter():
     assert all(1.0 <= d <= 30.0 for run in runs for d in run)  # at most one attempt a second, capped
     assert all(run[0] <= 2.0 and run[3] >= 8.0 and run[-1] >= 15.0 for run in runs)  # grows, then stays high
     assert len({run[-1] for run in runs}) > 1  # jittered: workers do not reconnect in lockstep
+
+
+def test_backoff_goes_on_for_as_long_as_an_outage_lasts():
+    # 2,000 retries is ~9 h of a broker outage at the 30 s cap: 2.0 ** 1024 would overflow a float.
+    assert all(1.0 <= d <= 30.0 for d in islice(backoff_delays(), 2000))
+    assert all(5.0 <= d <= 10.0 for d in islice(backoff_delays(cap=10.0), 1500, 2000))
