@@ -275,10 +275,11 @@ class Prepared:
 
 def _prepare(batch: list[Received], handlers: dict[str, Handler] | None) -> Prepared:
     for r in batch:  # as the database can store them: another producer's bytes may not be UTF-8, or hold NUL
+        # (each NUL is escaped as six characters: a 255-byte name can come out longer than its column)
         if type(r.exchange) is not str or "\x00" in r.exchange:
-            r.exchange = broker.text_value(r.exchange)
+            r.exchange = broker.text_value(r.exchange)[:255]
         if type(r.routing_key) is not str or "\x00" in r.routing_key:
-            r.routing_key = broker.text_value(r.routing_key)
+            r.routing_key = broker.text_value(r.routing_key)[:255]
     received = _receipt_times([r.received_at for r in batch])
     ids = [_message_id(r) for r in batch]
     letters: dict[str, tuple] = {}
@@ -638,8 +639,13 @@ def _message_id(r: Received) -> str:
 
 
 def _match_by_content(r: Received) -> str | None:
-    """The latest identical letter delivered on this queue and not rejected. 'acked' counts too:
-    without a handler the row was written acked, its ack to follow the commit."""
+    """The latest identical letter delivered on this queue whose ack may not have reached the broker.
+
+    Not one rejected, nor one handled and then acked: its handler ran and the 'acked' was written
+    after the ack went out, so an identical letter now is another letter (sent twice without a
+    message_id), whose handler must run. An 'acked' row without a handler counts: it was written
+    acked with the commit, its ack to follow, which a crash may have cut off.
+    """
     sha = hashlib.sha256(r.body).hexdigest()
     return (
         Delivery.objects.filter(
@@ -647,6 +653,7 @@ def _match_by_content(r: Received) -> str | None:
             message__routing_key=r.routing_key,
         )
         .exclude(status=Delivery.Status.REJECTED)
+        .exclude(status=Delivery.Status.ACKED, handled_at__isnull=False)
         .order_by("-pk").values_list("message__message_id", flat=True).first()
     )
 

@@ -196,6 +196,39 @@ def test_redelivered_outside_letter_without_message_id_is_matched_by_content():
     assert Delivery.objects.count() == 2
 
 
+def test_an_identical_letter_after_one_handled_and_acked_is_another_letter_and_is_handled():
+    handled = []
+    handlers = {"q": lambda message: handled.append(message.pk)}
+    settlements = record_batch([received(1, body=b"same, no id")], worker_id=None, handlers=handlers)
+    ack_all(settlements)  # handled, acked, and the ack recorded
+    # The same content again, redelivered (the second letter was in the prefetch buffer when the
+    # connection dropped): not the first one coming back, which was acked.
+    [second] = record_batch([received(1, body=b"same, no id", redelivered=True)], worker_id=None, handlers=handlers)
+    assert Message.objects.count() == 2 and len(set(handled)) == 2
+    assert not second.duplicate and second.action == Delivery.Status.ACKED
+    assert list(Delivery.objects.order_by("pk").values_list("status", "attempt")) == [("acked", 1), ("received", 1)]
+
+
+def test_a_handled_letter_whose_ack_was_lost_is_matched_by_content_and_not_handled_again():
+    handled = []
+    handlers = {"q": lambda message: handled.append(message.pk)}
+    record_batch([received(1, body=b"no id, ack lost")], worker_id=None, handlers=handlers)  # killed before the ack
+    [again] = record_batch([received(1, body=b"no id, ack lost", redelivered=True)], worker_id=None, handlers=handlers)
+    assert Message.objects.count() == 1 and len(handled) == 1
+    assert again.duplicate and again.action == Delivery.Status.ACKED
+
+
+def test_names_with_nul_longer_than_their_column_once_escaped_are_cut_not_retried_forever():
+    # A 210-byte routing key (AMQP allows 255) whose NULs are stored as six characters each.
+    key = "a" * 200 + "\x00" * 10
+    letter = received(1, message_id="nul-key")
+    letter.exchange, letter.routing_key = "x" * 250 + "\x00", key
+    [s] = record_batch([letter], worker_id=None)
+    stored = Message.objects.get(message_id="nul-key")
+    assert stored.routing_key == ("a" * 200 + "\\u0000" * 10)[:255] and len(stored.exchange) == 255
+    assert Delivery.objects.get(pk=s.delivery_id).routing_key == stored.routing_key
+
+
 def test_quorum_delivery_count_header_gives_the_attempt():
     [s] = record_batch([received(1, message_id="qq", headers={"x-delivery-count": 3})], worker_id=None)
     assert Delivery.objects.get(pk=s.delivery_id).attempt == 4
