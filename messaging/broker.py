@@ -81,19 +81,44 @@ def connection_parameters(
     return params
 
 
+HANDSHAKE_ERRORS = (pe.ProbableAuthenticationError, pe.ProbableAccessDeniedError, pe.AuthenticationError)
+_logged_in = False  # this process has logged in to the broker before (see handshake_error)
+
+
 def connect(*, url: str | None = None, heartbeat: int | None = None, timeout: float | None = None,
             client_name: str = "mailroom") -> pika.BlockingConnection:
     """A blocking connection to the first broker of RABBITMQ_URL that answers."""
+    global _logged_in
     try:
-        return pika.BlockingConnection(
+        connection = pika.BlockingConnection(
             connection_parameters(url=url, heartbeat=heartbeat, timeout=timeout, client_name=client_name)
         )
-    except (pe.ProbableAuthenticationError, pe.ProbableAccessDeniedError, pe.AuthenticationError) as exc:
-        raise FatalBrokerError(f"the broker refused the login ({exc.__class__.__name__}: {exc})") from exc
+    except HANDSHAKE_ERRORS as exc:
+        raise handshake_error(exc) from exc
     except pe.ConnectionClosedByBroker as exc:
         if exc.reply_code in FATAL_REPLY_CODES:
             raise FatalBrokerError(f"the broker refused the connection: {exc.reply_code} {exc.reply_text}") from exc
         raise
+    _logged_in = True
+    return connection
+
+
+def handshake_error(exc: Exception) -> Exception:
+    """What a connection that failed during its handshake means: a refused login or vhost (fatal),
+    or a broker that cut the handshake short (retry).
+
+    pika calls any connection closed while authenticating a "probable" authentication error, and
+    while tuning a "probable" access error. RabbitMQ refuses a login or vhost explicitly (403, 530);
+    but it also drops connections still in their handshake when it stops or closes every
+    connection, which pika reports the same way. Once this process has logged in, only an
+    explicit refusal is fatal; before that, any such failure is (a misconfiguration is likelier
+    than a broker restarting at that very moment, and retrying it would only storm).
+    """
+    text = str(exc)
+    refused = isinstance(exc, pe.AuthenticationError) or any(f"({code})" in text for code in FATAL_REPLY_CODES)
+    if refused or not _logged_in:
+        return FatalBrokerError(f"the broker refused the login ({exc.__class__.__name__}: {text})")
+    return pe.StreamLostError(f"the broker closed the connection during its handshake ({text})")
 
 
 def describe(exc: BaseException) -> str:
@@ -531,6 +556,7 @@ class PipelinedPublisher:
         ioloop.remove_timeout(timer)
 
     def _connect(self) -> None:
+        global _logged_in
         self._error = None
         errors = []
         for params in connection_parameters(timeout=self.timeout, client_name=self.client_name):
@@ -561,14 +587,17 @@ class PipelinedPublisher:
             self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
             self._run(timeout=self.timeout * 2)
             if ready["ok"]:
+                _logged_in = True
                 self._next_tag = 1
                 self._blocked = False
                 return
             errors.append(self._error or TimeoutError("the broker did not open a channel in time"))
             self.close()
         exc = errors[-1]
-        if isinstance(exc, (pe.ProbableAuthenticationError, pe.ProbableAccessDeniedError, pe.AuthenticationError)):
-            raise FatalBrokerError(f"the broker refused the login ({exc.__class__.__name__})") from exc
+        if isinstance(exc, HANDSHAKE_ERRORS):
+            exc = handshake_error(exc)
+            if isinstance(exc, FatalBrokerError):
+                raise exc from errors[-1]
         raise BrokerError(describe(exc)) from exc
 
     @property

@@ -11,6 +11,7 @@ from itertools import islice
 import pika
 import pytest
 
+from messaging import broker
 from messaging.consuming import backoff_delays
 from messaging.models import Delivery, Message, Worker
 from tests.conftest import delete_queue, subprocess_env, wait_for
@@ -232,6 +233,23 @@ def test_wrong_credentials_or_vhost_exit_non_zero_without_a_reconnect_storm(queu
     assert "reconnecting" not in worker.output
     assert "not-the-password" not in worker.output
     assert Worker.objects.get().status == Worker.Status.STOPPED
+
+
+def test_a_handshake_cut_short_is_fatal_only_before_the_first_login_or_when_refused(monkeypatch):
+    pe = pika.exceptions
+    cut_short = pe.ProbableAuthenticationError(repr(pe.StreamLostError("Transport indicated EOF")))
+    forced = pe.ProbableAccessDeniedError(repr(pe.ConnectionClosedByBroker(320, "CONNECTION_FORCED - shutdown")))
+    refused = pe.ProbableAuthenticationError(repr(pe.ConnectionClosedByBroker(403, "ACCESS_REFUSED - Login was refused")))
+    no_vhost = pe.ProbableAccessDeniedError(repr(pe.ConnectionClosedByBroker(530, "NOT_ALLOWED - vhost nope not found")))
+    monkeypatch.setattr(broker, "_logged_in", False)  # a worker starting: any such failure is the settings'
+    assert all(isinstance(broker.handshake_error(e), broker.FatalBrokerError) for e in (cut_short, forced, refused))
+    # Once logged in, a broker stopping (or closing every connection) mid-handshake is retried, as
+    # any lost connection is; an explicit refusal is still fatal.
+    monkeypatch.setattr(broker, "_logged_in", True)
+    for e in (cut_short, forced):
+        assert isinstance(broker.handshake_error(e), broker.CONNECTION_ERRORS)
+    for e in (refused, no_vhost, pe.AuthenticationError("PLAIN")):
+        assert isinstance(broker.handshake_error(e), broker.FatalBrokerError)
 
 
 def test_reconnect_backoff_is_capped_exponential_with_jitter():
