@@ -287,7 +287,10 @@ class Worker:
                     len(self._pending), len(self._unsettled),
                 )
                 self._database_down = True
-                break
+                # A batch still being recorded may yet commit, its rows written 'acked' with no ack
+                # to follow: wait for it, and mark what it committed lost (the broker requeues it).
+                self._drop_connection(reason="the worker stopped while the database failed")
+                return
         self._close()
 
     def _drop_connection(self, *, reason: str) -> None:

@@ -17,11 +17,12 @@ from datetime import timedelta
 import pika
 import psycopg
 import pytest
-from django.db import connection
+from django.db import OperationalError, connection
 
+from messaging import recording
 from messaging.consuming import ConsumeOptions
 from messaging.consuming import Worker as ConsumeWorker
-from messaging.models import Delivery, Worker
+from messaging.models import Delivery, Message, Worker
 from tests.conftest import subprocess_env, wait_for
 from tests.consuming_checks import (
     acked_count, assert_exactly_once, connect, consumers, publish, queue_counts, rabbitmqctl,
@@ -291,6 +292,35 @@ def test_channel_closed_by_the_broker_opens_another(queue_name, caplog):
     assert not thread.is_alive()
     assert "the broker closed the channel" in caplog.text
     assert_exactly_once(queue_name, first + second)
+
+
+def test_stopping_while_a_batch_fails_leaves_the_other_batch_in_flight_unacked_and_says_so(queue_name, monkeypatch):
+    """Two batches being recorded; the first fails (the database), a stop arrives, the second commits
+    later: its rows must not say 'acked', since the worker closes without acking them."""
+    ids = publish(queue_name, 20, declare=True)
+    worker = ConsumeWorker(ConsumeOptions(queues=(queue_name,), batch_size=10, prefetch=20))
+    original, second_started, release = recording.record_batch, threading.Event(), threading.Event()
+    calls = []
+
+    def record_batch(batch, **kwargs):
+        calls.append(len(batch))
+        if len(calls) == 1:  # the first batch fails once the second is being recorded, and a stop comes
+            assert second_started.wait(10)
+            worker.request_stop()
+            threading.Timer(1.0, release.set).start()  # the second commits after the worker gave up
+            raise OperationalError("injected: database unavailable")
+        if len(calls) == 2:
+            second_started.set()
+            assert release.wait(10)
+        return original(batch, **kwargs)
+
+    monkeypatch.setattr(recording, "record_batch", record_batch)
+    assert worker.run() == 0
+    assert calls[:2] == [10, 10]
+    rows = list(Delivery.objects.filter(queue=queue_name).values_list("status", flat=True))
+    assert len(rows) == 10 and set(rows) == {Delivery.Status.REQUEUED}, rows  # not 'acked': no ack went out
+    assert queue_counts(queue_name) == (20, 0)  # every letter back in the queue
+    assert Message.objects.filter(message_id__in=ids).count() == 10
 
 
 def test_hostile_properties_and_routing_key_are_recorded_not_fatal(queue_name, manage):
