@@ -296,6 +296,8 @@ class Worker:
     def _drop_connection(self, *, reason: str) -> None:
         """The connection died: nothing in hand can be acked any more; the broker requeues it."""
         in_flight, self._in_flight = self._in_flight, deque()
+        # Never acked, so delivered again: they count (for --max-messages) when they come back.
+        self.counts.received -= len(self._pending) + sum(len(item.batch) for item in in_flight)
         self._pending.clear()  # never recorded
         self._close()
         try:

@@ -323,6 +323,27 @@ def test_stopping_while_a_batch_fails_leaves_the_other_batch_in_flight_unacked_a
     assert Message.objects.filter(message_id__in=ids).count() == 10
 
 
+def test_max_messages_counts_letters_delivered_again_after_a_lost_channel(queue_name, monkeypatch):
+    """Deliveries dropped with the channel come back: --max-messages must not count them twice (and
+    stop having acked none of them)."""
+    ids = publish(queue_name, 10, declare=True)
+    worker = ConsumeWorker(ConsumeOptions(queues=(queue_name,), batch_size=10, max_messages=10))
+    original, calls = recording.record_batch, []
+
+    def record_batch(batch, **kwargs):
+        calls.append(len(batch))
+        if len(calls) == 1:  # the channel closes (406) while the first batch is being recorded
+            worker._connection.add_callback_threadsafe(lambda: worker._channel.basic_ack(delivery_tag=10_000))
+            time.sleep(0.5)
+        return original(batch, **kwargs)
+
+    monkeypatch.setattr(recording, "record_batch", record_batch)
+    assert worker.run() == 0
+    assert worker.counts.reconnects == 1 and worker.counts.acked == 10
+    assert queue_counts(queue_name) == (0, 0)
+    assert_exactly_once(queue_name, ids)
+
+
 def test_hostile_properties_and_routing_key_are_recorded_not_fatal(queue_name, manage):
     """Another producer's short strings that are not UTF-8, or hold NUL, are stored as text, not a crash
     (pika hands such properties over as bytes) nor a batch the database refuses forever."""
