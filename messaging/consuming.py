@@ -36,6 +36,35 @@ CONNECTION_CHECK_SECONDS = 30.0
 RECORDING_THREADS = 2  # batches recorded at once when no handler runs (handlers run one batch at a time)
 
 
+class StopFlag:
+    """"Stop when you can", set by a signal handler or another thread; `wait` sleeps until it is set.
+
+    Not a `threading.Event`: its `set` takes a lock that the main thread, interrupted by the signal
+    inside that Event's own `wait`, may be holding — the handler would then wait for itself forever.
+    A plain attribute cannot deadlock; `wait` looks at it every `STEP` seconds.
+    """
+
+    STEP = 0.1
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self._set:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(left, self.STEP))
+        return self._set
+
+
 class QueueGone(Exception):
     """The broker cancelled our consumer (the queue was deleted)."""
 
@@ -101,7 +130,7 @@ class Worker:
 
     def __init__(self, options: ConsumeOptions) -> None:
         self.options = options
-        self.stop_requested = threading.Event()
+        self.stop_requested = StopFlag()
         self.counts = Counts()
         self._handler_paths = self._handler_paths_by_queue()
         self._handlers: dict[str, recording.Handler] = {}  # by the queue's real (maybe server-made) name

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,7 +30,7 @@ from django.db import Error as DatabaseError  # also InterfaceError: "connection
 from django.utils import timezone
 
 from messaging import broker
-from messaging.consuming import backoff_delays
+from messaging.consuming import StopFlag, backoff_delays
 from messaging.models import Message
 from messaging.publishing import outcome_fields, outcome_params, outcome_sql, publish_once, relaxed_commit
 from messaging.recording import in_lists
@@ -103,7 +102,7 @@ class Relay:
 
     def __init__(self, options: RelayOptions) -> None:
         self.options = options
-        self.stop_requested = threading.Event()
+        self.stop_requested = StopFlag()
         self.totals: Counter[str] = Counter()
         timeout = options.timeout or settings.MAILROOM_PUBLISH_TIMEOUT
         self.pipeline = broker.PipelinedPublisher(timeout=timeout, window=options.window)

@@ -12,7 +12,7 @@ import pika
 import pytest
 
 from messaging import broker
-from messaging.consuming import backoff_delays
+from messaging.consuming import StopFlag, backoff_delays
 from messaging.models import Delivery, Message, Worker
 from tests.conftest import delete_queue, subprocess_env, wait_for
 from tests.consuming_checks import acked_count, assert_exactly_once, connect, consumers, publish, queue_counts
@@ -250,6 +250,22 @@ def test_a_handshake_cut_short_is_fatal_only_before_the_first_login_or_when_refu
         assert isinstance(broker.handshake_error(e), broker.CONNECTION_ERRORS)
     for e in (refused, no_vhost, pe.AuthenticationError("PLAIN")):
         assert isinstance(broker.handshake_error(e), broker.FatalBrokerError)
+
+
+def test_a_signal_during_a_wait_sets_the_stop_flag_without_a_lock():
+    flag = StopFlag()
+    previous = signal.signal(signal.SIGALRM, lambda signum, frame: flag.set())
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        started = time.monotonic()
+        assert flag.wait(10) is True  # the handler's set() ends the wait within a step
+        assert time.monotonic() - started < 1.0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert flag.is_set() and flag.wait(0) is True
+    assert StopFlag().wait(0.15) is False
+    assert not hasattr(flag, "_cond") and not hasattr(flag, "_lock")  # nothing a handler could wait on
 
 
 def test_reconnect_backoff_is_capped_exponential_with_jitter():
