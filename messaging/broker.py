@@ -41,7 +41,8 @@ class BrokerBlocked(BrokerError):
 
 
 class ConfirmTimeout(BrokerError):
-    """No confirm in time (a queue stuck, a quorum queue without its majority): the letter stays pending."""
+    """No answer in time — a channel, a declaration, a confirm (a queue stuck, a quorum queue without
+    its majority): the letter stays pending."""
 
 
 class PublishRefused(Exception):
@@ -326,7 +327,8 @@ class Publisher:
         self._declared: set[tuple[str, str]] = set()
         self._check_after = 0.0  # monotonic time after which an idle connection is checked first
 
-    def _ensure_channel(self):
+    def _ensure_connection(self) -> None:
+        """Connect if need be (each address bounded by the socket and handshake timeouts)."""
         if self._connection is not None and self._connection.is_open and time.monotonic() > self._check_after:
             # An idle connection may have been closed by the broker (restart, heartbeat timeout,
             # close_all_connections) since the last publish: notice it now, before publishing on it.
@@ -342,6 +344,9 @@ class Publisher:
             self._declared.clear()
             self._connection = connect(timeout=self.timeout, client_name=self.client_name)
             self._channel = None
+
+    def _ensure_channel(self):
+        """This connection's confirmed channel (opened if need be; call under `_deadline`)."""
         if self._channel is None or not self._channel.is_open:
             self._channel = self._connection.channel()
             self._channel.confirm_delivery()
@@ -356,13 +361,32 @@ class Publisher:
         self._connection = self._channel = None
 
     def publish(self, message, *, declare: bool = False) -> None:
-        """Publish `message` with confirms and mandatory; raise `Unroutable`, `PublishRefused` or `BrokerError`."""
+        """Publish `message` with confirms and mandatory; raise `Unroutable`, `PublishRefused` or `BrokerError`.
+
+        With `declare`, a destination this publisher declared before is not declared again. If it
+        was deleted since — the exchange answers 404, or the letter comes back from a queue that is
+        gone — it is declared again and the letter published once more (nothing was queued).
+        """
+        key = _declaration_key(message)
+        declared_before = declare and key in self._declared
+        try:
+            self._publish(message, declare=declare)
+        except (Unroutable, PublishRefused) as exc:
+            if not (declared_before and _gone(exc, message)):
+                raise
+            logger.info("message_id=%s its destination was deleted since it was declared; declaring it again",
+                        message.message_id)
+            self._declared.discard(key)
+            self._publish(message, declare=True)
+
+    def _publish(self, message, *, declare: bool) -> None:
         with self._outcomes():
             try:
-                channel = self._ensure_channel()
-                if declare:
-                    channel = self._declare(channel, message)
-                with self._confirm_deadline():
+                self._ensure_connection()
+                with self._deadline():
+                    channel = self._ensure_channel()
+                    if declare:
+                        channel = self._declare(channel, message)
                     channel.basic_publish(
                         exchange=message.exchange, routing_key=message.routing_key, body=bytes(message.body),
                         properties=build_properties(message), mandatory=True,
@@ -379,22 +403,22 @@ class Publisher:
                 raise BrokerError("the broker nacked the letter (negative confirm)") from exc
 
     @contextlib.contextmanager
-    def _confirm_deadline(self):
-        """Give up on the confirm after `timeout` seconds.
+    def _deadline(self):
+        """Give up on the broker's answer (a channel, a declaration, a confirm) after `timeout` seconds.
 
-        pika's blocking `basic_publish` waits for it without a limit, and a broker that withholds
-        confirms (a stuck queue process, a quorum queue without its majority) still answers
-        heartbeats. pika 1.4's public timers fire only in `process_data_events`, so the deadline is
-        a timer of the connection's own I/O loop that drops the connection the way pika's blocked-
-        connection timeout does (no closing handshake, which a stuck broker may never answer): the
-        wait ends with `ConfirmTimeout`, and the channel, whose confirm may still come, is gone.
-        While the broker blocks the connection (an alarm), pika's blocked timeout ends the wait instead.
+        pika's blocking calls wait without a limit, and a broker that withholds an answer (a stuck
+        queue process, a quorum queue without its majority) still answers heartbeats. pika 1.4's
+        public timers fire only in `process_data_events`, so the deadline is a timer of the
+        connection's own I/O loop that drops the connection the way pika's blocked-connection
+        timeout does (no closing handshake, which a stuck broker may never answer): the wait ends
+        with `ConfirmTimeout`, and the channel, whose answer may still come, is gone. While the
+        broker blocks the connection (an alarm), pika's blocked timeout ends the wait instead.
         """
         impl = self._connection._impl
 
         def expire():
             if impl._blocked_conn_timer is None:
-                impl._terminate_stream(ConfirmTimeout(f"no confirm within {self.timeout:g}s"))
+                impl._terminate_stream(ConfirmTimeout(f"no answer from the broker within {self.timeout:g}s"))
 
         timer = impl.ioloop.call_later(self.timeout, expire)
         try:
@@ -432,15 +456,17 @@ class Publisher:
         once per destination of a batch, so one missing exchange never closes the pipelined channel.
         """
         with self._outcomes():
-            channel = self._ensure_channel()
-            if declare:
-                self._declare(channel, _Destination(exchange=exchange, routing_key=routing_key,
-                                                    exchange_type=exchange_type))
-            elif exchange:
-                channel.exchange_declare(exchange=exchange, passive=True)
+            self._ensure_connection()
+            with self._deadline():
+                channel = self._ensure_channel()
+                if declare:
+                    self._declare(channel, _Destination(exchange=exchange, routing_key=routing_key,
+                                                        exchange_type=exchange_type))
+                elif exchange:
+                    channel.exchange_declare(exchange=exchange, passive=True)
 
     def _declare(self, channel, message):
-        key = (message.exchange, message.routing_key) if not message.exchange else (message.exchange, "")
+        key = _declaration_key(message)
         if key in self._declared:
             return channel
         if message.exchange:
@@ -454,6 +480,19 @@ class Publisher:
             self._channel = channel
         self._declared.add(key)
         return channel
+
+
+def _declaration_key(message) -> tuple[str, str]:
+    """What a declaration covers: the exchange, or on the default exchange the queue."""
+    return (message.exchange, "") if message.exchange else ("", message.routing_key)
+
+
+def _gone(exc: Exception, message) -> bool:
+    """Whether `exc` says the letter's declared destination no longer exists: no such exchange
+    (404), or on the default exchange a letter returned because its queue is gone."""
+    if isinstance(exc, Unroutable):
+        return not message.exchange
+    return getattr(exc.__cause__, "reply_code", None) == 404
 
 
 # What pika raises when a header value cannot be written as an AMQP field.
@@ -699,6 +738,10 @@ class PipelinedPublisher:
         self._pending = {}
         self._returned = {}
         self._by_message_id = {}
+        if self.is_open:
+            # The ioloop runs only while publishing: a connection idle for a while sent no heartbeats
+            # and may have been dropped by the broker. One pass notices a close before we publish.
+            self._run(timeout=0)
         if not self.is_open:
             self.close()
             try:

@@ -285,6 +285,10 @@ class Relay:
         if result.status == broker.Outcome.PUBLISHED:
             return Message.Status.PUBLISHED, ""
         if result.status == broker.Outcome.UNROUTABLE:
+            if letter.declare and not letter.exchange:
+                # Its queue, declared by this relay before, may have been deleted since: the
+                # blocking publisher declares it again and publishes the letter once more.
+                return publish_once(letter)
             return Message.Status.UNROUTABLE, f"returned by the broker: {result.reason}"
         if result.status == broker.Outcome.REFUSED:
             # The broker closed the channel (e.g. a letter over its size limit): publish each

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import subprocess
+import threading
 import time
 import uuid
 
@@ -161,6 +162,61 @@ def test_a_declared_exchange_deleted_since_is_declared_again(amqp, queue_name):
         amqp.exchange_delete(exchange=exchange)
 
 
+def test_a_declared_exchange_deleted_since_is_declared_again_on_the_next_declaring_letter(amqp, queue_name):
+    exchange = f"{queue_name}-x"
+    amqp.queue_declare(queue_name, durable=True)
+    amqp.exchange_declare(exchange=exchange, exchange_type="fanout")
+    amqp.queue_bind(queue=queue_name, exchange=exchange)
+    try:
+        first = send(exchange=exchange, exchange_type="fanout", declare=True, routing_key="k", body=b"x")
+        assert first.status == Message.Status.PUBLISHED  # declared (this publisher remembers it) and routed
+        amqp.exchange_delete(exchange=exchange)  # and nothing else published in between
+        again = send(exchange=exchange, exchange_type="fanout", declare=True, routing_key="k", body=b"y")
+        assert again.status == Message.Status.UNROUTABLE, again.last_error  # declared again (no bindings): not a 404
+    finally:
+        amqp.exchange_delete(exchange=exchange)
+
+
+def test_a_declared_queue_deleted_since_is_declared_again_not_unroutable(amqp, queue_name):
+    assert send(routing_key=queue_name, body=b"x", declare=True).status == Message.Status.PUBLISHED
+    amqp.queue_delete(queue=queue_name)
+    again = send(routing_key=queue_name, body=b"y", declare=True)
+    assert again.status == Message.Status.PUBLISHED, again.last_error
+    assert amqp.queue_declare(queue_name, passive=True).method.message_count == 1  # published once
+    amqp.queue_delete(queue=queue_name)
+    undeclared = send(routing_key=queue_name, body=b"z")  # not asked to declare: returned, as it should be
+    assert undeclared.status == Message.Status.UNROUTABLE
+
+
+def test_a_declaration_the_broker_never_answers_is_given_up_after_the_timeout(
+        settings, fresh_publisher, amqp, queue_name):
+    """queue.declare of an existing queue waits for its process, here suspended: no answer, ever."""
+    amqp.queue_declare(queue_name, durable=True)
+    settings.MAILROOM_PUBLISH_TIMEOUT = 1.0
+    queue_process = ('{ok, Q} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"%s">>)), '
+                     'sys:%s(amqqueue:get_pid(Q)).')
+    rabbitmqctl("eval", queue_process % (queue_name, "suspend"))
+    outcome = {}
+
+    def publish():
+        started = time.monotonic()
+        outcome["letter"] = send(routing_key=queue_name, body=b"stuck", declare=True)
+        outcome["waited"] = time.monotonic() - started
+
+    sender = threading.Thread(target=publish, daemon=True)
+    try:
+        sender.start()
+        sender.join(timeout=10)  # without a deadline it would wait for ever
+        finished = not sender.is_alive()
+    finally:
+        rabbitmqctl("eval", queue_process % (queue_name, "resume"))
+    assert finished, "the declaration is still waiting for the broker after 10 s"
+    stuck, waited = outcome["letter"], outcome["waited"]
+    assert stuck.status == Message.Status.PENDING and stuck.last_error == "no answer from the broker within 1s"
+    assert 1.0 <= waited < 2.5
+    assert send(routing_key=queue_name, body=b"next", declare=True).status == Message.Status.PUBLISHED
+
+
 def test_a_refused_login_leaves_the_letter_pending(settings, fresh_publisher, queue_name):
     """Wrong credentials are the deployment's fault, not the letter's: it waits for the relay."""
     settings.RABBITMQ_URL = "amqp://guest:not-the-password@127.0.0.1:5672/%2F"
@@ -183,7 +239,7 @@ def test_a_withheld_confirm_is_given_up_after_the_timeout(settings, fresh_publis
         waited = time.monotonic() - started
     finally:
         rabbitmqctl("eval", queue_process % (queue_name, "resume"))
-    assert stuck.status == Message.Status.PENDING and stuck.last_error == "no confirm within 1s"
+    assert stuck.status == Message.Status.PENDING and stuck.last_error == "no answer from the broker within 1s"
     assert 1.0 <= waited < 2.5
     assert send(routing_key=queue_name, body=b"next").status == Message.Status.PUBLISHED  # a new connection
 

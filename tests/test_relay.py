@@ -6,6 +6,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from datetime import timedelta
 
@@ -146,6 +148,58 @@ def test_outcomes_of_a_group_over_the_parameter_limit_are_written_in_parts(amqp,
     other.refresh_from_db()
     assert (other.status, other.attempts) == (Message.Status.PENDING, 0)  # not due: its pk is nowhere in the IN lists
     assert queue_depth(queue_name) == (7, 0)
+
+
+def test_a_declared_queue_deleted_under_the_relay_is_declared_again(amqp, queue_name):
+    from messaging.relay import Relay, RelayOptions
+
+    relay = Relay(RelayOptions())
+    try:
+        pending_letters(queue_name, 3)
+        Message.objects.update(declare=True)
+        relay.relay_due()  # declares the queue (the relay remembers it) and publishes
+        amqp.queue_delete(queue=queue_name)
+        pending_letters(queue_name, 3)
+        Message.objects.filter(status=Message.Status.PENDING).update(declare=True)
+        relay.relay_due()
+    finally:
+        relay.close()
+    assert set(Message.objects.values_list("status", flat=True)) == {Message.Status.PUBLISHED}
+    assert queue_depth(queue_name) == (3, 0)  # the second three, once each, in the queue declared again
+
+
+def management(method: str, path: str):
+    request = urllib.request.Request(f"http://127.0.0.1:15672/api/{path}", method=method,
+                                     headers={"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        body = response.read()
+    return json.loads(body) if body else None
+
+
+def test_the_relays_connection_dropped_while_idle_is_noticed_before_publishing(amqp, queue_name):
+    from messaging.relay import Relay, RelayOptions
+
+    amqp.queue_declare(queue_name, durable=True)
+    relay = Relay(RelayOptions())
+    try:
+        pending_letters(queue_name, 2)
+        relay.relay_due()
+        # The broker drops the idle relay's connection (as it does when heartbeats stop: the relay's
+        # I/O loop runs only while it publishes).
+        name = "mailroom-relay"
+        wait_for(lambda: any(c.get("client_properties", {}).get("connection_name") == name
+                             for c in management("GET", "connections")), timeout=10, message="the relay's connection listed")
+        for c in management("GET", "connections"):
+            if c.get("client_properties", {}).get("connection_name") == name:
+                management("DELETE", "connections/" + urllib.parse.quote(c["name"], safe=""))
+        time.sleep(0.5)
+        pending_letters(queue_name, 2)
+        relay.relay_due()
+    finally:
+        relay.close()
+    rows = list(Message.objects.values_list("status", "attempts"))
+    assert rows == [(Message.Status.PUBLISHED, 1)] * 4, rows  # published at once, no failed attempt
+    assert queue_depth(queue_name) == (4, 0)
 
 
 def test_a_letter_pika_cannot_encode_is_failed_and_the_relay_goes_on(amqp, queue_name):
