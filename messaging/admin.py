@@ -15,6 +15,7 @@ from collections import Counter
 from datetime import datetime, timedelta
 
 from django.contrib import admin, messages
+from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models, transaction
 from django.db.models import Count, IntegerField, Max, Min, OuterRef, Subquery, Value
@@ -37,7 +38,17 @@ EXPORT_CHUNK = 2000
 
 
 # --- building blocks -------------------------------------------------------------------------
-class ReadOnlyAdmin(admin.ModelAdmin):
+class NoNulAdmin(admin.ModelAdmin):
+    """Lists refuse a NUL in a filter or search value as a bad lookup (the admin's ?e=1): no stored
+    value holds one, and PostgreSQL refuses one in a query (a 500)."""
+
+    def get_changelist_instance(self, request):
+        if any("\x00" in value for _, values in request.GET.lists() for value in values):
+            raise IncorrectLookupParameters("NUL in a query parameter")
+        return super().get_changelist_instance(request)
+
+
+class ReadOnlyAdmin(NoNulAdmin):
     """History: viewable by whoever has the view permission, never added, changed or deleted here."""
 
     paginator = CappedCountPaginator
@@ -200,7 +211,9 @@ DELIVERY_EXPORT_FIELDS = [
 
 def export_rows(queryset, *, deliveries: bool = False):
     """Each selected letter as a dict, read in chunks so memory stays flat (deliveries: one query a chunk)."""
-    letters = with_delivery_summary(queryset.select_related("published_by", "republished_from")).order_by("-created_at", "-id")
+    # defer(None): the list's queryset defers body, headers...; read per letter they would be a query each.
+    letters = with_delivery_summary(queryset.defer(None).select_related("published_by", "republished_from"))
+    letters = letters.order_by("-created_at", "-id")
     if deliveries:
         letters = letters.prefetch_related(
             models.Prefetch("deliveries", queryset=Delivery.objects.order_by("received_at", "id")))
@@ -435,7 +448,7 @@ class WorkerAdmin(ReadOnlyAdmin):
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):
+class ApiTokenAdmin(NoNulAdmin):
     """Tokens are issued by a command (the key is shown once); here they are seen and revoked (deleted)."""
 
     list_display = ["name", "user", "created_at", "last_used_at"]

@@ -14,7 +14,7 @@ from http import HTTPStatus
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db import transaction
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, JsonResponse, RawPostDataException
 from django.middleware.csrf import CsrfViewMiddleware
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
@@ -99,6 +99,8 @@ def messages(request):
         return _error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                       f"The request is over {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes; "
                       f"a body may have at most {settings.MAILROOM_MAX_BODY_BYTES} bytes.")
+    except RawPostDataException:  # a session POST as a form (multipart): the CSRF check has read it already
+        return _error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "Send the letter as application/json.")
     try:
         payload = json.loads(raw or b"{}")
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep

@@ -22,8 +22,8 @@ urlpatterns = [
     path("", views.dashboard, name="dashboard"),
     path("publish/", views.publish, name="publish"),
     path("messages/", views.message_list, name="message-list"),
-    # Before the letter's page: <message_id:...> would take ".../republish" as part of the message_id.
-    path("messages/<message_id:message_id>/republish/", views.republish, name="message-republish"),
+    # Not under messages/: a message_id may end in "/republish" (any characters, slashes too).
+    path("republish/<message_id:message_id>/", views.republish, name="message-republish"),
     path("messages/<message_id:message_id>/", views.message_detail, name="message-detail"),
     path("api/messages/", api.messages, name="api-messages"),
     path("api/messages/<message_id:message_id>/", api.message, name="api-message"),

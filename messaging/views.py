@@ -53,7 +53,7 @@ def _after_publish(request, message: Message):
 
 
 @login_required
-@permission_required("messaging.add_message", raise_exception=True)
+@permission_required(["messaging.add_message", "messaging.view_message"], raise_exception=True)
 def republish(request, message_id: str):
     """Confirm, then publish a copy of a letter that records its original and who republished it."""
     original = get_object_or_404(Message, message_id=message_id)

@@ -176,6 +176,19 @@ def test_session_use_keeps_csrf(queue_name):
     assert Client().get(f"/api/messages/{ok.json()['message_id']}/").status_code == 401
 
 
+def test_session_post_as_a_form_is_415_in_json(queue_name):
+    """A browser form (multipart) is read by the CSRF check as a form: the body is then gone, and the
+    answer says which format to use (not a 500)."""
+    browser = Client(enforce_csrf_checks=True, raise_request_exception=False)
+    browser.force_login(user_with("add_message", "view_message", name="browser"))
+    browser.get("/publish/")  # sets the CSRF cookie
+    token = browser.cookies["csrftoken"].value
+    response = browser.post("/api/messages/", {"routing_key": queue_name, "body": "x", "csrfmiddlewaretoken": token})
+    assert response.status_code == 415, response.content[:300]
+    assert response.json() == {"detail": "Send the letter as application/json."}
+    assert not Message.objects.exists()
+
+
 def test_unknown_letter_is_404(client, service):
     assert client.get("/api/messages/nope/", HTTP_AUTHORIZATION=f"Bearer {service}").status_code == 404
     assert client.get("/api/messages/a%00b/", HTTP_AUTHORIZATION=f"Bearer {service}").status_code == 404

@@ -5,9 +5,11 @@ import base64
 import uuid
 
 import pytest
-from django.contrib.auth.models import User
+from django.contrib.auth.models import Permission, User
+from django.urls import reverse
 
 from messaging.models import Message
+from tests.audit_data import letter
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -119,20 +121,46 @@ def test_anonymous_and_unprivileged_users_cannot_publish(client, queue_name):
     User.objects.create_user("viewer", password="pw-for-tests")
     client.login(username="viewer", password="pw-for-tests")
     assert client.post("/publish/", form(queue_name)).status_code == 403
-    assert client.post("/messages/anything/republish/").status_code == 403
+    assert client.post(reverse("message-republish", args=["anything"])).status_code == 403
     assert not Message.objects.exists()
 
 
 def test_republish_from_the_letter_page_asks_first_and_records_lineage(publisher_client, amqp, queue_name):
     publisher_client.post("/publish/", form(queue_name, body="again"))
     original = Message.objects.get()
-    confirm = publisher_client.get(f"/messages/{original.message_id}/republish/")
+    confirm = publisher_client.get(reverse("message-republish", args=[original.message_id]))
     assert confirm.status_code == 200 and "Republish" in confirm.content.decode()
     assert Message.objects.count() == 1  # asking writes nothing
-    response = publisher_client.post(f"/messages/{original.message_id}/republish/")
+    response = publisher_client.post(reverse("message-republish", args=[original.message_id]))
     copy = Message.objects.exclude(pk=original.pk).get()
     assert response.status_code == 302 and response["Location"] == f"/messages/{copy.message_id}/"
     assert copy.republished_from == original and copy.published_by.username == "pat"
     assert copy.origin == Message.Origin.REPUBLISH and copy.status == Message.Status.PUBLISHED
     assert [amqp.basic_get(queue_name, auto_ack=True)[2] for _ in range(2)] == [b"again", b"again"]
     assert publisher_client.get(f"/messages/{copy.message_id}/").status_code == 200
+
+
+def test_a_message_id_ending_in_republish_has_its_own_page(publisher_client, amqp, queue_name):
+    """message_ids may hold "/": the page of letter "x/republish" is that letter's, not the republish page of "x"."""
+    amqp.queue_declare(queue_name, durable=True)
+    slashed = letter(message_id="x/republish", routing_key=queue_name)
+    plain = letter(message_id="x", routing_key=queue_name)
+    page = publisher_client.get(reverse("message-detail", args=[slashed.message_id]))
+    assert page.status_code == 200 and page.context["message"] == slashed, page.templates[0].name
+    assert publisher_client.post(reverse("message-detail", args=[slashed.message_id])).status_code == 200
+    assert Message.objects.count() == 2  # a POST to a letter's page republishes nothing
+    response = publisher_client.post(reverse("message-republish", args=[plain.message_id]))
+    copy = Message.objects.exclude(pk__in=[slashed.pk, plain.pk]).get()
+    assert response.status_code == 302 and copy.republished_from == plain
+
+
+def test_republish_needs_the_view_permission_too(client, queue_name):
+    """Republishing shows and re-sends a letter: a user who may publish but not read letters may not."""
+    original = letter(routing_key=queue_name)
+    user = User.objects.create_user("sender", password="pw-for-tests")
+    user.user_permissions.add(Permission.objects.get(codename="add_message"))
+    client.force_login(user)
+    url = reverse("message-republish", args=[original.message_id])
+    assert client.get(url).status_code == 403
+    assert client.post(url).status_code == 403
+    assert Message.objects.count() == 1
