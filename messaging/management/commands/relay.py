@@ -18,7 +18,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--once", action="store_true", help="Publish what is due now, then exit.")
-        parser.add_argument("--batch-size", type=positive_int, default=1000, help="Letters claimed at once (default 1000).")
+        parser.add_argument("--batch-size", type=positive_int, default=1000, help="Letters claimed at once, at most --window (default 1000).")
         parser.add_argument("--window", type=positive_int, default=1000, help="Unconfirmed letters in flight (default 1000).")
         parser.add_argument("--idle", type=positive_float, default=1.0, help="Seconds between polls when nothing is due.")
         parser.add_argument("--lease", type=positive_float, default=60.0,
