@@ -210,20 +210,39 @@ def queue_states(names, *, timeout: float = 3.0) -> dict[str, QueueState | None]
 
 
 # --- headers and properties -----------------------------------------------------------------
-def _decode_value(encoded: bytes, offset: int, _pika_decode_value=pika.data.decode_value):
-    """pika's `decode_value`, with AMQP floats and doubles decoded as floats.
+MAX_DECODED_DEPTH = 64  # header tables and arrays nested deeper than this are not decoded
+_decoding = threading.local()
 
-    pika 1.4 casts them to int (pika/pika#599): a header of 1.5 from another client (kombu, Java,
+
+def _decode_value(encoded: bytes, offset: int, _pika_decode_value=pika.data.decode_value):
+    """pika's `decode_value`, with AMQP floats and doubles decoded as floats, and a bounded depth.
+
+    pika 1.4 casts floats to int (pika/pika#599): a header of 1.5 from another client (kombu, Java,
     Go) was recorded as 1. Nested tables and arrays come back through here: pika's decoders look
     the name up in their module. (NaN and the infinities never arrive: RabbitMQ closes the
     publisher's connection with an internal error instead.)
+
+    pika decodes nested tables recursively: a header nested a thousand deep, which one frame holds
+    easily, exhausts Python's recursion and pika drops the connection — again at every redelivery, a
+    poison letter no consumer gets past. Below `MAX_DECODED_DEPTH` a table or array is skipped
+    (its length is in front of it) and stands as a short text saying so.
     """
     kind = encoded[offset:offset + 1]
     if kind == b"d":
         return struct.unpack_from(">d", encoded, offset + 1)[0], offset + 9
     if kind == b"f":
         return struct.unpack_from(">f", encoded, offset + 1)[0], offset + 5
-    return _pika_decode_value(encoded, offset)
+    if kind not in (b"F", b"A"):
+        return _pika_decode_value(encoded, offset)
+    depth = getattr(_decoding, "depth", 0)
+    if depth >= MAX_DECODED_DEPTH:
+        size = struct.unpack_from(">I", encoded, offset + 1)[0]
+        return f"(not decoded: nested deeper than {MAX_DECODED_DEPTH} levels, {size} bytes)", offset + 5 + size
+    _decoding.depth = depth + 1
+    try:
+        return _pika_decode_value(encoded, offset)
+    finally:
+        _decoding.depth = depth
 
 
 pika.data.decode_value = _decode_value
