@@ -222,16 +222,23 @@ def _decode_value(encoded: bytes, offset: int, _pika_decode_value=pika.data.deco
     the name up in their module. (NaN and the infinities never arrive: RabbitMQ closes the
     publisher's connection with an internal error instead.)
 
-    pika decodes nested tables recursively: a header nested a thousand deep, which one frame holds
-    easily, exhausts Python's recursion and pika drops the connection — again at every redelivery, a
-    poison letter no consumer gets past. Below `MAX_DECODED_DEPTH` a table or array is skipped
-    (its length is in front of it) and stands as a short text saying so.
+    Two headers pika cannot decode make it drop the connection — again at every redelivery, a
+    poison letter no consumer gets past: a timestamp past the year 9999 (kept as its number of
+    seconds here), and tables nested a thousand deep, which one frame holds easily and which exhaust
+    Python's recursion (pika decodes them recursively). Below `MAX_DECODED_DEPTH` a table or array
+    is skipped (its length is in front of it) and stands as a short text saying so.
     """
     kind = encoded[offset:offset + 1]
     if kind == b"d":
         return struct.unpack_from(">d", encoded, offset + 1)[0], offset + 9
     if kind == b"f":
         return struct.unpack_from(">f", encoded, offset + 1)[0], offset + 5
+    if kind == b"T":  # seconds since 1970; beyond what a datetime holds (year 10000) pika raises and drops the connection
+        seconds = struct.unpack_from(">Q", encoded, offset + 1)[0]
+        try:
+            return dt.datetime.fromtimestamp(seconds, dt.timezone.utc), offset + 9
+        except (OverflowError, ValueError, OSError):
+            return seconds, offset + 9
     if kind not in (b"F", b"A"):
         return _pika_decode_value(encoded, offset)
     depth = getattr(_decoding, "depth", 0)

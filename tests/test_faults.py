@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import sqlite3
+import struct
 import sys
 import threading
 import time
@@ -345,37 +346,50 @@ def test_max_messages_counts_letters_delivered_again_after_a_lost_channel(queue_
     assert_exactly_once(queue_name, ids)
 
 
-def test_headers_nested_past_python_recursion_are_recorded_cut_not_a_lost_connection_forever(queue_name, manage):
-    """pika decodes nested tables recursively: 2,000 levels (a few kB, any client can send them) once
-    exhausted Python's recursion, pika dropped the connection, and the letter came back for ever."""
+def test_headers_pika_cannot_decode_are_recorded_not_a_lost_connection_forever(queue_name, manage, monkeypatch):
+    """Two headers made pika drop the connection, again at every redelivery: tables nested 2,000
+    deep (a few kB; pika decodes them recursively) and a timestamp past the year 9999."""
     deep = {"leaf": 1}
     for _ in range(2000):
         deep = {"t": deep}
+    encode_value = pika.data.encode_value
+
+    def far_future(pieces, value):  # what another client may send: a 'T' field of 2**40 seconds
+        if value == "far future":
+            pieces.append(struct.pack(">cQ", b"T", 2**40))
+            return 9
+        return encode_value(pieces, value)
+
     conn = connect()
     channel = conn.channel()
     channel.confirm_delivery()
     channel.queue_declare(queue=queue_name, durable=True)
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(20_000)  # pika's encoder recurses too: this producer needs the room
+    monkeypatch.setattr(pika.data, "encode_value", far_future)
     try:
         channel.basic_publish(exchange="", routing_key=queue_name, body=b"deep", properties=pika.BasicProperties(
             message_id=f"{queue_name}-deep", headers={"deep": deep, "plain": "kept"}, delivery_mode=2))
+        channel.basic_publish(exchange="", routing_key=queue_name, body=b"when", properties=pika.BasicProperties(
+            message_id=f"{queue_name}-when", headers={"when": "far future"}, delivery_mode=2))
     finally:
+        monkeypatch.undo()
         sys.setrecursionlimit(limit)
         conn.close()
     following = publish(queue_name, 3)
     worker = manage("consume", queue_name)
-    wait_for(lambda: acked_count(queue_name) == 4, timeout=30, message="all four letters acked")
+    wait_for(lambda: acked_count(queue_name) == 5, timeout=30, message="all five letters acked")
     worker.signal(signal.SIGTERM)
     assert worker.wait(timeout=10) == 0, worker.output
     assert "reconnecting" not in worker.output
-    assert_exactly_once(queue_name, [f"{queue_name}-deep", *following])
+    assert_exactly_once(queue_name, [f"{queue_name}-deep", f"{queue_name}-when", *following])
     headers = Message.objects.get(message_id=f"{queue_name}-deep").headers
     assert headers["plain"] == "kept"
     level, value = 0, headers["deep"]
     while isinstance(value, dict):
         level, value = level + 1, value["t"]
     assert level == 64 and value.startswith("(not decoded: nested deeper than 64 levels")
+    assert Message.objects.get(message_id=f"{queue_name}-when").headers == {"when": 2**40}  # its seconds
 
 
 def test_hostile_properties_and_routing_key_are_recorded_not_fatal(queue_name, manage):
