@@ -27,7 +27,7 @@ MAX_SHORTSTR_BYTES = 255
 
 # Errors that mean "the connection is gone, connect again".
 CONNECTION_ERRORS = (pe.AMQPConnectionError, pe.ConnectionWrongStateError, pe.ChannelWrongStateError, OSError)
-IDLE_CHECK_SECONDS = 1.0  # see Publisher._ensure_channel
+IDLE_CHECK_SECONDS = 1.0  # see Publisher._ensure_connection
 FATAL_REPLY_CODES = {403, 530}  # ACCESS_REFUSED, NOT_ALLOWED (e.g. missing vhost)
 
 
@@ -481,13 +481,17 @@ class Publisher:
         Raises `PublishRefused` (404: no such exchange, 403) or `BrokerError`. The relay calls this
         once per destination of a batch, so one missing exchange never closes the pipelined channel.
         """
+        destination = _Destination(exchange=exchange, routing_key=routing_key, exchange_type=exchange_type)
+        if declare and exchange:
+            # Declared again for each batch (one quick round trip): an exchange deleted since would
+            # otherwise close the pipelined channel, and with it every letter of the window.
+            self._declared.discard(_declaration_key(destination))
         with self._outcomes():
             self._ensure_connection()
             with self._deadline():
                 channel = self._ensure_channel()
                 if declare:
-                    self._declare(channel, _Destination(exchange=exchange, routing_key=routing_key,
-                                                        exchange_type=exchange_type))
+                    self._declare(channel, destination)
                 elif exchange:
                     channel.exchange_declare(exchange=exchange, passive=True)
 

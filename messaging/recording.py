@@ -281,7 +281,7 @@ def _prepare(batch: list[Received], handlers: dict[str, Handler] | None) -> Prep
         if type(r.routing_key) is not str or "\x00" in r.routing_key:
             r.routing_key = broker.text_value(r.routing_key)[:255]
     received = _receipt_times([r.received_at for r in batch])
-    ids = [_message_id(r) for r in batch]
+    ids = [_message_id(r, handled=bool(handlers) and r.queue in handlers) for r in batch]
     letters: dict[str, tuple] = {}
     for r, message_id, received_at in zip(batch, ids, received):
         if message_id not in letters:
@@ -626,36 +626,42 @@ def _id_sequence(cursor, table: str, column: str) -> str:
     return _sequences[key]
 
 
-def _message_id(r: Received) -> str:
+def _message_id(r: Received, *, handled: bool) -> str:
     message_id = r.properties.message_id
     if message_id:
         return broker.text_value(message_id)[:255]
     if r.redelivered:
         # A letter without message_id recorded before the consumer died: find it by its content.
-        found = _match_by_content(r)
+        found = _match_by_content(r, handled=handled)
         if found:
             return found
     return str(uuid.uuid4())
 
 
-def _match_by_content(r: Received) -> str | None:
-    """The latest identical letter delivered on this queue whose ack may not have reached the broker.
+def _match_by_content(r: Received, *, handled: bool) -> str | None:
+    """The letter whose latest delivery on this queue, of identical content, may have lost its ack.
 
-    Not one rejected, nor one handled and then acked: its handler ran and the 'acked' was written
-    after the ack went out, so an identical letter now is another letter (sent twice without a
-    message_id), whose handler must run. An 'acked' row without a handler counts: it was written
-    acked with the commit, its ack to follow, which a crash may have cut off.
+    That latest delivery (a rejected one aside) decides. If it is 'acked' on a queue with a handler,
+    the ack went out (a handler's outcome is written after the broker was told): a redelivered
+    identical letter is then another letter, sent twice without a message_id, whose handler must
+    run. Without a handler, 'acked' is written with the row, its ack to follow, which a crash may
+    have cut off: it matches.
     """
     sha = hashlib.sha256(r.body).hexdigest()
-    return (
+    latest = (
         Delivery.objects.filter(
             queue=r.queue, message__body_sha256=sha, message__origin=Message.Origin.EXTERNAL,
             message__routing_key=r.routing_key,
         )
         .exclude(status=Delivery.Status.REJECTED)
-        .exclude(status=Delivery.Status.ACKED, handled_at__isnull=False)
-        .order_by("-pk").values_list("message__message_id", flat=True).first()
+        .order_by("-pk").values_list("message__message_id", "status", "handled_at").first()
     )
+    if latest is None:
+        return None
+    message_id, status, handled_at = latest
+    if status == Delivery.Status.ACKED and (handled or handled_at is not None):
+        return None
+    return message_id
 
 
 def _external_message_row(r: Received, message_id: str, received_at) -> tuple:

@@ -209,6 +209,27 @@ def test_an_identical_letter_after_one_handled_and_acked_is_another_letter_and_i
     assert list(Delivery.objects.order_by("pk").values_list("status", "attempt")) == [("acked", 1), ("received", 1)]
 
 
+def test_an_identical_letter_after_a_retried_then_handled_one_is_another_letter():
+    attempts = []
+
+    def fails_once(message):
+        attempts.append(message.pk)
+        if len(attempts) == 1:
+            raise RuntimeError("first attempt fails")
+
+    handlers = {"q": fails_once}
+    ack_all(record_batch([received(1, body=b"retried, no id")], worker_id=None, handlers=handlers))  # requeued
+    again = record_batch([received(2, body=b"retried, no id", redelivered=True)], worker_id=None, handlers=handlers)
+    ack_all(again)  # the same letter again (matched by content), handled and acked
+    assert Message.objects.count() == 1 and len(attempts) == 2
+    # Another letter with the same body, redelivered after a dropped channel: the latest delivery of
+    # the first was acked after its handler ran, so this is not the first one coming back.
+    [other] = record_batch([received(3, body=b"retried, no id", redelivered=True)], worker_id=None, handlers=handlers)
+    assert Message.objects.count() == 2 and len(attempts) == 3 and not other.duplicate
+    assert list(Delivery.objects.order_by("pk").values_list("status", "attempt")) == [
+        ("requeued", 1), ("acked", 2), ("received", 1)]  # the first letter's trail is left as it was
+
+
 def test_a_handled_letter_whose_ack_was_lost_is_matched_by_content_and_not_handled_again():
     handled = []
     handlers = {"q": lambda message: handled.append(message.pk)}

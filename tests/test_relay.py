@@ -168,6 +168,36 @@ def test_a_declared_queue_deleted_under_the_relay_is_declared_again(amqp, queue_
     assert queue_depth(queue_name) == (3, 0)  # the second three, once each, in the queue declared again
 
 
+def test_a_declared_exchange_deleted_under_the_relay_is_declared_again_before_the_batch(amqp, queue_name):
+    """Found only by the pipelined publish, the 404 would close the channel, and every unconfirmed
+    letter of the window would be published again one by one (twice, for those already queued)."""
+    from messaging.relay import Relay, RelayOptions
+
+    exchange = f"{queue_name}-x"
+    amqp.queue_declare(queue_name, durable=True)
+    now = timezone.now()
+    relay = Relay(RelayOptions())
+    try:
+        Message.objects.create(exchange=exchange, exchange_type="fanout", declare=True, routing_key="k", body=b"x",
+                               next_attempt_at=now)
+        relay.relay_due()  # declares the exchange (the relay's publisher remembers it)
+        amqp.exchange_delete(exchange=exchange)
+        pending_letters(queue_name, 50)  # due first, then three letters to the deleted exchange
+        Message.objects.filter(routing_key=queue_name).update(next_attempt_at=now - timedelta(seconds=5))
+        for _ in range(3):
+            Message.objects.create(exchange=exchange, exchange_type="fanout", declare=True, routing_key="k",
+                                   body=b"y", next_attempt_at=now)
+        relay.relay_due()
+    finally:
+        relay.close()
+        amqp.exchange_delete(exchange=exchange)
+    assert set(Message.objects.filter(exchange=exchange).values_list("status", flat=True)) == {
+        Message.Status.UNROUTABLE}  # declared again (nothing bound): not failed with a 404
+    assert set(Message.objects.filter(routing_key=queue_name).values_list("status", "attempts")) == {
+        (Message.Status.PUBLISHED, 1)}
+    assert queue_depth(queue_name) == (50, 0)  # each once
+
+
 def management(method: str, path: str):
     request = urllib.request.Request(f"http://127.0.0.1:15672/api/{path}", method=method,
                                      headers={"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="})
