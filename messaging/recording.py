@@ -281,7 +281,7 @@ def _prepare(batch: list[Received], handlers: dict[str, Handler] | None) -> Prep
         if type(r.routing_key) is not str or "\x00" in r.routing_key:
             r.routing_key = broker.text_value(r.routing_key)[:255]
     received = _receipt_times([r.received_at for r in batch])
-    ids = [_message_id(r, handled=bool(handlers) and r.queue in handlers) for r in batch]
+    ids = [_message_id(r, has_handler=bool(handlers) and r.queue in handlers) for r in batch]
     letters: dict[str, tuple] = {}
     for r, message_id, received_at in zip(batch, ids, received):
         if message_id not in letters:
@@ -626,19 +626,19 @@ def _id_sequence(cursor, table: str, column: str) -> str:
     return _sequences[key]
 
 
-def _message_id(r: Received, *, handled: bool) -> str:
+def _message_id(r: Received, *, has_handler: bool) -> str:
     message_id = r.properties.message_id
     if message_id:
         return broker.text_value(message_id)[:255]
     if r.redelivered:
         # A letter without message_id recorded before the consumer died: find it by its content.
-        found = _match_by_content(r, handled=handled)
+        found = _match_by_content(r, has_handler=has_handler)
         if found:
             return found
     return str(uuid.uuid4())
 
 
-def _match_by_content(r: Received, *, handled: bool) -> str | None:
+def _match_by_content(r: Received, *, has_handler: bool) -> str | None:
     """The letter whose latest delivery on this queue, of identical content, may have lost its ack.
 
     That latest delivery (a rejected one aside) decides. If it is 'acked' on a queue with a handler,
@@ -659,7 +659,7 @@ def _match_by_content(r: Received, *, handled: bool) -> str | None:
     if latest is None:
         return None
     message_id, status, handled_at = latest
-    if status == Delivery.Status.ACKED and (handled or handled_at is not None):
+    if status == Delivery.Status.ACKED and (has_handler or handled_at is not None):
         return None
     return message_id
 
