@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
+from django.db import DataError
 from django.db import Error as DatabaseError  # also InterfaceError: "connection already closed"
 from django.db import close_old_connections
 from django.db import connection as db_connection
@@ -140,6 +141,7 @@ class Worker:
         self._recorders = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mailroom-db{i}") for i in range(threads)]
         self._registry = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailroom-registry")
         self._pending: list[recording.Received] = []
+        self._one_by_one = 0  # the first letters of _pending to record alone (a batch the database refused)
         self._unsettled: list[recording.Settlement] = []  # acked/nacked, settlement not yet written
         self._unsettled_ids: frozenset = frozenset()  # their letters' message_id properties
         self._in_flight: deque[InFlight] = deque()  # batches being recorded, oldest first
@@ -328,6 +330,7 @@ class Worker:
         # Never acked, so delivered again: they count (for --max-messages) when they come back.
         self.counts.received -= len(self._pending) + sum(len(item.batch) for item in in_flight)
         self._pending.clear()  # never recorded
+        self._one_by_one = 0
         self._close()
         try:
             lost = []
@@ -363,10 +366,14 @@ class Worker:
             except DatabaseError as exc:
                 # No delivery of this batch was committed (at most its new letters and the earlier
                 # settlements, which are written again harmlessly), so nothing is acked: try it again later.
-                self._pending[retried:retried] = in_flight.batch
-                retried += len(in_flight.batch)
                 self._unsettled[:0] = in_flight.settled
                 self._unsettled_ids |= in_flight.settling_ids
+                # A refused value with earlier settlements in the same transaction may be theirs: retried as is.
+                if isinstance(exc, DataError) and not in_flight.settled and self._set_aside(in_flight.batch, exc, at=retried):
+                    retried += len(in_flight.batch) if len(in_flight.batch) > 1 else 0
+                    continue
+                self._pending[retried:retried] = in_flight.batch
+                retried += len(in_flight.batch)
                 delay = next(self._db_delays)
                 self._db_retry_at = time.monotonic() + delay
                 logger.error("database unavailable (%s); nothing acked, retrying in %.1fs", exc, delay)
@@ -397,12 +404,36 @@ class Worker:
             else:
                 return
 
+    def _set_aside(self, batch: list[recording.Received], exc: DataError, *, at: int) -> bool:
+        """The database refused a value of this batch (not the database being down): record its letters
+        one by one, and the one it refuses alone as rejected (`recording.record_refused`).
+
+        Returns whether that was done; if the refused letter cannot be recorded even so, the batch
+        goes the way of a database that is down (retried with backoff, nothing acked).
+        """
+        if len(batch) > 1:
+            logger.warning("the database refused a value of a batch of %s letters (%s); recording them one by one",
+                           len(batch), exc.__class__.__name__)
+            self._pending[at:at] = batch
+            self._one_by_one = max(self._one_by_one, at + len(batch))
+            return True
+        [r] = batch
+        reason = f"the database refused this letter as it came ({exc.__class__.__name__}: {exc})"[:2000]
+        try:
+            settlement = self._db_call(recording.record_refused, r, worker_id=self._worker_id, reason=reason)
+        except DatabaseError as again:
+            logger.error("could not record a letter the database refuses (%s)", again)
+            return False
+        logger.error("delivery=%s message=%s rejected: %s", settlement.delivery_id, settlement.message_id, reason)
+        self._settle([settlement])
+        return True
+
     def _next_batch(self) -> list[recording.Received]:
         """Take up to `batch_size` deliveries off the buffer, stopping at a letter that a batch still
         being recorded holds: it is recorded after that batch committed, so that its attempt number
         and duplicate check see the earlier delivery (a letter without message_id is matched by
         content, so it waits for every batch)."""
-        pending = self._pending[: self.options.batch_size]
+        pending = self._pending[: 1 if self._one_by_one else self.options.batch_size]
         if self._in_flight and pending:
             busy = frozenset().union(*(item.message_ids | item.settling_ids for item in self._in_flight))
             for i, r in enumerate(pending):
@@ -411,6 +442,7 @@ class Worker:
                     del pending[i:]
                     break
         del self._pending[: len(pending)]
+        self._one_by_one = max(0, self._one_by_one - len(pending))
         return pending
 
     def _submit(self, batch: list[recording.Received]) -> None:

@@ -224,6 +224,35 @@ def _message_pks(message_ids) -> dict[str, int]:
     return found
 
 
+def record_refused(r: Received, *, worker_id: int | None, reason: str) -> Settlement:
+    """A letter the database refuses as it came (a `DataError`, alone in its batch): record what can be
+    kept — its body, message_id and names, not its headers and properties — with a rejected
+    delivery that says why. The worker then rejects it (to the queue's dead-letter exchange, if any):
+    one such letter never holds up the queue, and its body stays in the audit trail.
+    """
+    body = bytes(r.body)
+    now = timezone.now()
+    reason = broker.json_safe_str(reason)
+    with transaction.atomic():
+        message, _ = Message.objects.get_or_create(
+            message_id=_message_id(r, has_handler=False),
+            defaults={
+                "origin": Message.Origin.EXTERNAL, "status": Message.Status.EXTERNAL, "body": body,
+                "body_size": len(body), "body_sha256": hashlib.sha256(body).hexdigest(),
+                "exchange": broker.text_value(r.exchange)[:255], "routing_key": broker.text_value(r.routing_key)[:255],
+                "last_error": reason,
+            },
+        )
+        attempt = Delivery.objects.filter(message=message, queue=r.queue).count() + 1
+        delivery = Delivery.objects.create(
+            message=message, queue=r.queue, consumer_tag=r.consumer_tag, delivery_tag=r.delivery_tag,
+            redelivered=r.redelivered, attempt=attempt, exchange=message.exchange, routing_key=message.routing_key,
+            status=Delivery.Status.REJECTED, worker_id=worker_id, settled_at=now, error=reason,
+        )
+    return Settlement(delivery_tag=r.delivery_tag, delivery_id=delivery.pk, message_id=message.pk,
+                      action=Delivery.Status.REJECTED, error=reason, recorded=True)
+
+
 def record_lost(delivery_ids: list[int], *, reason: str) -> None:
     """Deliveries recorded but never acked because the channel closed: the broker requeues them.
 
@@ -749,7 +778,7 @@ def _handle(r: Received, delivery: Recorded, *, handler: Handler, max_retries: i
             Delivery.objects.filter(pk=delivery.pk).update(handled_at=timezone.now())
     except Exception:  # noqa: BLE001 — any handler error is recorded, never lost
         error = traceback.format_exc()
-        settle.error = error[-10000:]
+        settle.error = broker.json_safe_str(error[-10000:])  # a NUL in the handler's message: PostgreSQL refuses it in text
         retries_left = delivery.attempt <= max_retries
         settle.action = Delivery.Status.REQUEUED if retries_left else Delivery.Status.REJECTED
         logger.warning(

@@ -19,7 +19,7 @@ from datetime import timedelta
 import pika
 import psycopg
 import pytest
-from django.db import OperationalError, connection
+from django.db import DataError, OperationalError, connection
 
 from messaging import recording
 from messaging.consuming import ConsumeOptions
@@ -390,6 +390,39 @@ def test_headers_pika_cannot_decode_are_recorded_not_a_lost_connection_forever(q
         level, value = level + 1, value["t"]
     assert level == 64 and value.startswith("(not decoded: nested deeper than 64 levels")
     assert Message.objects.get(message_id=f"{queue_name}-when").headers == {"when": 2**40}  # its seconds
+
+
+def test_a_letter_the_database_refuses_is_recorded_rejected_alone_and_the_rest_go_on(queue_name, monkeypatch):
+    """A value the database refuses (a DataError: the letter, not the database being down) was
+    retried for ever, holding up everything behind it."""
+    ids = publish(queue_name, 10, declare=True)
+    poison = ids[4]
+    original, batches = recording.record_batch, []
+
+    def record_batch(batch, **kwargs):
+        batches.append(len(batch))
+        if any(r.properties.message_id == poison for r in batch):
+            raise DataError("injected: value too long for type character varying(255)")
+        return original(batch, **kwargs)
+
+    monkeypatch.setattr(recording, "record_batch", record_batch)
+    worker = ConsumeWorker(ConsumeOptions(queues=(queue_name,), batch_size=10, max_messages=10))
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    stuck = thread.is_alive()
+    if stuck:
+        worker.request_stop()
+        thread.join(timeout=30)
+    assert not stuck, f"the worker was still retrying the refused batch: {batches[:5]}"
+    assert batches[0] == 10 and set(batches[1:]) == {1}  # then one by one
+    assert (worker.counts.acked, worker.counts.rejected) == (9, 1)
+    assert queue_counts(queue_name) == (0, 0)
+    refused = Delivery.objects.select_related("message").get(message__message_id=poison)
+    assert refused.status == Delivery.Status.REJECTED and "DataError" in refused.error
+    assert bytes(refused.message.body) and refused.message.headers == {}  # the body kept, the headers not
+    acked = Delivery.objects.filter(queue=queue_name, status=Delivery.Status.ACKED)
+    assert sorted(acked.values_list("message__message_id", flat=True)) == sorted(set(ids) - {poison})
 
 
 def test_hostile_properties_and_routing_key_are_recorded_not_fatal(queue_name, manage):

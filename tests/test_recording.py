@@ -292,6 +292,16 @@ def test_handler_failure_requeues_then_rejects_and_success_is_not_rerun():
     assert Message.objects.get(message_id="good").correlation_id == "handled"
 
 
+def test_a_handler_error_with_a_nul_is_written_not_refused_by_the_database():
+    def fails(message):
+        raise ValueError("bad byte \x00 in the input")
+
+    [s] = record_batch([received(1, message_id="nul-error")], worker_id=None, handlers={"q": fails})
+    record_settled([s])  # PostgreSQL refused the NUL: every later batch carrying it failed
+    error = Delivery.objects.get(pk=s.delivery_id).error
+    assert "bad byte \\u0000 in the input" in error and "\x00" not in error
+
+
 def test_a_batch_over_one_statements_parameters_is_recorded_whole(monkeypatch):
     monkeypatch.setattr(recording, "MAX_PARAMETERS", 30)  # a statement per letter or two, as 30,000 does for big batches
     [first] = record_batch([received(1, message_id="many-0")], worker_id=None)
