@@ -368,8 +368,9 @@ class Worker:
                 # settlements, which are written again harmlessly), so nothing is acked: try it again later.
                 self._unsettled[:0] = in_flight.settled
                 self._unsettled_ids |= in_flight.settling_ids
-                # A refused value with earlier settlements in the same transaction may be theirs: retried as is.
-                if isinstance(exc, DataError) and not in_flight.settled and self._set_aside(in_flight.batch, exc, at=retried):
+                if isinstance(exc, DataError) and self._unsettled:
+                    self._write_settlements()  # alone: the refused value may have been one of theirs
+                if isinstance(exc, DataError) and not self._unsettled and self._set_aside(in_flight.batch, exc, at=retried):
                     retried += len(in_flight.batch) if len(in_flight.batch) > 1 else 0
                     continue
                 self._pending[retried:retried] = in_flight.batch
