@@ -233,20 +233,20 @@ def record_refused(r: Received, *, worker_id: int | None, reason: str) -> Settle
     body = bytes(r.body)
     now = timezone.now()
     reason = broker.json_safe_str(reason)
+    exchange, routing_key = broker.text_value(r.exchange)[:255], broker.text_value(r.routing_key)[:255]
     with transaction.atomic():
         message, _ = Message.objects.get_or_create(
             message_id=_message_id(r, has_handler=False),
             defaults={
                 "origin": Message.Origin.EXTERNAL, "status": Message.Status.EXTERNAL, "body": body,
                 "body_size": len(body), "body_sha256": hashlib.sha256(body).hexdigest(),
-                "exchange": broker.text_value(r.exchange)[:255], "routing_key": broker.text_value(r.routing_key)[:255],
-                "last_error": reason,
+                "exchange": exchange, "routing_key": routing_key, "last_error": reason,
             },
         )
         attempt = Delivery.objects.filter(message=message, queue=r.queue).count() + 1
         delivery = Delivery.objects.create(
             message=message, queue=r.queue, consumer_tag=r.consumer_tag, delivery_tag=r.delivery_tag,
-            redelivered=r.redelivered, attempt=attempt, exchange=message.exchange, routing_key=message.routing_key,
+            redelivered=r.redelivered, attempt=attempt, exchange=exchange, routing_key=routing_key,
             status=Delivery.Status.REJECTED, worker_id=worker_id, settled_at=now, error=reason,
         )
     return Settlement(delivery_tag=r.delivery_tag, delivery_id=delivery.pk, message_id=message.pk,
