@@ -233,7 +233,7 @@ def record_refused(r: Received, *, worker_id: int | None, reason: str) -> Settle
     body = bytes(r.body)
     now = timezone.now()
     reason = broker.json_safe_str(reason)
-    exchange, routing_key = broker.text_value(r.exchange)[:255], broker.text_value(r.routing_key)[:255]
+    exchange, routing_key = _stored_name(r.exchange), _stored_name(r.routing_key)
     with transaction.atomic():
         message, _ = Message.objects.get_or_create(
             message_id=_message_id(r, has_handler=False),
@@ -303,12 +303,8 @@ class Prepared:
 
 
 def _prepare(batch: list[Received], handlers: dict[str, Handler] | None) -> Prepared:
-    for r in batch:  # as the database can store them: another producer's bytes may not be UTF-8, or hold NUL
-        # (each NUL is escaped as six characters: a 255-byte name can come out longer than its column)
-        if type(r.exchange) is not str or "\x00" in r.exchange:
-            r.exchange = broker.text_value(r.exchange)[:255]
-        if type(r.routing_key) is not str or "\x00" in r.routing_key:
-            r.routing_key = broker.text_value(r.routing_key)[:255]
+    for r in batch:
+        r.exchange, r.routing_key = _stored_name(r.exchange), _stored_name(r.routing_key)
     received = _receipt_times([r.received_at for r in batch])
     ids = [_message_id(r, has_handler=bool(handlers) and r.queue in handlers) for r in batch]
     letters: dict[str, tuple] = {}
@@ -318,6 +314,14 @@ def _prepare(batch: list[Received], handlers: dict[str, Handler] | None) -> Prep
     acked_now = (ACKED, _receipt_times([time.time()])[0])
     settlement = [(RECEIVED, None) if handlers and r.queue in handlers else acked_now for r in batch]
     return Prepared(ids=ids, received=received, letters=letters, settlement=settlement)
+
+
+def _stored_name(value) -> str:
+    """An exchange or routing key as its column stores it: another producer's bytes may not be UTF-8,
+    or hold NUL (escaped as six characters, so a 255-byte name can come out longer than its column)."""
+    if type(value) is str and "\x00" not in value:
+        return value
+    return broker.text_value(value)[:255]
 
 
 def _receipt_times(stamps: list[float]) -> list:
