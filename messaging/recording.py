@@ -358,11 +358,16 @@ def _utc_suffix() -> str | None:
 
 
 def _insert(batch: list[Received], prepared: Prepared, *, worker_id: int | None) -> list[Recorded]:
+    global _copy_letters_first
     ids, received = prepared.ids, prepared.received
     if connection.vendor == "postgresql" and len(batch) < COPY_MIN_ROWS:
         known, fresh = _find_or_insert_letters(prepared.letters)
+    elif connection.vendor == "postgresql" and _copy_letters_first and not any(r.redelivered for r in batch):
+        known, fresh = _copy_letters(prepared.letters)
     else:
         known = _message_pks(prepared.letters)
+        if connection.vendor == "postgresql" and len(batch) >= COPY_MIN_ROWS:
+            _copy_letters_first = not known
         new = [row for message_id, row in prepared.letters.items() if message_id not in known]
         if new:
             # Conflicts ignored: a competing worker may record the same letter at the same moment.
@@ -393,6 +398,29 @@ def _insert(batch: list[Received], prepared: Prepared, *, worker_id: int | None)
     for item, (pk,) in zip(recorded, _insert_rows(Delivery, DELIVERY_COLUMNS, rows, returning=("id",)), strict=True):
         item.pk = pk
     return recorded
+
+
+def _copy_letters(letters: dict[str, tuple]) -> tuple[dict[str, int], set[str]]:
+    """PostgreSQL, a large batch of letters that are most likely new: COPY them all without looking
+    them up first (~3 µs a letter of the database's time). A letter recorded before makes the COPY
+    fail, and its savepoint goes back: the letters are then inserted skipping the known ones, which
+    are looked up. Returns (the letters' ids, the message_ids of those this batch inserted).
+
+    Taken while the batches hold new letters only (`_copy_letters_first`): letters Mailroom
+    published, which have their row already, are looked up first, as before.
+    """
+    global _copy_letters_first
+    inserted = dict(_insert_rows(
+        Message, MESSAGE_COLUMNS, list(letters.values()), ignore_conflicts=True, returning=("message_id", "id"),
+    ))
+    _copy_letters_first = len(inserted) == len(letters)
+    known = dict(inserted)
+    if not _copy_letters_first:
+        known.update(_message_pks([m for m in letters if m not in inserted]))
+    return known, set(inserted)
+
+
+_copy_letters_first = True  # the last large batch held new letters only (a hint, not a truth)
 
 
 def _record_first_receipts(batch: list[Received], prepared: Prepared | None, *, worker_id: int | None,
@@ -631,7 +659,8 @@ def _copy_rows(model, columns, rows, *, ignore_conflicts: bool, returning: tuple
         sql = f"COPY {connection.ops.quote_name(table)} ({', '.join(columns)}) FROM STDIN"
         try:
             with transaction.atomic():  # a savepoint: a duplicate key only undoes the COPY
-                with cursor.cursor.copy(sql) as copy:
+                # psycopg's own cursor: its errors made Django's (IntegrityError) by hand
+                with connection.wrap_database_errors, cursor.cursor.copy(sql) as copy:
                     for row in rows:
                         copy.write_row(row)
         except IntegrityError:

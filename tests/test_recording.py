@@ -366,6 +366,34 @@ def test_a_big_batch_keeps_order_of_ids():
     assert recording.COPY_MIN_ROWS < 120  # the COPY path ran on PostgreSQL
 
 
+@pytest.mark.parametrize("handler", [False, True])
+def test_a_big_batch_of_new_letters_then_one_holding_known_ones_records_each_letter_once(handler):
+    """PostgreSQL COPYs a big batch's letters without looking them up while the batches hold new
+    letters only: a batch that also holds letters recorded before (published twice, or Mailroom's
+    own) must still find them, count their attempts and spot the duplicates."""
+    handlers = {"q": lambda message: None} if handler else None
+    record_batch([received(i, message_id=f"big-{i}") for i in range(60)], worker_id=None, handlers=handlers)
+    assert recording._copy_letters_first or connection.vendor != "postgresql"
+    known = Message.objects.create(message_id="ours-1", routing_key="q", status=Message.Status.PUBLISHED)
+    batch = [received(100 + i, message_id=f"big-{i}") for i in range(0, 60, 2)]  # 30 letters seen before
+    batch += [received(200 + i, message_id=f"new-{i}") for i in range(30)] + [received(300, message_id="ours-1")]
+    settlements = record_batch(batch, worker_id=None, handlers=handlers)
+    assert len(settlements) == len(batch)
+    assert Message.objects.count() == 60 + 30 + 1
+    assert Message.objects.get(message_id="ours-1").pk == known.pk
+    seen = {(d.message.message_id, d.attempt, d.duplicate) for d in Delivery.objects.select_related("message")
+            .filter(delivery_tag__gte=100)}
+    # Delivered again: attempt 2; acked before (no handler), or handled before: a duplicate.
+    assert seen == ({(f"big-{i}", 2, True) for i in range(0, 60, 2)}
+                    | {(f"new-{i}", 1, False) for i in range(30)} | {("ours-1", 1, False)})
+    assert [s.duplicate for s in settlements] == [True] * 30 + [False] * 31
+    if connection.vendor == "postgresql":
+        assert not recording._copy_letters_first  # the next big batch looks its letters up first
+        record_batch([received(400 + i, message_id=f"fresh-{i}") for i in range(60)], worker_id=None)
+        assert recording._copy_letters_first  # new letters only again: COPY first
+    assert Message.objects.count() == 60 + 30 + 1 + (60 if connection.vendor == "postgresql" else 0)
+
+
 def test_receipt_times_are_stored_as_taken_and_sort_in_time_order():
     stamps = [1764200000.123456, 1764200000.5, 1764200001.0, 1764203599.999999, 1764203600.000001]
     batch = [received(i, message_id=f"t{i}") for i in range(1, len(stamps) + 1)]
