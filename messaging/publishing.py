@@ -19,7 +19,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, IntegrityError, connection, connections, transaction
 from django.utils import timezone
 
 from messaging import broker
@@ -269,7 +269,7 @@ def publish_message(message: Message) -> Message:
     transaction of its own that is committed once the broker confirms (`_publish_with_outcome_ahead`).
     """
     if _postgresql_outside_a_transaction():
-        status, reason, fields = _publish_with_outcome_ahead(message)
+        status, reason, fields = _publish_with_outcome_ahead(message, connections[DEFAULT_DB_ALIAS])
     else:
         (status, reason), fields = publish_once(message), None
     message.attempts += 1
@@ -283,10 +283,11 @@ def publish_message(message: Message) -> Message:
 
 def _postgresql_outside_a_transaction() -> bool:
     """Whether the outcome may be written in a transaction of its own (none of the caller's is open)."""
-    return connection.vendor == "postgresql" and not connection.in_atomic_block and connection.get_autocommit()
+    db = connections[DEFAULT_DB_ALIAS]  # the connection itself: each `connection.x` looks it up again
+    return db.vendor == "postgresql" and not db.in_atomic_block and db.get_autocommit()
 
 
-def _publish_with_outcome_ahead(message: Message) -> tuple[str, str, dict[str, Any] | None]:
+def _publish_with_outcome_ahead(message: Message, db) -> tuple[str, str, dict[str, Any] | None]:
     """Publish with the `published` outcome already written, uncommitted: commit it on the confirm.
 
     PostgreSQL runs the UPDATE while the broker confirms, so the only database wait left after the
@@ -298,18 +299,18 @@ def _publish_with_outcome_ahead(message: Message) -> tuple[str, str, dict[str, A
     """
     fields = outcome_fields(Message.Status.PUBLISHED)  # published_at: when the publish began
     sql = _published_ahead_sql().format(published_at=fields["published_at"].isoformat(), pk=int(message.pk))
-    with connection.wrap_database_errors:
-        connection.ensure_connection()
-        pgconn = connection.connection.pgconn
+    with db.wrap_database_errors:
+        db.ensure_connection()
+        pgconn = db.connection.pgconn
     try:
-        with connection.wrap_database_errors:
+        with db.wrap_database_errors:
             _send(pgconn, sql)
         status, reason = publish_once(message)
     except BaseException:
-        _roll_back_quietly(pgconn)  # the error in hand is the one to report
+        _roll_back_quietly(db, pgconn)  # the error in hand is the one to report
         raise
     published = status == Message.Status.PUBLISHED
-    with connection.wrap_database_errors:
+    with db.wrap_database_errors:
         written = _results_ok(pgconn)
         _send(pgconn, "COMMIT" if published and written else "ROLLBACK")
         committed = _results_ok(pgconn)
@@ -319,9 +320,9 @@ def _publish_with_outcome_ahead(message: Message) -> tuple[str, str, dict[str, A
     return status, reason, fields if published else None
 
 
-def _roll_back_quietly(pgconn) -> None:
+def _roll_back_quietly(db, pgconn) -> None:
     try:
-        with connection.wrap_database_errors:
+        with db.wrap_database_errors:
             _results_ok(pgconn)
             _send(pgconn, "ROLLBACK")
             _results_ok(pgconn)
@@ -359,8 +360,6 @@ def _results_ok(pgconn) -> bool:
     Waits in `poll` (the GIL released, other threads run) rather than in libpq's blocking
     `PQgetResult`, which holds the GIL for as long as a row lock may make the UPDATE wait.
     """
-    from psycopg import pq
-
     ok = True
     while True:
         if pgconn.is_busy():
@@ -371,7 +370,10 @@ def _results_ok(pgconn) -> bool:
         result = pgconn.get_result()
         if result is None:
             return ok
-        ok = ok and result.status == pq.ExecStatus.COMMAND_OK
+        ok = ok and result.status == _COMMAND_OK
+
+
+_COMMAND_OK = 1  # psycopg.pq.ExecStatus.COMMAND_OK (libpq's PGRES_COMMAND_OK)
 
 
 def _wait(pgconn, event: int) -> None:
