@@ -666,7 +666,8 @@ def _copy_rows(model, columns, rows, *, ignore_conflicts: bool, returning: tuple
         columns = (pk_column, *columns)
         sql = f"COPY {connection.ops.quote_name(table)} ({', '.join(columns)}) FROM STDIN"
         try:
-            with transaction.atomic():  # a savepoint: a duplicate key only undoes the COPY
+            # A savepoint where a duplicate key is expected: it then undoes the COPY alone (two round trips).
+            with transaction.atomic() if ignore_conflicts else nullcontext():
                 # psycopg's own cursor: its errors made Django's (IntegrityError) by hand
                 with connection.wrap_database_errors, cursor.cursor.copy(sql) as copy:
                     for row in rows:
