@@ -34,7 +34,10 @@ BACKOFF_START = 1.0
 BACKOFF_CAP = 30.0
 WORKER_HEARTBEAT_SECONDS = 5.0
 CONNECTION_CHECK_SECONDS = 30.0
-RECORDING_THREADS = 2  # batches recorded at once when no handler runs (handlers run one batch at a time)
+# Batches recorded at once when no handler runs (handlers run one batch at a time), by database:
+# SQLite has one writer, where a third thread only adds to the GIL's traffic; PostgreSQL's backends
+# work in parallel (bench/consume.py: 0.46× against 0.44× with two, and no round below 0.41×).
+RECORDING_THREADS = {"sqlite": 2, "postgresql": 3}
 
 
 class StopFlag:
@@ -137,7 +140,7 @@ class Worker:
         self._handlers: dict[str, recording.Handler] = {}  # by the queue's real (maybe server-made) name
         # One executor per thread, each with its own database connection. The worker registry has a
         # thread of its own, so that its heartbeat is not held up behind a long handler.
-        threads = 1 if self._handler_paths else RECORDING_THREADS
+        threads = 1 if self._handler_paths else RECORDING_THREADS.get(db_connection.vendor, 2)
         self._recorders = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mailroom-db{i}") for i in range(threads)]
         self._registry = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailroom-registry")
         self._pending: list[recording.Received] = []
