@@ -36,7 +36,8 @@ WORKER_HEARTBEAT_SECONDS = 5.0
 CONNECTION_CHECK_SECONDS = 30.0
 # Batches recorded at once when no handler runs (handlers run one batch at a time), by database:
 # SQLite has one writer, where a third thread only adds to the GIL's traffic; PostgreSQL's backends
-# work in parallel (bench/consume.py: 0.46× against 0.44× with two, and no round below 0.41×).
+# work in parallel (seven interleaved rounds of bench/consume.py's throughput measure: 0.46× against
+# 0.44× with two, and no round below 0.41× against 0.37×).
 RECORDING_THREADS = {"sqlite": 2, "postgresql": 3}
 
 
