@@ -318,11 +318,14 @@ def test_stopping_while_a_batch_fails_leaves_the_other_batch_in_flight_unacked_a
 
     monkeypatch.setattr(recording, "record_batch", record_batch)
     assert worker.run() == 0
-    assert calls[:2] == [10, 10]
+    # The first batch may be the first delivery alone (one socket read), and on PostgreSQL a third
+    # thread may take a third batch before the stop: every batch after the failing one was committed.
+    assert len(calls) >= 2
+    committed = sum(calls[1:])
     rows = list(Delivery.objects.filter(queue=queue_name).values_list("status", flat=True))
-    assert len(rows) == 10 and set(rows) == {Delivery.Status.REQUEUED}, rows  # not 'acked': no ack went out
+    assert len(rows) == committed and set(rows) == {Delivery.Status.REQUEUED}, rows  # not 'acked': no ack went out
     assert queue_counts(queue_name) == (20, 0)  # every letter back in the queue
-    assert Message.objects.filter(message_id__in=ids).count() == 10
+    assert Message.objects.filter(message_id__in=ids).count() == committed
 
 
 def test_max_messages_counts_letters_delivered_again_after_a_lost_channel(queue_name, monkeypatch):
