@@ -2,14 +2,14 @@
 
 The main thread owns the pika connection and never touches the database; database threads record
 batches and run handlers while the main thread keeps pika's I/O (and heartbeats) serviced. Without
-handlers two batches are recorded at once, on two connections, so that one batch's Python work overlaps
-the other's database work; their acks still go out in the order the batches were received.
+handlers two batches (three on PostgreSQL) are recorded at once, each on its own connection, so that
+one batch's Python work overlaps another's database work; their acks still go out in the order the
+batches were received.
 """
 from __future__ import annotations
 
 import logging
 import os
-import random
 import socket
 import threading
 import time
@@ -26,12 +26,11 @@ from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from messaging import broker, recording
+from messaging.backoff import backoff_delays
 from messaging.models import Delivery, Worker as WorkerRow
 
 logger = logging.getLogger(__name__)
 
-BACKOFF_START = 1.0
-BACKOFF_CAP = 30.0
 WORKER_HEARTBEAT_SECONDS = 5.0
 CONNECTION_CHECK_SECONDS = 30.0
 # Batches recorded at once when no handler runs (handlers run one batch at a time), by database:
@@ -93,19 +92,6 @@ class ConsumeOptions:
     binding_keys: tuple[str, ...] = ()
     queue_type: str = ""
     heartbeat: int = 30
-
-
-def backoff_delays(*, start: float = BACKOFF_START, cap: float = BACKOFF_CAP):
-    """Capped exponential backoff with jitter: 1–2 s, 2–4 s, 4–8 s … then between cap/2 and `cap`.
-
-    Never sooner than `start` (at most one attempt a second); the jitter spreads the workers a
-    broker restart disconnected all at once.
-    """
-    attempt = 0
-    while True:
-        ceiling = min(cap, start * 2 ** min(attempt + 1, 32))  # a bounded exponent: no float overflow, ever
-        yield random.uniform(max(start, ceiling / 2), ceiling)
-        attempt += 1
 
 
 @dataclass(frozen=True, kw_only=True)

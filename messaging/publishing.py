@@ -12,7 +12,6 @@ import binascii
 import contextlib
 import functools
 import logging
-import random
 import select
 from dataclasses import dataclass
 from datetime import timedelta
@@ -23,6 +22,7 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, IntegrityError, connectio
 from django.utils import timezone
 
 from messaging import broker
+from messaging.backoff import backoff_delay
 from messaging.models import Message
 
 logger = logging.getLogger(__name__)
@@ -228,10 +228,8 @@ def republish(original: Message, *, user=None) -> Message:
 
 
 def retry_delay(attempts: int) -> timedelta:
-    """Capped exponential backoff with full jitter for the relay's next attempt."""
-    # The exponent is bounded: a letter pending for days (~1,000 attempts) would overflow a float.
-    ceiling = min(RETRY_CAP_SECONDS, RETRY_BASE_SECONDS * 2 ** min(max(0, attempts - 1), 32))
-    return timedelta(seconds=random.uniform(ceiling / 2, ceiling))
+    """When the relay tries a pending letter again, after `attempts` attempts (see `backoff_delay`)."""
+    return timedelta(seconds=backoff_delay(attempts - 1, base=RETRY_BASE_SECONDS, cap=RETRY_CAP_SECONDS))
 
 
 def outcome_fields(status: str, reason: str = "", *, attempts: int = 1) -> dict[str, Any]:

@@ -30,7 +30,8 @@ from django.db import Error as DatabaseError  # also InterfaceError: "connection
 from django.utils import timezone
 
 from messaging import broker
-from messaging.consuming import StopFlag, backoff_delays
+from messaging.backoff import backoff_delays
+from messaging.consuming import StopFlag
 from messaging.models import Message
 from messaging.publishing import outcome_fields, outcome_params, outcome_sql, publish_once, relaxed_commit
 from messaging.recording import in_lists

@@ -12,7 +12,8 @@ import pika
 import pytest
 
 from messaging import broker
-from messaging.consuming import StopFlag, backoff_delays
+from messaging.backoff import backoff_delays
+from messaging.consuming import StopFlag
 from messaging.models import Delivery, Message, Worker
 from tests.conftest import delete_queue, subprocess_env, wait_for
 from tests.consuming_checks import acked_count, assert_exactly_once, connect, consumers, publish, queue_counts
