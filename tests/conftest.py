@@ -79,12 +79,15 @@ def queue_name(request):
 
 
 def delete_queue(name: str) -> None:
-    try:
-        conn = pika.BlockingConnection(pika.URLParameters(settings.RABBITMQ_URL.split(",")[0]))
-        conn.channel().queue_delete(queue=name)
-        conn.close()
-    except Exception:  # noqa: BLE001 — best effort cleanup
-        pass
+    # Each address in turn: a test may have listed a dead node first (RABBITMQ_URL, a cluster).
+    for url in settings.RABBITMQ_URL.split(","):
+        try:
+            conn = pika.BlockingConnection(pika.URLParameters(url))
+            conn.channel().queue_delete(queue=name)
+            conn.close()
+            return
+        except Exception:  # noqa: BLE001 — best effort cleanup
+            continue
 
 
 def queue_depth(name: str) -> tuple[int, int]:
