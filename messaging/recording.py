@@ -795,9 +795,14 @@ def _history(batch, ids, known, *, fresh: set[str]) -> dict[tuple[int, str], lis
 def _attempt(r: Received, previous) -> int:
     headers = r.properties.headers
     count = headers.get("x-delivery-count") if headers else None
-    if isinstance(count, int):  # quorum queues count deliveries themselves
+    # Quorum queues count deliveries themselves; another producer's header of that name may hold
+    # anything (a negative count broke the column's CHECK and the batch was retried for ever).
+    if type(count) is int and 0 <= count < MAX_ATTEMPT:
         return count + 1
     return len(previous) + 1
+
+
+MAX_ATTEMPT = 2**31 - 1  # `Delivery.attempt`'s range (a PositiveIntegerField) on every database
 
 
 def _handled(previous: list[tuple[str, bool]]) -> bool:

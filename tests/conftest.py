@@ -4,6 +4,7 @@ A broker that does not answer fails the run (it never skips): these tests are th
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -83,11 +84,16 @@ def delete_queue(name: str) -> None:
     for url in settings.RABBITMQ_URL.split(","):
         try:
             conn = pika.BlockingConnection(pika.URLParameters(url))
-            conn.channel().queue_delete(queue=name)
-            conn.close()
-            return
-        except Exception:  # noqa: BLE001 — best effort cleanup
+        except Exception:  # noqa: BLE001 — best effort cleanup: the next address
             continue
+        try:
+            conn.channel().queue_delete(queue=name)
+        except Exception:  # noqa: BLE001
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+        return
 
 
 def queue_depth(name: str) -> tuple[int, int]:

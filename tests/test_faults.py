@@ -6,6 +6,7 @@ Node-wide injections (close_all_connections, stop_app) are marked `node` and res
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import signal
 import sqlite3
@@ -302,16 +303,17 @@ def test_stopping_while_a_batch_fails_leaves_the_other_batch_in_flight_unacked_a
     ids = publish(queue_name, 20, declare=True)
     worker = ConsumeWorker(ConsumeOptions(queues=(queue_name,), batch_size=10, prefetch=20))
     original, second_started, release = recording.record_batch, threading.Event(), threading.Event()
-    calls = []
+    calls, numbers = {}, itertools.count(1)  # batch sizes by call number, numbered atomically across threads
 
     def record_batch(batch, **kwargs):
-        calls.append(len(batch))
-        if len(calls) == 1:  # the first batch fails once the second is being recorded, and a stop comes
+        n = next(numbers)
+        calls[n] = len(batch)
+        if n == 1:  # the first batch fails once the second is being recorded, and a stop comes
             assert second_started.wait(10)
             worker.request_stop()
             threading.Timer(1.0, release.set).start()  # the second commits after the worker gave up
             raise OperationalError("injected: database unavailable")
-        if len(calls) == 2:
+        if n == 2:
             second_started.set()
             assert release.wait(10)
         return original(batch, **kwargs)
@@ -321,7 +323,7 @@ def test_stopping_while_a_batch_fails_leaves_the_other_batch_in_flight_unacked_a
     # The first batch may be the first delivery alone (one socket read), and on PostgreSQL a third
     # thread may take a third batch before the stop: every batch after the failing one was committed.
     assert len(calls) >= 2
-    committed = sum(calls[1:])
+    committed = sum(size for n, size in calls.items() if n > 1)
     rows = list(Delivery.objects.filter(queue=queue_name).values_list("status", flat=True))
     assert len(rows) == committed and set(rows) == {Delivery.Status.REQUEUED}, rows  # not 'acked': no ack went out
     assert queue_counts(queue_name) == (20, 0)  # every letter back in the queue
@@ -428,6 +430,33 @@ def test_a_letter_the_database_refuses_is_recorded_rejected_alone_and_the_rest_g
     assert bytes(refused.message.body) == b"letter 7" and "DataError" in refused.message.last_error  # the body kept
     acked = Delivery.objects.filter(queue=queue_name, status=Delivery.Status.ACKED)
     assert sorted(acked.values_list("message__message_id", flat=True)) == sorted(set(ids) - {poison})
+
+
+def test_a_forged_delivery_count_is_ignored_not_a_batch_refused_forever(queue_name, manage):
+    """x-delivery-count is the broker's on quorum queues, but any producer can send a header of that
+    name: a negative count broke `Delivery.attempt`'s CHECK (an IntegrityError, retried for ever) and
+    one past 2**63 could not be bound on SQLite. Such a count is ignored: the attempt is counted."""
+    forged = [-5, 2**40, True, "3"]
+    conn = connect()
+    channel = conn.channel()
+    channel.confirm_delivery()
+    channel.queue_declare(queue=queue_name, durable=True)
+    try:
+        for i, count in enumerate(forged):
+            channel.basic_publish(exchange="", routing_key=queue_name, body=f"forged {i}".encode(),
+                                  properties=pika.BasicProperties(message_id=f"{queue_name}-forged-{i}",
+                                                                  headers={"x-delivery-count": count}))
+    finally:
+        conn.close()
+    following = publish(queue_name, 2)
+    worker = manage("consume", queue_name)
+    wait_for(lambda: acked_count(queue_name) == len(forged) + 2, timeout=30, message="every letter acked")
+    assert worker.proc.poll() is None, worker.output
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=10) == 0, worker.output
+    ids = [f"{queue_name}-forged-{i}" for i in range(len(forged))]
+    assert_exactly_once(queue_name, [*ids, *following])
+    assert set(Delivery.objects.filter(queue=queue_name).values_list("attempt", flat=True)) == {1}
 
 
 def test_hostile_properties_and_routing_key_are_recorded_not_fatal(queue_name, manage):
