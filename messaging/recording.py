@@ -797,7 +797,7 @@ def _attempt(r: Received, previous) -> int:
     count = headers.get("x-delivery-count") if headers else None
     # Quorum queues count deliveries themselves; another producer's header of that name may hold
     # anything (a negative count broke the column's CHECK and the batch was retried for ever).
-    if type(count) is int and 0 <= count < MAX_ATTEMPT:
+    if isinstance(count, int) and not isinstance(count, bool) and 0 <= count < MAX_ATTEMPT:  # pika's `long` too
         return count + 1
     return len(previous) + 1
 
