@@ -365,17 +365,23 @@ def _utc_suffix() -> str | None:
     return None
 
 
+# PostgreSQL: the last batch held letters recorded before — Mailroom's own, most likely, which have their
+# row already. Such batches look their letters up first; batches of new letters skip the lookup. A hint
+# for the next batch (any recording thread's), never a truth: a wrong guess costs one statement more.
+_letters_seen_before = False
+
+
 def _insert(batch: list[Received], prepared: Prepared, *, worker_id: int | None) -> list[Recorded]:
-    global _copy_letters_first
+    global _letters_seen_before
     ids, received = prepared.ids, prepared.received
     if _vendor() == "postgresql" and len(batch) < COPY_MIN_ROWS:
         known, fresh = _find_or_insert_letters(prepared.letters)
-    elif _vendor() == "postgresql" and _copy_letters_first and not any(r.redelivered for r in batch):
+    elif _vendor() == "postgresql" and not _letters_seen_before and not any(r.redelivered for r in batch):
         known, fresh = _copy_letters(prepared.letters)
     else:
         known = _message_pks(prepared.letters)
-        if _vendor() == "postgresql" and len(batch) >= COPY_MIN_ROWS:
-            _copy_letters_first = not known
+        if _vendor() == "postgresql":
+            _letters_seen_before = bool(known)
         new = [row for message_id, row in prepared.letters.items() if message_id not in known]
         if new:
             # Conflicts ignored: a competing worker may record the same letter at the same moment.
@@ -414,21 +420,17 @@ def _copy_letters(letters: dict[str, tuple]) -> tuple[dict[str, int], set[str]]:
     fail, and its savepoint goes back: the letters are then inserted skipping the known ones, which
     are looked up. Returns (the letters' ids, the message_ids of those this batch inserted).
 
-    Taken while the batches hold new letters only (`_copy_letters_first`): letters Mailroom
-    published, which have their row already, are looked up first, as before.
+    Taken unless the last batch held letters recorded before (`_letters_seen_before`).
     """
-    global _copy_letters_first
+    global _letters_seen_before
     inserted = dict(_insert_rows(
         Message, MESSAGE_COLUMNS, list(letters.values()), ignore_conflicts=True, returning=("message_id", "id"),
     ))
-    _copy_letters_first = len(inserted) == len(letters)
+    _letters_seen_before = len(inserted) != len(letters)
     known = dict(inserted)
-    if not _copy_letters_first:
+    if _letters_seen_before:
         known.update(_message_pks([m for m in letters if m not in inserted]))
     return known, set(inserted)
-
-
-_copy_letters_first = True  # the last large batch held new letters only (a hint, not a truth)
 
 
 def _record_first_receipts(batch: list[Received], prepared: Prepared | None, *, worker_id: int | None,
@@ -448,7 +450,7 @@ def _record_first_receipts(batch: list[Received], prepared: Prepared | None, *, 
     Returns the deliveries recorded (None when the general path must record the batch) and whether
     `settled` was written.
     """
-    global _look_up_letters
+    global _letters_seen_before
     if (_vendor() != "postgresql" or not batch or len(batch) >= COPY_MIN_ROWS
             or len(prepared.letters) != len(batch) or any(r.redelivered for r in batch)
             or any(s.error for s in settled)):
@@ -475,14 +477,14 @@ def _record_first_receipts(batch: list[Received], prepared: Prepared | None, *, 
         params = (settling if settle else []) + letters + (lookup if known else []) + receipts
         return _execute(sql, params)  # its own transaction, or part of a caller's (tests)
 
-    known = _look_up_letters
+    known = _letters_seen_before
     rows = write(known=known, settle=True)
     if not rows and not known:
         known = True
         rows = write(known=True, settle=False)  # letters recorded before: Mailroom's own, most likely
     if not rows:
         return None, True
-    _look_up_letters = known and not all(fresh for *_, fresh in rows)
+    _letters_seen_before = known and not all(fresh for *_, fresh in rows)
     found = {message_id: (pk, message_pk) for message_id, pk, message_pk, _ in rows}
     recorded = []
     for message_id, attempt in zip(prepared.ids, attempts):
@@ -490,8 +492,6 @@ def _record_first_receipts(batch: list[Received], prepared: Prepared | None, *, 
         recorded.append(Recorded(pk=pk, message_pk=message_pk, attempt=attempt, duplicate=False))
     return recorded, True
 
-
-_look_up_letters = False  # the last first-receipt batch held letters recorded before (a hint, not a truth)
 
 
 # The delivery columns `_record_first_receipts` passes, in order; the others are constants of a first receipt.
