@@ -795,11 +795,15 @@ def _history(batch, ids, known, *, fresh: set[str]) -> dict[tuple[int, str], lis
 def _attempt(r: Received, previous) -> int:
     headers = r.properties.headers
     count = headers.get("x-delivery-count") if headers else None
-    # Quorum queues count deliveries themselves; another producer's header of that name may hold
-    # anything (a negative count broke the column's CHECK and the batch was retried for ever).
+    # Quorum queues count deliveries themselves (also those lost before their row was written); the
+    # database's history counts them on classic queues. Another producer's header of that name may
+    # hold anything: out of range it is ignored (a negative count broke the column's CHECK and the
+    # batch was retried for ever), and within range it never counts below the history (a constant
+    # `x-delivery-count: 0` on a classic queue would requeue a poison letter for ever).
+    attempt = len(previous) + 1
     if isinstance(count, int) and not isinstance(count, bool) and 0 <= count < MAX_ATTEMPT:  # pika's `long` too
-        return count + 1
-    return len(previous) + 1
+        return max(count + 1, attempt)
+    return attempt
 
 
 MAX_ATTEMPT = 2**31 - 1  # `Delivery.attempt`'s range (a PositiveIntegerField) on every database

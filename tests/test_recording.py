@@ -255,6 +255,25 @@ def test_quorum_delivery_count_header_gives_the_attempt():
     assert Delivery.objects.get(pk=s.delivery_id).attempt == 4
 
 
+def test_a_producers_constant_delivery_count_header_never_counts_below_the_history():
+    """A classic queue never rewrites x-delivery-count: a producer's 0 came back as attempt 1 each
+    time, so a poison letter was requeued for ever instead of rejected after max_retries."""
+    def poison(message):
+        raise ValueError("cannot handle")
+
+    actions = []
+    for tag in range(1, 5):
+        [s] = record_batch([received(tag, message_id="fixed-count", redelivered=tag > 1,
+                                     headers={"x-delivery-count": 0})],
+                           worker_id=None, handlers={"q": poison}, max_retries=2)
+        record_settled([s])
+        actions.append(s.action)
+        if s.action == Delivery.Status.REJECTED:
+            break
+    assert actions == ["requeued", "requeued", "rejected"]
+    assert list(Delivery.objects.order_by("pk").values_list("attempt", flat=True)) == [1, 2, 3]
+
+
 def test_record_lost_marks_unacked_deliveries_requeued_and_keeps_a_recorded_reject():
     a, b = record_batch([received(1, message_id="a"), received(2, message_id="b")], worker_id=None,
                         handlers={"q": lambda message: None})
