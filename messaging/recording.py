@@ -772,22 +772,24 @@ def _history(batch, ids, known, *, fresh: set[str]) -> dict[tuple[int, str], lis
         "message_id", "queue", "status", "handled_at", "pk",
     )
     latest: dict[tuple[int, str], tuple[str, int]] = {}
-    stale = []
+    unsettled: dict[tuple[int, str], list[int]] = {}
     for message_pk, queue, status, handled_at, pk in rows:
         history.setdefault((message_pk, queue), []).append([status, handled_at is not None])
         latest[(message_pk, queue)] = (status, pk)
         if status == Delivery.Status.RECEIVED:
-            stale.append(pk)
+            unsettled.setdefault((message_pk, queue), []).append(pk)
     # A redelivered letter was not acked last time, so its latest delivery, if recorded 'acked', lost
     # its ack: written acked with its row and cut off before the ack left (kill -9), or acked as the
-    # connection died (a basic.ack is not confirmed).
-    redelivered = {(known[i], r.queue) for r, i in zip(batch, ids) if r.redelivered}
-    for key in redelivered:
+    # connection died (a basic.ack is not confirmed). And a delivery of it still 'received' was never
+    # acked: the broker requeued it. (A copy that is not redelivered proves neither: the same
+    # message_id published twice may be in another worker's handler right now.)
+    stale = []
+    for key in {(known[i], r.queue) for r, i in zip(batch, ids) if r.redelivered}:
+        stale += unsettled.get(key, ())
         status, pk = latest.get(key, ("", 0))
         if status == Delivery.Status.ACKED:
             stale.append(pk)
             history[key][-1][0] = Delivery.Status.REQUEUED
-    # A delivery still 'received' when its letter comes again was never acked: the broker requeued it.
     record_lost(stale, reason="not acked before the consumer's channel closed; the broker redelivered it")
     return history
 

@@ -189,6 +189,19 @@ def test_a_letter_delivered_again_without_the_redelivered_flag_keeps_the_earlier
         ("acked", 1, False), ("acked", 2, True)]
 
 
+def test_a_copy_published_twice_leaves_a_delivery_in_another_workers_handler_alone():
+    """Not redelivered, the second copy says nothing of the first one's fate: that delivery may be in
+    another worker's handler right now (it was marked requeued, 'never acked', and its ack kept the note)."""
+    handlers = {"q": lambda message: None}
+    [first] = record_batch([received(1, message_id="twice-h")], worker_id=None, handlers=handlers)  # worker A
+    record_batch([received(1, message_id="twice-h", queue="q")], worker_id=None, handlers=handlers)  # worker B
+    old = Delivery.objects.get(pk=first.delivery_id)
+    assert (old.status, old.error) == (Delivery.Status.RECEIVED, "")
+    record_settled([first])  # worker A's handler finishes and acks
+    old.refresh_from_db()
+    assert (old.status, old.error) == (Delivery.Status.ACKED, "")
+
+
 def test_redelivered_outside_letter_without_message_id_is_matched_by_content():
     record_batch([received(1, body=b"no id here")], worker_id=None)
     record_batch([received(1, body=b"no id here", redelivered=True)], worker_id=None)
