@@ -8,6 +8,8 @@ batches were received.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import socket
@@ -38,6 +40,9 @@ CONNECTION_CHECK_SECONDS = 30.0
 # work in parallel (seven interleaved rounds of bench/consume.py's throughput measure: 0.46× against
 # 0.44× with two, and no round below 0.41× against 0.37×).
 RECORDING_THREADS = {"sqlite": 2, "postgresql": 3}
+# The cycle collector while consuming: the youngest generation collected every 50,000 allocations
+# rather than 700, and what was alive at the start left out of its walks (see `fewer_gc_passes`).
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 class StopFlag:
@@ -157,6 +162,10 @@ class Worker:
 
     def run(self) -> int:
         """Consume until stopped, `max_messages` or `inactivity_timeout`; return the exit code."""
+        with fewer_gc_passes():
+            return self._run()
+
+    def _run(self) -> int:
         self._worker_id = self._register_until_done()
         delays = backoff_delays()
         code = 0
@@ -602,6 +611,30 @@ class Worker:
         for path in paths.values():
             import_string(path)  # fail at start, not at the first letter
         return paths
+
+
+@contextlib.contextmanager
+def fewer_gc_passes():
+    """Tune Python's cycle collector for a stream of short-lived objects; restore it on the way out.
+
+    pika makes a few dozen objects per delivery and the recording a few more, all freed by their
+    reference counts. With the default thresholds the collector ran every 700 allocations, and every
+    hundredth run walked every object Django and the app had loaded: in interleaved rounds of
+    bench/consume.py's throughput measure the worker read 0.46× bare pika on SQLite with the defaults
+    and 0.55× with this (0.40× and 0.41× on PostgreSQL). The objects alive at the start are frozen
+    out of the collector's walks (`gc.freeze`, as long-running servers do after loading), and the
+    youngest generation is collected every 50,000 allocations. Cycles are still collected, later.
+    On the way out everything frozen goes back to the collector and the thresholds are restored.
+    """
+    thresholds = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 def _process_exists(pid: int) -> bool:

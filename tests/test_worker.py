@@ -11,9 +11,10 @@ from itertools import islice
 import pika
 import pytest
 
-from messaging import broker
+from messaging import broker, recording
 from messaging.backoff import backoff_delays
-from messaging.consuming import StopFlag
+from messaging.consuming import GC_THRESHOLDS, ConsumeOptions, StopFlag
+from messaging.consuming import Worker as ConsumeWorker
 from messaging.models import Delivery, Message, Worker
 from tests.conftest import delete_queue, subprocess_env, wait_for
 from tests.consuming_checks import acked_count, assert_exactly_once, connect, consumers, publish, queue_counts
@@ -267,6 +268,25 @@ def test_a_signal_during_a_wait_sets_the_stop_flag_without_a_lock():
     assert flag.is_set() and flag.wait(0) is True
     assert StopFlag().wait(0.15) is False
     assert not hasattr(flag, "_cond") and not hasattr(flag, "_lock")  # nothing a handler could wait on
+
+
+def test_the_cycle_collector_is_tuned_while_consuming_and_restored_after(queue_name, monkeypatch):
+    import gc
+
+    thresholds = gc.get_threshold()
+    seen = []
+    original = recording.record_batch
+
+    def spying(batch, **kwargs):
+        seen.append((gc.get_threshold(), gc.get_freeze_count() > 0))
+        return original(batch, **kwargs)
+
+    monkeypatch.setattr(recording, "record_batch", spying)
+    ids = publish(queue_name, 3, declare=True)
+    assert ConsumeWorker(ConsumeOptions(queues=(queue_name,), max_messages=3)).run() == 0
+    assert seen and all(state == (GC_THRESHOLDS, True) for state in seen)
+    assert (gc.get_threshold(), gc.get_freeze_count()) == (thresholds, 0)  # nothing left out of its walks
+    assert_exactly_once(queue_name, ids)
 
 
 def test_reconnect_backoff_is_capped_exponential_with_jitter():
