@@ -618,8 +618,8 @@ def fewer_gc_passes():
     """Tune Python's cycle collector for a stream of short-lived objects; restore it on the way out.
 
     pika makes a few dozen objects per delivery and the recording a few more, all freed by their
-    reference counts. With the default thresholds the collector ran every 700 allocations, and every
-    hundredth run walked every object Django and the app had loaded: in interleaved rounds of
+    reference counts. With the default thresholds the collector ran every 700 allocations, and up to
+    every hundredth run walked every object Django and the app had loaded: in interleaved rounds of
     bench/consume.py's throughput measure the worker read 0.46× bare pika on SQLite with the defaults
     and 0.55× with this (0.40× and 0.41× on PostgreSQL). The objects alive at the start are frozen
     out of the collector's walks (`gc.freeze`, as long-running servers do after loading), and the
