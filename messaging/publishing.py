@@ -105,6 +105,8 @@ def check_header_value(value: Any, *, depth: int) -> None:
         raise LetterError("Headers are nested too deeply.")
     if isinstance(value, str):
         utf8(value, field="A header value")
+        if "\x00" in value:  # PostgreSQL's JSON cannot hold it: it would be stored changed, as the text \u0000
+            raise LetterError("A header value contains a NUL character, which cannot be stored as it is.")
     elif isinstance(value, dict):
         check_header_table(value, depth=depth + 1)
     elif isinstance(value, list):

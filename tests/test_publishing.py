@@ -52,6 +52,20 @@ def test_published_unroutable_failed_then_next_publish_works(amqp, queue_name):
     assert bodies == [b"one", b"four"]
 
 
+def test_properties_over_a_frame_are_failed_and_the_connection_kept(amqp, queue_name):
+    """Written past the checks (an older row), such a letter made the broker close the connection."""
+    amqp.queue_declare(queue_name, durable=True)
+    before = send(routing_key=queue_name, body=b"before")
+    huge = Message.objects.create(routing_key=queue_name, body=b"x", headers={"h": "A" * 140_000})
+    publish_message(huge)
+    huge.refresh_from_db()
+    assert huge.status == Message.Status.FAILED and "frame_max" in huge.last_error, huge.last_error
+    connection = broker.publisher()._connection
+    after = send(routing_key=queue_name, body=b"after")
+    assert (before.status, after.status) == (Message.Status.PUBLISHED, Message.Status.PUBLISHED)
+    assert broker.publisher()._connection is connection  # the same connection: the broker never saw it
+
+
 def test_existing_amq_exchange_can_be_published_to_but_not_declared(queue_name):
     with pytest.raises(LetterError, match="reserved"):
         send(exchange="amq.direct", exchange_type="direct", declare=True, routing_key=queue_name, body=b"x")

@@ -251,6 +251,23 @@ def test_a_letter_pika_cannot_encode_is_failed_and_the_relay_goes_on(amqp, queue
     assert queue_depth(queue_name) == (3, 0)
 
 
+def test_a_letter_whose_properties_overflow_a_frame_is_failed_and_the_rest_published(amqp, queue_name):
+    """The broker closes the whole connection (501 frame_too_large) for such a frame: every letter in
+    flight went with it, and the relay sent the same letter again at each retry."""
+    from messaging.relay import Relay, RelayOptions
+
+    amqp.queue_declare(queue_name, durable=True)
+    pending_letters(queue_name, 2)
+    huge = Message.objects.create(routing_key=queue_name, body=b"x", next_attempt_at=timezone.now(),
+                                  headers={"h": "A" * 140_000})  # written past the form's and API's checks
+    pending_letters(queue_name, 2)
+    assert Relay(RelayOptions(once=True)).run() == 0
+    huge.refresh_from_db()
+    assert huge.status == Message.Status.FAILED and "frame_max" in huge.last_error, huge.last_error
+    assert Message.objects.filter(status=Message.Status.PUBLISHED).count() == 4
+    assert queue_depth(queue_name) == (4, 0)
+
+
 def test_relay_stops_gracefully_on_sigterm(manage, amqp, queue_name):
     amqp.queue_declare(queue_name, durable=True)
     relay = manage("relay", "--idle", "0.2")
