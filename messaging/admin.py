@@ -15,11 +15,13 @@ from collections import Counter
 from datetime import datetime, timedelta
 
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import models, transaction
 from django.db.models import Count, IntegerField, Max, Min, OuterRef, Subquery, Value
 from django.db.models.functions import Coalesce
-from django.http import StreamingHttpResponse
+from django.http import HttpResponseRedirect, StreamingHttpResponse
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
@@ -53,6 +55,23 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+    def get_changelist_instance(self, request):
+        # Django's date hierarchy builds its range without a check: ?created_at__year=9999 raised
+        # ValueError (the year 10000), with &created_at__month=12 OverflowError — a 500. Bad lookup
+        # parameters are Django's own "?e=1" page instead, as for any other.
+        try:
+            return super().get_changelist_instance(request)
+        except (ValueError, OverflowError) as exc:
+            raise IncorrectLookupParameters(exc) from exc
+
+    def response_action(self, request, queryset, **kwargs):
+        # The ids of the selected rows: anything but a number failed in `pk__in` (a 500).
+        selected = request.POST.getlist(helpers.ACTION_CHECKBOX_NAME)
+        if not all(value.isascii() and value.isdigit() and len(value) < 19 for value in selected):
+            self.message_user(request, "The selection is not a list of rows of this page.", messages.ERROR)
+            return HttpResponseRedirect(request.get_full_path())
+        return super().response_action(request, queryset, **kwargs)
 
 
 class CalendarQuerySet(models.QuerySet):

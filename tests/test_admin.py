@@ -226,6 +226,23 @@ def test_a_nul_in_a_query_parameter_is_a_clear_400_not_a_500(admin_client, trail
     assert admin_client.get(reverse(url)).status_code == HTTPStatus.OK  # the list itself still shows
 
 
+@pytest.mark.parametrize("url, params", [
+    (CHANGELIST, {"created_at__year": "9999"}),  # Django computed the year 10000: ValueError
+    (CHANGELIST, {"created_at__year": "9999", "created_at__month": "12"}),  # OverflowError
+    ("admin:messaging_delivery_changelist", {"received_at__year": "9999"}),
+])
+def test_a_date_past_the_calendar_is_djangos_bad_lookup_page_not_a_500(admin_client, trail, url, params):
+    response = admin_client.get(reverse(url), params)
+    assert response.status_code == HTTPStatus.FOUND and response["Location"].endswith("?e=1")
+
+
+def test_an_action_on_a_selection_that_is_not_ids_is_a_message_not_a_500(admin_client, trail):
+    response = admin_client.post(reverse(CHANGELIST), {"action": "export_csv", "_selected_action": ["1", "abc"]})
+    assert response.status_code == HTTPStatus.FOUND
+    page = admin_client.get(response["Location"])
+    assert b"The selection is not a list of rows of this page." in page.content
+
+
 @pytest.mark.parametrize("action", ["export_csv", "export_json"])
 def test_exports_read_each_letter_once(admin_client, django_assert_max_num_queries, action):
     """The list defers bodies and headers; an export reads them with the letters, not a query each."""
