@@ -525,13 +525,18 @@ def _matches(kind: str, binding: dict, routing_key: str, headers: dict[str, Any]
 
 
 def topic_matches(pattern: str, routing_key: str) -> bool:
-    """AMQP topic matching: '*' is exactly one word, '#' zero or more."""
-    def match(p: list[str], k: list[str]) -> bool:
-        if not p:
-            return not k
-        if p[0] == "#":
-            return any(match(p[1:], k[i:]) for i in range(len(k) + 1))
-        if not k:
+    """AMQP topic matching: '*' is exactly one word, '#' zero or more.
+
+    One pass over the key per word of the pattern (the set of key positions reachable so far): a
+    backtracking match took exponential time for a binding like `#.#.#.#.#.z` and a long key.
+    """
+    words = routing_key.split(".") if routing_key else []
+    reachable = {0}  # how many words of the key the pattern's words so far can have consumed
+    for p in pattern.split(".") if pattern else []:
+        if p == "#":
+            reachable = set(range(min(reachable), len(words) + 1))
+        else:
+            reachable = {i + 1 for i in reachable if i < len(words) and (p == "*" or p == words[i])}
+        if not reachable:
             return False
-        return (p[0] == "*" or p[0] == k[0]) and match(p[1:], k[1:])
-    return match(pattern.split(".") if pattern else [], routing_key.split(".") if routing_key else [])
+    return len(words) in reachable

@@ -391,6 +391,34 @@ def test_topic_matching():
     assert topic_matches("*.b.#", "x.b.y.z") and not topic_matches("a.*", "a") and not topic_matches("a.b", "a.c")
 
 
+def test_topic_matching_agrees_with_the_definition_and_takes_no_exponential_path():
+    import functools
+    import itertools
+    import random
+
+    def reference(pattern: str, key: str) -> bool:  # the definition, memoized
+        p, k = pattern.split(".") if pattern else [], key.split(".") if key else []
+
+        @functools.cache
+        def match(i: int, j: int) -> bool:
+            if i == len(p):
+                return j == len(k)
+            if p[i] == "#":
+                return any(match(i + 1, jj) for jj in range(j, len(k) + 1))
+            return j < len(k) and p[i] in ("*", k[j]) and match(i + 1, j + 1)
+        return match(0, 0)
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        pattern = ".".join(rng.choice(["a", "b", "*", "#"]) for _ in range(rng.randint(0, 6)))
+        key = ".".join(rng.choice(["a", "b"]) for _ in range(rng.randint(0, 6)))
+        assert topic_matches(pattern, key) == reference(pattern, key), (pattern, key)
+    for pattern, key in itertools.product(["", "#", "*", "a..b", "#.#"], ["", "a", "a..b"]):
+        assert topic_matches(pattern, key) == reference(pattern, key), (pattern, key)
+    # A binding the backtracking match explored in exponential time (the preview pinned a web worker).
+    assert not topic_matches(".".join(["#"] * 30 + ["z"]), ".".join(["a"] * 127))
+
+
 def test_routing_preview_from_the_management_api(settings, amqp, queue_name):
     settings.RABBITMQ_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672/"
     exchange = f"t-preview-{uuid.uuid4().hex[:8]}"
