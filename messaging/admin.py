@@ -243,7 +243,12 @@ class Echo:
 
 # --- letters ---------------------------------------------------------------------------------
 class DeliveryInline(admin.TabularInline):
+    """The letter's latest `LATEST` deliveries (see `MessageAdmin.get_formset_kwargs`); all of them
+    are in the Delivery list (search by the letter's message_id)."""
+
+    LATEST = 100
     model = Delivery
+    verbose_name_plural = f"deliveries (the latest {LATEST}; all of them in the Delivery list, by message_id)"
     extra = 0
     can_delete = False
     fields = ["queue", "attempt", "redelivered", "duplicate", "status", "worker", "exchange", "routing_key",
@@ -277,6 +282,14 @@ class MessageAdmin(ReadOnlyAdmin):
     sortable_by = ["created_at"]
     ordering = ["-created_at", "-id"]
     inlines = [DeliveryInline]
+
+    def get_formset_kwargs(self, request, obj, inline, prefix):
+        kwargs = super().get_formset_kwargs(request, obj, inline, prefix)
+        if isinstance(inline, DeliveryInline) and obj is not None and obj.pk:
+            # Another producer may send one message_id again and again: never a form per delivery.
+            latest = Delivery.objects.filter(message=obj).order_by("-received_at", "-id").values_list("pk", flat=True)
+            kwargs["queryset"] = kwargs["queryset"].filter(pk__in=list(latest[:inline.LATEST]))
+        return kwargs
     actions = ["republish_letters", "export_csv", "export_json"]
     readonly_fields = ["message_id", "status", "origin", "published_by", "last_error", "attempts",
                        "next_attempt_at", "created_at", "published_at", "exchange", "exchange_type", "routing_key",

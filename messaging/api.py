@@ -23,6 +23,7 @@ from messaging.models import ApiToken, Message
 from messaging.publishing import LetterError, create_letter, decode_body
 
 TOKEN_BYTES = 32
+API_DELIVERIES = 1000  # the latest deliveries a letter's answer lists ("deliveries_truncated" says when there were more)
 LETTER_FIELDS = {"exchange", "exchange_type", "declare", "routing_key", "body", "body_base64", "body_encoding",
                  "headers", "properties", "content_type", "content_encoding", "correlation_id", "message_id",
                  "delivery_mode"}
@@ -177,19 +178,25 @@ def message(request, message_id: str):
     """GET /api/messages/<message_id>/: the letter's status and its trail of deliveries."""
     if request.method not in ("GET", "HEAD"):
         return _error(HTTPStatus.METHOD_NOT_ALLOWED, "Only GET here.")
-    letter = Message.objects.filter(message_id=message_id).first()
+    letter = Message.objects.defer("body").filter(message_id=message_id).first()
     if letter is None:
         return _error(HTTPStatus.NOT_FOUND, "No letter with this message_id.")
-    deliveries = letter.deliveries.order_by("received_at", "id").values(
+    # The latest API_DELIVERIES (another producer may send one message_id again and again).
+    deliveries = list(letter.deliveries.order_by("-received_at", "-id").values(
         "queue", "status", "redelivered", "attempt", "received_at", "settled_at",
-    )
+    )[:API_DELIVERIES + 1])
+    truncated = len(deliveries) > API_DELIVERIES
+    deliveries = deliveries[:API_DELIVERIES][::-1]
+    republished_from = (Message.objects.filter(pk=letter.republished_from_id).values_list("message_id", flat=True)
+                        .first() if letter.republished_from_id else None)
     return JsonResponse({
         **letter_summary(letter),
         "exchange": letter.exchange, "routing_key": letter.routing_key, "body_size": letter.body_size,
         "body_sha256": letter.body_sha256,
         "created_at": letter.created_at.isoformat(),
         "published_at": letter.published_at.isoformat() if letter.published_at else None,
-        "republished_from": letter.republished_from.message_id if letter.republished_from_id else None,
+        "republished_from": republished_from,
+        "deliveries_truncated": truncated,
         "deliveries": [
             {**d, "received_at": d["received_at"].isoformat(),
              "settled_at": d["settled_at"].isoformat() if d["settled_at"] else None}

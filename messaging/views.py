@@ -97,17 +97,28 @@ def message_list(request):
 @login_required
 @permission_required("messaging.view_message", raise_exception=True)
 def message_detail(request, message_id: str):
-    message = get_object_or_404(Message.objects.select_related("published_by", "republished_from"), message_id=message_id)
-    deliveries = message.deliveries.select_related("worker").order_by("received_at", "id")
+    message = get_object_or_404(
+        Message.objects.select_related("published_by", "republished_from")
+        .defer("republished_from__body", "republished_from__headers", "republished_from__properties"),
+        message_id=message_id,
+    )
+    # The latest deliveries only: another producer may send one message_id again and again, and the
+    # page reloads itself every second while a delivery is unsettled.
+    latest = list(message.deliveries.select_related("worker").order_by("-received_at", "-id")[:DELIVERIES_SHOWN + 1])
+    earlier = message.deliveries.count() - DELIVERIES_SHOWN if len(latest) > DELIVERIES_SHOWN else 0
     return render(request, "messaging/message_detail.html", {
-        "message": message, "deliveries": deliveries, "body": body_view(bytes(message.body)),
+        "message": message, "deliveries": latest[:DELIVERIES_SHOWN][::-1], "earlier_deliveries": earlier,
+        "body": body_view(bytes(message.body), sha256=message.body_sha256),
     })
+
+
+DELIVERIES_SHOWN = 100
 
 
 PAGE_BODY_BYTES = 64 * 1024  # the page reloads itself every second until the letter settles
 
 
-def body_view(body: bytes) -> dict:
+def body_view(body: bytes, *, sha256: str = "") -> dict:
     """How to show a body: its first `PAGE_BODY_BYTES` as text (escaped by the template), or a hex
     preview when it is binary; its size and sha256 either way."""
     shown = body[:PAGE_BODY_BYTES]
@@ -121,7 +132,7 @@ def body_view(body: bytes) -> dict:
     return {
         "binary": binary, "text": "" if binary else text, "size": len(body), "shown": len(shown),
         "truncated": not binary and len(shown) < len(body),
-        "sha256": hashlib.sha256(body).hexdigest(), "hex": body[:64].hex(" ") if binary else "",
+        "sha256": sha256 or hashlib.sha256(body).hexdigest(), "hex": body[:64].hex(" ") if binary else "",
     }
 
 

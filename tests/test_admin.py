@@ -252,3 +252,28 @@ def test_exports_read_each_letter_once(admin_client, django_assert_max_num_queri
         content = b"".join(response.streaming_content).decode()  # the rows are read while streaming
     rows = list(csv.DictReader(io.StringIO(content))) if action == "export_csv" else json.loads(content)
     assert len(rows) == 20 and {(r["body"], r["last_error"]) for r in rows} == {("body", "e")}
+
+
+def test_a_letter_delivered_again_and_again_shows_its_latest_deliveries(admin_client, monkeypatch):
+    """Another producer may send one message_id again and again: the letter's page, its API answer
+    and its admin page list the latest deliveries, not all of them (each polled every second)."""
+    from messaging import api, views
+    from messaging.admin import DeliveryInline
+
+    monkeypatch.setattr(views, "DELIVERIES_SHOWN", 3)
+    monkeypatch.setattr(api, "API_DELIVERIES", 3)
+    monkeypatch.setattr(DeliveryInline, "LATEST", 3)
+    m = letter(message_id="again-and-again", routing_key="orders")
+    for attempt in range(1, 6):
+        delivery(m, queue="orders", status=Delivery.Status.ACKED, attempt=attempt, duplicate=attempt > 1)
+
+    page = admin_client.get(reverse("message-detail", args=[m.message_id])).content.decode()
+    assert page.count("data-delivery-status=") == 3 and "The latest 3 of 5 deliveries" in page
+    assert "<td>3</td><td>orders</td><td>3 (duplicate)" in page  # the oldest shown, numbered as the third
+    assert reverse("admin:messaging_delivery_changelist") + "?q=again-and-again" in page
+
+    answer = admin_client.get(f"/api/messages/{m.message_id}/").json()
+    assert [d["attempt"] for d in answer["deliveries"]] == [3, 4, 5] and answer["deliveries_truncated"]
+
+    change = admin_client.get(reverse("admin:messaging_message_change", args=[m.pk])).content.decode()
+    assert 'name="deliveries-TOTAL_FORMS" value="3"' in change
