@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
+import time
 from datetime import timedelta
 from http import HTTPStatus
 
@@ -28,6 +30,11 @@ from messaging.models import Delivery, Message, Worker
 logger = logging.getLogger(__name__)
 
 HEALTH_BROKER_TIMEOUT = 2.0
+# /healthz needs no login: its broker check (a new AMQP connection) is shared by the requests of a
+# process for this long, so that a flood of them cannot churn the broker's connections.
+HEALTH_BROKER_REUSE_SECONDS = 2.0
+_broker_checked: dict[str, tuple[float, bool]] = {}  # RABBITMQ_URL -> (when, answered)
+_broker_check_lock = threading.Lock()
 
 
 def check_database() -> bool:
@@ -41,6 +48,18 @@ def check_database() -> bool:
 
 
 def check_broker() -> bool:
+    """Whether the broker answers a login: one check at a time per process, its answer reused for
+    `HEALTH_BROKER_REUSE_SECONDS`."""
+    url = settings.RABBITMQ_URL
+    with _broker_check_lock:
+        checked = _broker_checked.get(url)
+        if checked is None or time.monotonic() - checked[0] >= HEALTH_BROKER_REUSE_SECONDS:
+            _broker_checked.clear()
+            _broker_checked[url] = checked = (time.monotonic(), _broker_answers())
+        return checked[1]
+
+
+def _broker_answers() -> bool:
     try:
         broker.connect(timeout=HEALTH_BROKER_TIMEOUT, client_name="mailroom-healthz").close()
         return True

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from messaging.models import Delivery, Message, Worker
 from tests.audit_data import delivery, fast_passwords, letter  # noqa: F401 — autouse
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.django_db
 
@@ -43,13 +44,34 @@ def test_healthz_reports_the_broker_down(client, monkeypatch, settings):
 def test_healthz_turns_503_when_the_broker_is_stopped(client):
     try:
         subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=60)
-        response = client.get(reverse("healthz"))
+        # within the few seconds a check is reused for (HEALTH_BROKER_REUSE_SECONDS)
+        response = wait_for(lambda: (r := client.get(reverse("healthz"))).status_code != HTTPStatus.OK and r,
+                            timeout=10, message="/healthz to answer 503")
         assert response.status_code == HTTPStatus.SERVICE_UNAVAILABLE
         assert response.json()["broker"] == "unavailable"
     finally:
         subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
         subprocess.run(["rabbitmqctl", "await_startup"], check=True, capture_output=True, timeout=120)
-    assert client.get(reverse("healthz")).status_code == HTTPStatus.OK
+    wait_for(lambda: client.get(reverse("healthz")).status_code == HTTPStatus.OK, timeout=10,
+             message="/healthz to answer 200 again")
+
+
+def test_healthz_shares_one_broker_check_among_requests_for_a_moment(client, monkeypatch):
+    from messaging import operations
+
+    monkeypatch.setattr(operations, "_broker_checked", {})
+    logins = []
+    real_connect = operations.broker.connect
+
+    def counting_connect(*args, **kwargs):
+        logins.append(1)
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(operations.broker, "connect", counting_connect)
+    assert all(client.get(reverse("healthz")).status_code == HTTPStatus.OK for _ in range(20))
+    assert len(logins) == 1
+    monkeypatch.setattr(operations, "HEALTH_BROKER_REUSE_SECONDS", 0.0)
+    assert client.get(reverse("healthz")).status_code == HTTPStatus.OK and len(logins) == 2
 
 
 def test_metrics_need_the_token_or_staff(client, settings, django_user_model):
