@@ -39,7 +39,18 @@ EXPORT_CHUNK = 2000
 
 
 # --- building blocks -------------------------------------------------------------------------
-class ReadOnlyAdmin(admin.ModelAdmin):
+class SelectionChecked:
+    """An admin whose actions refuse a selection that is not ids (anything else failed in `pk__in`: a 500)."""
+
+    def response_action(self, request, queryset, **kwargs):
+        selected = request.POST.getlist(helpers.ACTION_CHECKBOX_NAME)
+        if not all(value.isascii() and value.isdigit() and int(value) < 2**63 for value in selected):
+            self.message_user(request, "The selection is not a list of rows of this page.", messages.ERROR)
+            return HttpResponseRedirect(request.get_full_path())
+        return super().response_action(request, queryset, **kwargs)
+
+
+class ReadOnlyAdmin(SelectionChecked, admin.ModelAdmin):
     """History: viewable by whoever has the view permission, never added, changed or deleted here."""
 
     paginator = CappedCountPaginator
@@ -63,15 +74,9 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         try:
             return super().get_changelist_instance(request)
         except (ValueError, OverflowError) as exc:
+            logger.warning("admin list %s: lookup parameters refused (%s: %s)", request.path,
+                           exc.__class__.__name__, exc)
             raise IncorrectLookupParameters(exc) from exc
-
-    def response_action(self, request, queryset, **kwargs):
-        # The ids of the selected rows: anything but a number failed in `pk__in` (a 500).
-        selected = request.POST.getlist(helpers.ACTION_CHECKBOX_NAME)
-        if not all(value.isascii() and value.isdigit() and len(value) < 19 for value in selected):
-            self.message_user(request, "The selection is not a list of rows of this page.", messages.ERROR)
-            return HttpResponseRedirect(request.get_full_path())
-        return super().response_action(request, queryset, **kwargs)
 
 
 class CalendarQuerySet(models.QuerySet):
@@ -469,7 +474,7 @@ class WorkerAdmin(ReadOnlyAdmin):
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):
+class ApiTokenAdmin(SelectionChecked, admin.ModelAdmin):
     """Tokens are issued by a command (the key is shown once); here they are seen and revoked (deleted)."""
 
     list_display = ["name", "user", "created_at", "last_used_at"]

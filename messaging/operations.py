@@ -49,14 +49,24 @@ def check_database() -> bool:
 
 def check_broker() -> bool:
     """Whether the broker answers a login: one check at a time per process, its answer reused for
-    `HEALTH_BROKER_REUSE_SECONDS`."""
+    `HEALTH_BROKER_REUSE_SECONDS` after it came, and while the next check runs (a broker that drops
+    packets takes up to twice `HEALTH_BROKER_TIMEOUT` per address to fail: requests do not queue
+    behind it)."""
     url = settings.RABBITMQ_URL
-    with _broker_check_lock:
-        checked = _broker_checked.get(url)
-        if checked is None or time.monotonic() - checked[0] >= HEALTH_BROKER_REUSE_SECONDS:
-            _broker_checked.clear()
-            _broker_checked[url] = checked = (time.monotonic(), _broker_answers())
+    checked = _broker_checked.get(url)
+    if checked is not None and time.monotonic() - checked[0] < HEALTH_BROKER_REUSE_SECONDS:
         return checked[1]
+    if not _broker_check_lock.acquire(blocking=checked is None):
+        return checked[1]  # a check is running: the last answer meanwhile
+    try:
+        checked = _broker_checked.get(url)  # another request's check may have just finished
+        if checked is None or time.monotonic() - checked[0] >= HEALTH_BROKER_REUSE_SECONDS:
+            answered = _broker_answers()
+            _broker_checked.clear()
+            _broker_checked[url] = checked = (time.monotonic(), answered)
+        return checked[1]
+    finally:
+        _broker_check_lock.release()
 
 
 def _broker_answers() -> bool:

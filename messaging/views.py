@@ -105,7 +105,11 @@ def message_detail(request, message_id: str):
     # The latest deliveries only: another producer may send one message_id again and again, and the
     # page reloads itself every second while a delivery is unsettled.
     latest = list(message.deliveries.select_related("worker").order_by("-received_at", "-id")[:DELIVERIES_SHOWN + 1])
-    earlier = message.deliveries.count() - DELIVERIES_SHOWN if len(latest) > DELIVERIES_SHOWN else 0
+    earlier = 0
+    if len(latest) > DELIVERIES_SHOWN:  # those before the oldest shown (not a count of all: more may come meanwhile)
+        oldest = latest[DELIVERIES_SHOWN - 1]
+        earlier = message.deliveries.filter(
+            Q(received_at__lt=oldest.received_at) | Q(received_at=oldest.received_at, pk__lt=oldest.pk)).count()
     return render(request, "messaging/message_detail.html", {
         "message": message, "deliveries": latest[:DELIVERIES_SHOWN][::-1], "earlier_deliveries": earlier,
         "body": body_view(bytes(message.body), sha256=message.body_sha256),

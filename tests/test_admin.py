@@ -236,8 +236,11 @@ def test_a_date_past_the_calendar_is_djangos_bad_lookup_page_not_a_500(admin_cli
     assert response.status_code == HTTPStatus.FOUND and response["Location"].endswith("?e=1")
 
 
-def test_an_action_on_a_selection_that_is_not_ids_is_a_message_not_a_500(admin_client, trail):
-    response = admin_client.post(reverse(CHANGELIST), {"action": "export_csv", "_selected_action": ["1", "abc"]})
+@pytest.mark.parametrize("url, action", [
+    (CHANGELIST, "export_csv"), ("admin:messaging_apitoken_changelist", "delete_selected"),
+])
+def test_an_action_on_a_selection_that_is_not_ids_is_a_message_not_a_500(admin_client, trail, url, action):
+    response = admin_client.post(reverse(url), {"action": action, "_selected_action": ["1", "abc"]})
     assert response.status_code == HTTPStatus.FOUND
     page = admin_client.get(response["Location"])
     assert b"The selection is not a list of rows of this page." in page.content

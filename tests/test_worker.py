@@ -300,3 +300,18 @@ def test_backoff_goes_on_for_as_long_as_an_outage_lasts():
     # 2,000 retries is ~9 h of a broker outage at the 30 s cap: 2.0 ** 1024 would overflow a float.
     assert all(1.0 <= d <= 30.0 for d in islice(backoff_delays(), 2000))
     assert all(5.0 <= d <= 10.0 for d in islice(backoff_delays(cap=10.0), 1500, 2000))
+
+
+def test_workers_running_at_once_keep_the_collector_tuned_until_the_last_one_stops():
+    import gc
+
+    from messaging.consuming import fewer_gc_passes
+
+    thresholds = gc.get_threshold()
+    first, second = fewer_gc_passes(), fewer_gc_passes()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first worker stops while the second still runs
+    assert gc.get_threshold() == GC_THRESHOLDS and gc.get_freeze_count() > 0
+    second.__exit__(None, None, None)
+    assert (gc.get_threshold(), gc.get_freeze_count()) == (thresholds, 0)
