@@ -287,14 +287,6 @@ class MessageAdmin(ReadOnlyAdmin):
     sortable_by = ["created_at"]
     ordering = ["-created_at", "-id"]
     inlines = [DeliveryInline]
-
-    def get_formset_kwargs(self, request, obj, inline, prefix):
-        kwargs = super().get_formset_kwargs(request, obj, inline, prefix)
-        if isinstance(inline, DeliveryInline) and obj is not None and obj.pk:
-            # Another producer may send one message_id again and again: never a form per delivery.
-            latest = Delivery.objects.filter(message=obj).order_by("-received_at", "-id").values_list("pk", flat=True)
-            kwargs["queryset"] = kwargs["queryset"].filter(pk__in=list(latest[:inline.LATEST]))
-        return kwargs
     actions = ["republish_letters", "export_csv", "export_json"]
     readonly_fields = ["message_id", "status", "origin", "published_by", "last_error", "attempts",
                        "next_attempt_at", "created_at", "published_at", "exchange", "exchange_type", "routing_key",
@@ -307,6 +299,14 @@ class MessageAdmin(ReadOnlyAdmin):
         ("Content", {"fields": ["content_type", "content_encoding", "correlation_id", "delivery_mode", "headers",
                                 "properties", "body_size", "body_sha256", "body_preview"]}),
     ]
+
+    def get_formset_kwargs(self, request, obj, inline, prefix):
+        kwargs = super().get_formset_kwargs(request, obj, inline, prefix)
+        if isinstance(inline, DeliveryInline) and obj is not None and obj.pk:
+            # Another producer may send one message_id again and again: never a form per delivery.
+            latest = Delivery.objects.filter(message=obj).newest_first().values_list("pk", flat=True)
+            kwargs["queryset"] = kwargs["queryset"].filter(pk__in=list(latest[:inline.LATEST]))
+        return kwargs
 
     def get_queryset(self, request):
         queryset = super().get_queryset(request)

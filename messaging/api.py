@@ -182,7 +182,7 @@ def message(request, message_id: str):
     if letter is None:
         return _error(HTTPStatus.NOT_FOUND, "No letter with this message_id.")
     # The latest API_DELIVERIES (another producer may send one message_id again and again).
-    deliveries = list(letter.deliveries.order_by("-received_at", "-id").values(
+    deliveries = list(letter.deliveries.newest_first().values(
         "queue", "status", "redelivered", "attempt", "received_at", "settled_at",
     )[:API_DELIVERIES + 1])
     truncated = len(deliveries) > API_DELIVERIES

@@ -133,6 +133,10 @@ class DeliveryQuerySet(models.QuerySet):
     def settled(self) -> DeliveryQuerySet:
         return self.exclude(status=Delivery.Status.RECEIVED)
 
+    def newest_first(self) -> DeliveryQuerySet:
+        """The order in which a letter's latest deliveries are taken (its pages show the latest only)."""
+        return self.order_by("-received_at", "-id")
+
 
 class Delivery(models.Model):
     """One receipt of a letter by a consumer, and how it was settled (ack, requeue, reject)."""

@@ -493,7 +493,6 @@ def _record_first_receipts(batch: list[Received], prepared: Prepared | None, *, 
     return recorded, True
 
 
-
 # The delivery columns `_record_first_receipts` passes, in order; the others are constants of a first receipt.
 _FIRST_RECEIPT_VALUES = ("letter", "queue", "consumer_tag", "delivery_tag", "redelivered", "attempt", "exchange",
                          "routing_key", "status", "worker_id", "received_at", "settled_at")

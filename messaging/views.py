@@ -104,7 +104,7 @@ def message_detail(request, message_id: str):
     )
     # The latest deliveries only: another producer may send one message_id again and again, and the
     # page reloads itself every second while a delivery is unsettled.
-    latest = list(message.deliveries.select_related("worker").order_by("-received_at", "-id")[:DELIVERIES_SHOWN + 1])
+    latest = list(message.deliveries.select_related("worker").newest_first()[:DELIVERIES_SHOWN + 1])
     earlier = 0
     if len(latest) > DELIVERIES_SHOWN:  # those before the oldest shown (not a count of all: more may come meanwhile)
         oldest = latest[DELIVERIES_SHOWN - 1]
