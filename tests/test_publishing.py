@@ -286,48 +286,6 @@ def test_publish_step_writes_one_update(queue_name):
         assert len(statements) == 1 and statements[0].startswith("UPDATE"), statements
 
 
-def test_outcome_written_ahead_commits_only_on_the_confirm(queue_name, monkeypatch):
-    """PostgreSQL writes `published` before the letter goes out, uncommitted: while the broker is
-    asked the row is still pending (and locked) for everyone else, and a publish that never
-    returns (the process dies mid-publish) leaves it pending for the relay, connection reusable.
-    Another outcome is written in place of the one written ahead."""
-    from django.db import connection, connections
-
-    from messaging import publishing
-
-    if connection.vendor != "postgresql":
-        pytest.skip("SQLite writes the outcome after the confirm")
-    with transaction.atomic():
-        letter = Message.objects.create(routing_key=queue_name, body=b"x", status=Message.Status.PENDING)
-    seen = {}
-    other = connections.create_connection("default")
-
-    def publish_that_dies(message):
-        with other.cursor() as cursor:
-            cursor.execute("SELECT status FROM messaging_message WHERE id = %s", [message.pk])
-            seen["status"] = cursor.fetchone()[0]
-            cursor.execute("BEGIN")
-            cursor.execute("SELECT id FROM messaging_message WHERE id = %s FOR UPDATE SKIP LOCKED", [message.pk])
-            seen["lockable"] = cursor.fetchall()
-            cursor.execute("ROLLBACK")
-        raise RuntimeError("the process dies while the broker is asked")
-
-    monkeypatch.setattr(publishing, "publish_once", publish_that_dies)
-    try:
-        with pytest.raises(RuntimeError, match="process dies"):
-            publish_message(letter)
-    finally:
-        other.close()
-    assert seen == {"status": Message.Status.PENDING, "lockable": []}
-    assert connection.get_autocommit() and not connection.in_atomic_block
-    letter.refresh_from_db()  # the connection is usable, and the outcome written ahead was rolled back
-    assert letter.status == Message.Status.PENDING and letter.attempts == 0 and letter.published_at is None
-    monkeypatch.undo()  # no queue is bound: the broker returns it, and that outcome replaces the one written ahead
-    assert publish_message(letter).status == Message.Status.UNROUTABLE
-    letter.refresh_from_db()
-    assert letter.status == Message.Status.UNROUTABLE and letter.attempts == 1 and "NO_ROUTE" in letter.last_error
-
-
 def test_a_locked_letter_fails_its_outcome_cleanly_and_the_connection_goes_on(queue_name, amqp):
     """Another transaction holds the letter's row (an admin edit, a relay): the outcome cannot be
     written within lock_timeout. The error is Django's, no transaction is left open on the
