@@ -154,7 +154,7 @@ def test_an_outcome_that_cannot_be_written_leaves_the_letter_pending(queue_name,
         raise OperationalError("the database went away")
 
     monkeypatch.setattr("messaging.publishing.record_outcome", database_gone)
-    monkeypatch.setattr("messaging.publishing._postgresql_outside_a_transaction", lambda: False)
+    monkeypatch.setattr("messaging.publishing._postgresql_outside_a_transaction", lambda db=None: False)
     with transaction.atomic():
         letter = create_letter(routing_key=queue_name, body=b"x", declare=True)
     letter.refresh_from_db()
