@@ -7,11 +7,12 @@ Prints, each as a ratio to bare pika measured in the same run (medians of interl
   * relay throughput: `Relay` (claim → pipelined confirms → one UPDATE per outcome) vs a bare pika
     publisher with pipelined confirms (SelectConnection, window 1000, no database);
   * single publish step, p50: `publish_message` on a committed row (reused channel, the outcome's
-    UPDATE written) vs a bare confirmed `basic_publish` on an open BlockingConnection channel,
-    interleaved; also the publish part alone (without writing the outcome). On PostgreSQL the
-    step returns once the COMMIT is sent; the next step reads its answer first, and counts that,
-    but by then it has arrived (two publishes ran in between): a request's next database use
-    would wait for what is left of its round trip (~0.13 ms), here nothing.
+    UPDATE sent) vs a bare confirmed `basic_publish` on an open BlockingConnection channel,
+    interleaved. On PostgreSQL the step returns once the outcome is sent; the next step reads its
+    answer first and counts that, but by then PostgreSQL has written it, during the publish part
+    timed after the step. Also printed: the publish part alone (without the outcome), and the
+    step followed at once by reading the outcome's answer (what a caller that uses the database
+    right after pays on PostgreSQL).
 Targets (issue #4): relay ≥ 0.5×; single publish step ≤ 1.5×.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ from django.db import connection  # noqa: E402
 from django.utils import timezone  # noqa: E402
 
 from messaging.models import Message  # noqa: E402
+from messaging.outcome_in_flight import OutcomeInFlight  # noqa: E402
 from messaging.publishing import publish_message, publish_once  # noqa: E402
 from messaging.relay import Relay, RelayOptions  # noqa: E402
 
@@ -106,20 +108,21 @@ def relay_rate(queue: str, count: int) -> float:
     return count / elapsed
 
 
-def single_step_p50s(queue: str, count: int) -> tuple[float, float, float]:
-    """p50 seconds of: a bare confirmed publish, Mailroom's publish step, and its publish part alone.
+def single_step_p50s(queue: str, count: int) -> tuple[float, float, float, float]:
+    """p50 seconds of: a bare confirmed publish, Mailroom's publish step, its publish part alone,
+    and the step with the outcome's answer read right after.
 
-    Interleaved (bare, Mailroom, bare, ...) so both see the same broker and machine at each moment.
-    The Mailroom step is `publish_message` on a committed pending row: the thread's long-lived
-    channel and one UPDATE of the outcome (on PostgreSQL sent ahead, and committed on the confirm:
-    the COMMIT's answer, arrived meanwhile, is read by the next step, whose time includes that).
+    Interleaved (bare, Mailroom, ..., bare, ...) so all see the same broker and machine at each
+    moment. The Mailroom step is `publish_message` on a committed pending row: the thread's
+    long-lived channel and one UPDATE of the outcome (on PostgreSQL sent on the confirm; its
+    answer is read by the next step, whose time includes that).
     """
     conn = pika.BlockingConnection(pika.URLParameters(URL))
     channel = conn.channel()
     channel.confirm_delivery()
-    letters = pending_letters(queue, 2 * count + 1)
+    letters = pending_letters(queue, 3 * count + 1)
     publish_message(letters[0])  # the thread's channel opens once, as in a running web process
-    bare, step, publish_part = [], [], []
+    bare, step, publish_part, awaited = [], [], [], []
     for i in range(count):
         props = pika.BasicProperties(message_id=str(uuid.uuid4()), content_type="application/json", delivery_mode=2)
         started = time.perf_counter()
@@ -131,9 +134,24 @@ def single_step_p50s(queue: str, count: int) -> tuple[float, float, float]:
         started = time.perf_counter()
         publish_once(letters[1 + count + i])  # the broker part only (its outcome is not recorded)
         publish_part.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        publish_message(letters[1 + 2 * count + i])
+        outcome_answered()
+        awaited.append(time.perf_counter() - started)
     conn.close()
-    assert all(letter.status == Message.Status.PUBLISHED for letter in letters[: count + 1])
-    return statistics.median(bare), statistics.median(step), statistics.median(publish_part)
+    outcome_answered()
+    steps = [*letters[: count + 1], *letters[2 * count + 1:]]
+    assert all(letter.status == Message.Status.PUBLISHED for letter in steps)
+    assert Message.objects.filter(pk__in=[letter.pk for letter in steps], status=Message.Status.PUBLISHED).count() \
+        == len(steps)
+    return (statistics.median(bare), statistics.median(step), statistics.median(publish_part),
+            statistics.median(awaited))
+
+
+def outcome_answered() -> None:
+    """Read the answer of an outcome in flight on this thread's connection (PostgreSQL), if any."""
+    if connection.vendor == "postgresql":
+        OutcomeInFlight.settle(connection.connection)
 
 
 def main() -> None:
@@ -150,16 +168,17 @@ def main() -> None:
     conn = pika.BlockingConnection(pika.URLParameters(URL))
     channel = conn.channel()
     channel.queue_declare(queue=queue, durable=True)
-    bare, relayed, bare_step, step, part = [], [], [], [], []
+    bare, relayed, bare_step, step, part, answered = [], [], [], [], [], []
     try:
         for _ in range(args.rounds):
             bare.append(bare_pipelined(queue, args.count))
             relayed.append(relay_rate(queue, args.count))
             channel.queue_purge(queue)
-            b, s, p = single_step_p50s(queue, args.single)
+            b, s, p, a = single_step_p50s(queue, args.single)
             bare_step.append(b)
             step.append(s)
             part.append(p)
+            answered.append(a)
             channel.queue_purge(queue)
             Message.objects.all().delete()
     finally:
@@ -168,13 +187,15 @@ def main() -> None:
     vendor = connection.vendor
     b, r = statistics.median(bare), statistics.median(relayed)
     bs, s, p = statistics.median(bare_step), statistics.median(step), statistics.median(part)
+    a = statistics.median(answered)
     sys.stdout.write(
         f"database={vendor} letters={args.count}x{args.rounds} single={args.single}x{args.rounds}\n"
         f"relay throughput: bare pika pipelined {b:,.0f} msg/s, Mailroom relay {r:,.0f} msg/s, "
         f"ratio {r / b:.2f} (target >= 0.5)\n"
         f"single publish p50: bare pika {bs * 1e3:.3f} ms, Mailroom {s * 1e3:.3f} ms, "
         f"ratio {s / bs:.2f} (target <= 1.5); its publish part alone {p * 1e3:.3f} ms, ratio {p / bs:.2f}, "
-        f"writing the outcome adds {max(s - p, 0) * 1e3:.3f} ms\n"
+        f"writing the outcome adds {max(s - p, 0) * 1e3:.3f} ms; the step with the outcome's answer read right "
+        f"after {a * 1e3:.3f} ms, ratio {a / bs:.2f}\n"
     )
 
 

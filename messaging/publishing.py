@@ -20,7 +20,7 @@ from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, IntegrityError, connection, connections, transaction
 from django.utils import timezone
 
-from messaging import broker, outcome_ahead
+from messaging import broker, outcome_in_flight
 from messaging.backoff import backoff_delay
 from messaging.models import Message
 
@@ -264,18 +264,17 @@ def publish_once(message) -> tuple[str, str]:
 def publish_message(message: Message) -> Message:
     """Publish one pending letter on this thread's long-lived channel and record the outcome (one UPDATE).
 
-    On PostgreSQL, outside a transaction, the UPDATE to `published` goes out before the letter, in a
-    transaction of its own that is committed once the broker confirms (`messaging.outcome_ahead`).
+    On PostgreSQL, outside a transaction, a `published` outcome is sent on the confirm and its
+    answer read before the connection's next use (`messaging.outcome_in_flight`).
     """
-    written, db = False, connections[DEFAULT_DB_ALIAS]  # the connection itself: each `connection.x` looks it up again
-    if _postgresql_outside_a_transaction(db) and outcome_ahead.applies(db):
-        fields = outcome_fields(Message.Status.PUBLISHED)  # published_at: when the publish began
-        status, reason, written = outcome_ahead.publish(message, db, fields, publish_once)
-    else:
-        status, reason = publish_once(message)
+    status, reason = publish_once(message)
     message.attempts += 1
-    if not written:
-        fields = outcome_fields(status, reason, attempts=message.attempts)
+    fields = outcome_fields(status, reason, attempts=message.attempts)
+    db = connections[DEFAULT_DB_ALIAS]  # the connection itself: each `connection.x` looks it up again
+    if (status == Message.Status.PUBLISHED and _postgresql_outside_a_transaction(db)
+            and outcome_in_flight.applies(db)):
+        outcome_in_flight.send(message, db, fields)
+    else:
         record_outcome(message.pk, fields)
     for name, value in fields.items():
         setattr(message, name, value)

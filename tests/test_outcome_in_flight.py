@@ -1,5 +1,5 @@
-"""PostgreSQL: the published outcome written while the broker confirms (`messaging.outcome_ahead`),
-with the real broker and database."""
+"""PostgreSQL: a published letter's outcome sent on the confirm, its answer read before the
+connection's next use (`messaging.outcome_in_flight`), with the real broker and database."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,7 @@ import weakref
 import pytest
 from django.db import connection, connections, transaction
 
-from messaging import outcome_ahead, publishing
+from messaging import outcome_in_flight, publishing
 from messaging.models import Message
 from messaging.publishing import publish_message
 
@@ -38,66 +38,57 @@ def statuses_seen_elsewhere(letters: list[Message]) -> set[str]:
 
 def prepared_here() -> int:
     with connection.cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE name = %s", [outcome_ahead.statement_name()])
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE name = %s", [outcome_in_flight.statement_name()])
         return cursor.fetchone()[0]
 
 
 @pytest.fixture(autouse=True)
 def new_session(monkeypatch):
     """Each test starts on a database session of its own, with nothing prepared and nothing learnt."""
-    monkeypatch.setattr(outcome_ahead, "_use_prepared", True)
-    monkeypatch.setattr(outcome_ahead, "_prepared", weakref.WeakSet())
-    monkeypatch.setattr(outcome_ahead, "_fresh", weakref.WeakSet())
+    monkeypatch.setattr(outcome_in_flight, "_use_prepared", True)
+    monkeypatch.setattr(outcome_in_flight, "_prepared", weakref.WeakSet())
+    monkeypatch.setattr(outcome_in_flight, "_fresh", weakref.WeakSet())
     connection.close()
     yield
     connection.close()  # settings a test changed for its connection go with it
 
 
-def test_outcome_written_ahead_commits_only_on_the_confirm(queue_name, monkeypatch):
-    """PostgreSQL writes `published` before the letter goes out, uncommitted: while the broker is
-    asked the row is still pending (and locked) for everyone else, and a publish that never
-    returns (the process dies mid-publish) leaves it pending for the relay, connection reusable.
-    Another outcome is written in place of the one written ahead."""
+def test_nothing_reaches_the_database_before_the_confirm(queue_name, monkeypatch):
+    """While the broker is asked, the row is pending and the connection idle: a publish that never
+    returns (the process dies mid-publish) leaves the letter pending for the relay, the connection
+    reusable. Another outcome than `published` is written in full, before the step returns."""
     with transaction.atomic():
         letter = Message.objects.create(routing_key=queue_name, body=b"x", status=Message.Status.PENDING)
     seen = {}
-    other = connections.create_connection("default")
 
     def publish_that_dies(message):
-        with other.cursor() as cursor:
-            cursor.execute("SELECT status FROM messaging_message WHERE id = %s", [message.pk])
-            seen["status"] = cursor.fetchone()[0]
-            cursor.execute("BEGIN")
-            cursor.execute("SELECT id FROM messaging_message WHERE id = %s FOR UPDATE SKIP LOCKED", [message.pk])
-            seen["lockable"] = cursor.fetchall()
-            cursor.execute("ROLLBACK")
+        seen["idle"] = connection.connection.info.transaction_status == 0
         raise RuntimeError("the process dies while the broker is asked")
 
     monkeypatch.setattr(publishing, "publish_once", publish_that_dies)
-    try:
-        with pytest.raises(RuntimeError, match="process dies"):
-            publish_message(letter)
-    finally:
-        other.close()
-    assert seen == {"status": Message.Status.PENDING, "lockable": []}
-    assert connection.get_autocommit() and not connection.in_atomic_block
-    letter.refresh_from_db()  # the connection is usable, and the outcome written ahead was rolled back
+    with pytest.raises(RuntimeError, match="process dies"):
+        publish_message(letter)
+    assert seen == {"idle": True}
+    assert "wait" not in vars(connection.connection)
+    letter.refresh_from_db()
     assert letter.status == Message.Status.PENDING and letter.attempts == 0 and letter.published_at is None
-    monkeypatch.undo()  # no queue is bound: the broker returns it, and that outcome replaces the one written ahead
+    monkeypatch.undo()  # no queue is bound: the broker returns it
     assert publish_message(letter).status == Message.Status.UNROUTABLE
+    assert "wait" not in vars(connection.connection)  # written in full, nothing in flight
+    assert statuses_seen_elsewhere([letter]) == {Message.Status.UNROUTABLE}
     letter.refresh_from_db()
     assert letter.status == Message.Status.UNROUTABLE and letter.attempts == 1 and "NO_ROUTE" in letter.last_error
 
 
-def test_the_commit_answer_is_read_before_the_connections_next_use(amqp, queue_name):
-    """The step returns once the COMMIT is sent. Whatever the connection runs next (a query, a
+def test_the_outcomes_answer_is_read_before_the_connections_next_use(amqp, queue_name):
+    """The step returns once the outcome is sent. Whatever the connection runs next (a query, a
     transaction's autocommit switch, another publish) reads the answer first, and sees `published`;
     a connection closed with the answer unread still committed it."""
     amqp.queue_declare(queue_name, durable=True)
     letters = pending(queue_name, 4)
     publish_message(letters[0])
     pg = connection.connection
-    assert isinstance(vars(pg).get("wait"), outcome_ahead.CommitInFlight)  # sent, its answer not read yet
+    assert isinstance(vars(pg).get("wait"), outcome_in_flight.OutcomeInFlight)  # sent, its answer not read yet
     assert Message.objects.get(pk=letters[0].pk).status == Message.Status.PUBLISHED
     assert "wait" not in vars(pg)  # psycopg's own wait again
     publish_message(letters[1])
@@ -114,21 +105,21 @@ def test_the_commit_answer_is_read_before_the_connections_next_use(amqp, queue_n
     assert [amqp.basic_get(queue_name, auto_ack=True)[2] for _ in range(4)] == [b"x"] * 4
 
 
-def test_a_commit_answer_that_is_an_error_is_logged_and_the_connection_goes_on(caplog):
+def test_an_answer_that_is_an_error_is_logged_and_the_connection_goes_on(caplog):
     connection.ensure_connection()
     pg = connection.connection
-    outcome_ahead._send(pg.pgconn, "SELECT 1/0")  # stands for a COMMIT that failed
-    outcome_ahead.CommitInFlight(pg, "letter-1")
-    with caplog.at_level(logging.WARNING, logger="messaging.outcome_ahead"):
+    outcome_in_flight._send(pg.pgconn, "BEGIN; SELECT 1/0; COMMIT")  # stands for an outcome that failed
+    outcome_in_flight.OutcomeInFlight(pg, "letter-1", 0, "2026-01-01T00:00:00+00:00")
+    with caplog.at_level(logging.WARNING, logger="messaging.outcome_in_flight"):
         assert Message.objects.filter(pk=0).count() == 0  # the answer is read first, then this runs
-    assert "message_id=letter-1 its published outcome was not committed (22012)" in caplog.text
+    assert "message_id=letter-1 its published outcome was not written (SQLSTATE 22012)" in caplog.text
     assert "wait" not in vars(pg) and pg.info.transaction_status == 0  # IDLE
 
 
 def test_the_update_is_prepared_once_and_prepared_again_after_psycopgs_deallocate_all(amqp, queue_name):
     """psycopg sends DEALLOCATE ALL after a rollback when it has statements of its own prepared on the
-    connection: that drops ours too. The letter's outcome is written the ordinary way, and the
-    statement prepared again."""
+    connection: that drops ours too. The letter's outcome is written again in full when its answer
+    is read (no second publish needed), and the statement prepared again."""
     amqp.queue_declare(queue_name, durable=True)
     letters = pending(queue_name, 4)
     publish_message(letters[0])
@@ -137,9 +128,9 @@ def test_the_update_is_prepared_once_and_prepared_again_after_psycopgs_deallocat
         cursor.execute("SELECT count(*) FROM pg_prepared_statements")
         assert cursor.fetchone()[0] == 1  # once, for both
         cursor.execute("DEALLOCATE ALL")
-    publish_message(letters[2])  # gone: written again the ordinary way
+    publish_message(letters[2])  # gone: written again in full
     publish_message(letters[3])  # prepared again
-    assert outcome_ahead._use_prepared and prepared_here() == 1
+    assert outcome_in_flight._use_prepared and prepared_here() == 1
     for letter in letters:
         letter.refresh_from_db()
         assert letter.status == Message.Status.PUBLISHED and letter.attempts == 1 and letter.published_at
@@ -148,14 +139,15 @@ def test_the_update_is_prepared_once_and_prepared_again_after_psycopgs_deallocat
 def test_a_statement_gone_right_after_its_prepare_is_a_pooler_and_stops_preparing(amqp, queue_name, monkeypatch, caplog):
     """A pooler in transaction mode runs the PREPARE in one server session and the letter's
     transaction in another: the statement is not there at its first EXECUTE. That outcome is written
-    the ordinary way, and from then on the UPDATE is sent in full."""
-    monkeypatch.setattr(outcome_ahead, "_prepare_sql", lambda: "BEGIN; COMMIT")  # "prepared" elsewhere
+    again in full, and so is the UPDATE from then on."""
+    monkeypatch.setattr(outcome_in_flight, "_prepare_sql", lambda: "BEGIN; COMMIT")  # "prepared" elsewhere
     amqp.queue_declare(queue_name, durable=True)
     first, second = pending(queue_name, 2)
-    with caplog.at_level(logging.WARNING, logger="messaging.outcome_ahead"):
+    with caplog.at_level(logging.WARNING, logger="messaging.outcome_in_flight"):
         publish_message(first)
-    assert "right after it was prepared" in caplog.text and "SQLSTATE 26000" in caplog.text
-    assert outcome_ahead._use_prepared is False
+        first.refresh_from_db()  # reads the answer
+    assert "right after it was prepared" in caplog.text
+    assert outcome_in_flight._use_prepared is False
     publish_message(second)
     for letter in (first, second):
         letter.refresh_from_db()
@@ -163,8 +155,8 @@ def test_a_statement_gone_right_after_its_prepare_is_a_pooler_and_stops_preparin
     assert prepared_here() == 0
 
 
-def test_another_outcome_rolls_back_the_one_written_ahead(queue_name):
-    """No such exchange: `failed` replaces the `published` written ahead, on the row and in memory."""
+def test_another_outcome_is_written_before_the_step_returns(queue_name):
+    """No such exchange: `failed` is written in full before the step returns, on the row and in memory."""
     with transaction.atomic():
         letter = Message.objects.create(exchange=f"no-such-{queue_name}", routing_key="k", body=b"x",
                                         status=Message.Status.PENDING)
@@ -185,3 +177,28 @@ def test_no_prepared_statement_when_they_are_turned_off(amqp, queue_name, monkey
     letter.refresh_from_db()
     assert letter.status == Message.Status.PUBLISHED and letter.attempts == 1
     assert prepared_here() == 0
+
+
+def test_a_locked_letter_leaves_its_outcome_unwritten_and_the_connection_goes_on(queue_name, amqp, caplog):
+    """Another transaction holds the letter's row past lock_timeout: the connection's next use reads
+    the failure, rolls back what it left open, logs it, and runs; the letter stays pending for the relay."""
+    amqp.queue_declare(queue_name, durable=True)
+    (letter,) = pending(queue_name, 1)
+    other = connections.create_connection("default")
+    other.set_autocommit(False)
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT id FROM messaging_message WHERE id = %s FOR UPDATE", [letter.pk])
+        with connection.cursor() as cursor:  # give up on the lock quickly (this session only)
+            cursor.execute("SET lock_timeout = '300ms'")
+        assert publish_message(letter).status == Message.Status.PUBLISHED  # the broker has it
+        with caplog.at_level(logging.WARNING, logger="messaging.outcome_in_flight"):
+            assert Message.objects.filter(pk=letter.pk).count() == 1  # waits out the lock, then runs
+    finally:
+        other.rollback()
+        other.close()
+    assert f"message_id={letter.message_id} its published outcome was not written (SQLSTATE 55P03)" in caplog.text
+    assert connection.connection.info.transaction_status == 0  # IDLE: nothing left open
+    letter.refresh_from_db()
+    assert letter.status == Message.Status.PENDING and letter.attempts == 0
+    assert amqp.basic_get(queue_name, auto_ack=True)[2] == b"x"

@@ -1,14 +1,19 @@
-"""PostgreSQL: a letter's `published` outcome written while the broker confirms it.
+"""PostgreSQL: a published letter's outcome sent on the confirm, its answer read before the connection's next use.
 
-`publish_message` calls `publish` on PostgreSQL outside a transaction (and without Django's
-connection pool: see `applies`). The UPDATE goes out just before the letter, in a transaction of
-its own, so PostgreSQL runs it while the broker confirms; nothing may use the thread's database
-connection until its result is read after the confirm (the broker code does not).
-On the confirm the COMMIT is sent and the step returns; its answer is read before the
-connection's next use (`CommitInFlight`), so that round trip overlaps whatever the caller does
-next. Until the COMMIT the row stays pending for everyone else, and locked (a relay skips it). If
-the process dies first, the transaction rolls back and the relay publishes the letter. Any other
-outcome rolls it back, and the caller writes it the ordinary way.
+Once the broker has confirmed a letter, `publish_message` calls `send` (on PostgreSQL, outside a
+transaction, without Django's connection pool: see `applies`). The outcome goes to PostgreSQL in
+one message, `BEGIN; SET LOCAL synchronous_commit TO OFF; <the UPDATE>; COMMIT`, and the step
+returns without waiting for it: PostgreSQL writes it while the caller goes on (a request renders
+its answer). `OutcomeInFlight` stands in for the psycopg connection's `wait`, the one call through
+which psycopg runs every statement, commit, rollback and setting: the first of them reads the
+answer first. So the same connection always reads the outcome written, and nothing the caller runs
+next finds a result it did not ask for. Another connection sees it once PostgreSQL has run it,
+a fraction of a millisecond later.
+
+If the UPDATE failed, the answer's reader rolls the transaction back. A prepared statement that
+was gone is written again in full right there. Any other failure (a lock held past lock_timeout,
+the connection lost) is logged: the letter stays pending, the relay publishes it again, and the
+consumer records the copy under the same message_id (at least once: nothing is lost).
 
 Driven through libpq (psycopg's `pq`), because psycopg itself waits for each statement's result.
 The UPDATE is a prepared statement (`PREPARE` once per connection): planning it each time cost
@@ -21,16 +26,14 @@ import hashlib
 import logging
 import select
 import weakref
-from collections.abc import Callable
 from typing import Any
-
-from django.db import DatabaseError
 
 from messaging.models import Message
 
 logger = logging.getLogger(__name__)
 
 _COMMAND_OK = 1  # psycopg.pq.ExecStatus.COMMAND_OK (libpq's PGRES_COMMAND_OK)
+_IDLE = 0  # psycopg.pq.TransactionStatus.IDLE
 _SQLSTATE = ord("C")  # psycopg.pq.DiagnosticField.SQLSTATE
 _DUPLICATE_PREPARED = "42P05"  # this session has it already (named after its text: the same statement)
 _NO_SUCH_PREPARED = "26000"  # gone: psycopg's DEALLOCATE ALL, or a pooler moved us to another server session
@@ -42,7 +45,7 @@ _use_prepared = True  # off for the process once a fresh statement vanished (a p
 
 
 def applies(db) -> bool:
-    """Whether `db` (PostgreSQL outside a transaction) can write the outcome ahead.
+    """Whether `db` (PostgreSQL outside a transaction) can take an outcome in flight.
 
     Not with Django's connection pool: psycopg_pool discards a connection handed back while a
     COMMIT's answer is unread (it looks busy).
@@ -50,63 +53,24 @@ def applies(db) -> bool:
     return not db.settings_dict["OPTIONS"].get("pool")
 
 
-def publish(message: Message, db, fields: dict[str, Any],
-            publish_once: Callable[[Message], tuple[str, str]]) -> tuple[str, str, bool]:
-    """Publish `message` with `publish_once`, its `published` `fields` written ahead on `db`.
-
-    Returns (status, reason, whether `fields` are written: False when the outcome is another one,
-    or when the outcome written ahead failed and has to be written again).
-    """
-    errors = db.wrap_database_errors  # Django's exceptions, and its note that the connection erred
-    with errors:
+def send(message: Message, db, fields: dict[str, Any]) -> None:
+    """Send the `published` outcome `fields` of `message` on `db`; its answer is read at the connection's next use."""
+    with db.wrap_database_errors:  # Django's exceptions, and its note that the connection erred
         db.ensure_connection()
         pg = db.connection
-        CommitInFlight.settle(pg)  # an earlier step's, on this connection
+        OutcomeInFlight.settle(pg)  # an earlier step's, on this connection
         pgconn = pg.pgconn
         prepared = _prepare(db, pg, pgconn)
-    sql = _update_sql(prepared).format(published_at=fields["published_at"].isoformat(), pk=int(message.pk))
-    try:
-        with errors:
-            _send(pgconn, sql)
-        status, reason = publish_once(message)
-    except BaseException:
-        _roll_back_quietly(db, pg)  # the error in hand is the one to report
-        raise
-    published = status == Message.Status.PUBLISHED
-    try:
-        with errors:
-            error = _first_error(pgconn)
-            if published and error is None:
-                _send(pgconn, "COMMIT")
-                CommitInFlight(pg, message.message_id)
-                return status, reason, True
-            _send(pgconn, "ROLLBACK")
-            _first_error(pgconn)
-    except (KeyboardInterrupt, SystemExit):
-        pg.close()  # results of unknown statements unread: the next use reconnects instead
-        raise
-    if error is not None:
-        _forget(pg, error)
-    if published:
-        logger.warning("message_id=%s the outcome written ahead failed (SQLSTATE %s); writing it again",
-                       message.message_id, error)
-    return status, reason, False
+        pk, published_at = int(message.pk), fields["published_at"].isoformat()
+        _send(pgconn, _outcome_sql(prepared, pk, published_at))
+    OutcomeInFlight(pg, message.message_id, pk, published_at)
 
 
-class CommitInFlight:
-    """A COMMIT of a published outcome, sent on a psycopg connection, whose answer is not read yet.
+class OutcomeInFlight:
+    """A published outcome sent on a psycopg connection whose answer is not read yet (see the module)."""
 
-    It stands in for the connection's `wait`, through which psycopg runs every statement, commit,
-    rollback and setting: the first of them reads the answer, puts psycopg's own `wait` back, and
-    goes on. So the same connection always reads the outcome committed, and nothing the caller
-    runs next finds a result it did not ask for. Another connection sees the outcome once
-    PostgreSQL has run the COMMIT, already on its way. If it fails (the connection lost at that
-    moment), the letter stays pending: the relay publishes it again, and the consumer records the
-    copy under the same message_id (at least once: nothing is lost).
-    """
-
-    def __init__(self, pg, message_id: str) -> None:
-        self.pg, self.message_id = pg, message_id
+    def __init__(self, pg, message_id: str, pk: int, published_at: str) -> None:
+        self.pg, self.message_id, self.pk, self.published_at = pg, message_id, pk, published_at
         pg.wait = self  # an instance attribute: found before psycopg's method
 
     def __call__(self, *args, **kwargs):
@@ -114,11 +78,20 @@ class CommitInFlight:
         return self.pg.wait(*args, **kwargs)
 
     def read_answer(self) -> None:
+        pgconn = self.pg.pgconn
         try:
-            error = _first_error(self.pg.pgconn)
+            error = _first_error(pgconn)
+            if error is not None:
+                _end_transaction(pgconn)
+                _forget(self.pg, error)
+                if error == _NO_SUCH_PREPARED:  # psycopg's DEALLOCATE ALL, a pooler: in full this time
+                    _send(pgconn, _outcome_sql(False, self.pk, self.published_at))
+                    error = _first_error(pgconn)
+                    if error is not None:
+                        _end_transaction(pgconn)
         except Exception as exc:  # psycopg's error for a lost connection; what comes next reports it
-            logger.warning("message_id=%s the answer to its published outcome's COMMIT was lost (%s): if it was "
-                           "not committed, the letter stays pending and the relay publishes it again",
+            logger.warning("message_id=%s the answer to its published outcome was lost (%s): if it was not "
+                           "written, the letter stays pending and the relay publishes it again",
                            self.message_id, exc.__class__.__name__)
             return
         except BaseException:
@@ -127,15 +100,22 @@ class CommitInFlight:
         finally:
             del self.pg.wait  # psycopg's own again
         if error is not None:
-            logger.warning("message_id=%s its published outcome was not committed (%s): the letter stays pending "
-                           "and the relay publishes it again", self.message_id, error)
+            logger.warning("message_id=%s its published outcome was not written (SQLSTATE %s): the letter stays "
+                           "pending and the relay publishes it again", self.message_id, error)
 
     @staticmethod
     def settle(pg) -> None:
-        """Read the answer of a COMMIT in flight on `pg`, if there is one."""
+        """Read the answer of an outcome in flight on `pg`, if there is one."""
         in_flight = vars(pg).get("wait")
-        if isinstance(in_flight, CommitInFlight):
+        if isinstance(in_flight, OutcomeInFlight):
             in_flight.read_answer()
+
+
+def _end_transaction(pgconn) -> None:
+    """Roll back what a failed statement left open (its BEGIN ran, the COMMIT after it was skipped)."""
+    if pgconn.transaction_status != _IDLE:
+        _send(pgconn, "ROLLBACK")
+        _first_error(pgconn)
 
 
 def _prepare(db, pg, pgconn) -> bool:
@@ -203,27 +183,18 @@ def _prepare_sql() -> str:
 
 
 @functools.cache
-def _update_sql(prepared: bool) -> str:
-    """BEGIN, a relaxed commit (see `publishing.relaxed_commit`) and the UPDATE, with slots for
-    `published_at` (ISO text of an aware datetime) and the pk (an int).
+def _outcome_template(prepared: bool) -> str:
+    """BEGIN, a relaxed commit (see `publishing.relaxed_commit`), the UPDATE and COMMIT, with slots
+    for the pk (an int) and `published_at` (ISO text of an aware datetime).
 
     Literals, not parameters: rendering them with psycopg's client-side binding cost ~0.1 ms here.
     """
     update = f"EXECUTE {statement_name()}('{{published_at}}', {{pk}})" if prepared else _update("'{published_at}'", "{pk}")
-    return f"BEGIN; SET LOCAL synchronous_commit TO OFF; {update}"
+    return f"BEGIN; SET LOCAL synchronous_commit TO OFF; {update}; COMMIT"
 
 
-def _roll_back_quietly(db, pg) -> None:
-    try:
-        with db.wrap_database_errors:
-            _first_error(pg.pgconn)
-            _send(pg.pgconn, "ROLLBACK")
-            _first_error(pg.pgconn)
-    except DatabaseError as exc:
-        logger.warning("rolling back the outcome written ahead failed: %s", exc.__class__.__name__)
-    except BaseException:
-        pg.close()  # interrupted again: the next use reconnects instead
-        raise
+def _outcome_sql(prepared: bool, pk: int, published_at: str) -> str:
+    return _outcome_template(prepared).format(pk=pk, published_at=published_at)
 
 
 def _send(pgconn, sql: str) -> None:
