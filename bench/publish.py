@@ -8,11 +8,11 @@ Prints, each as a ratio to bare pika measured in the same run (medians of interl
     publisher with pipelined confirms (SelectConnection, window 1000, no database);
   * single publish step, p50: `publish_message` on a committed row (reused channel, the outcome's
     UPDATE sent) vs a bare confirmed `basic_publish` on an open BlockingConnection channel,
-    interleaved. On PostgreSQL the step returns once the outcome is sent; the next step reads its
-    answer first and counts that, but by then PostgreSQL has written it, during the publish part
-    timed after the step. Also printed: the publish part alone (without the outcome), and the
-    step followed at once by reading the outcome's answer (what a caller that uses the database
-    right after pays on PostgreSQL).
+    interleaved. On PostgreSQL the step returns once the outcome is sent; PostgreSQL writes it
+    during the publish part timed next (which it may slow, so "writing the outcome adds" reads
+    low), and the following Mailroom call reads its answer. Also printed: the publish part alone
+    (without the outcome), and the step followed at once by reading the outcome's answer (what a
+    caller that uses the database right after pays on PostgreSQL).
 Targets (issue #4): relay ≥ 0.5×; single publish step ≤ 1.5×.
 """
 from __future__ import annotations
@@ -115,7 +115,7 @@ def single_step_p50s(queue: str, count: int) -> tuple[float, float, float, float
     Interleaved (bare, Mailroom, ..., bare, ...) so all see the same broker and machine at each
     moment. The Mailroom step is `publish_message` on a committed pending row: the thread's
     long-lived channel and one UPDATE of the outcome (on PostgreSQL sent on the confirm; its
-    answer is read by the next step, whose time includes that).
+    answer, arrived meanwhile, is read by the next Mailroom call, whose time includes that).
     """
     conn = pika.BlockingConnection(pika.URLParameters(URL))
     channel = conn.channel()

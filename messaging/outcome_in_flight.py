@@ -11,9 +11,11 @@ next finds a result it did not ask for. Another connection sees it once PostgreS
 a fraction of a millisecond later.
 
 If the UPDATE failed, the answer's reader rolls the transaction back. A prepared statement that
-was gone is written again in full right there. Any other failure (a lock held past lock_timeout,
-the connection lost) is logged: the letter stays pending, the relay publishes it again, and the
-consumer records the copy under the same message_id (at least once: nothing is lost).
+was gone is written again in full right there (and preparing turned off: a pooler). Any other
+failure (a lock held past lock_timeout, the connection lost) is logged: the letter stays pending,
+the relay publishes it again, and the consumer records the copy under the same message_id (at
+least once: nothing is lost). The in-memory letter, and so the request's answer, says
+`published`: the broker's outcome.
 
 Driven through libpq (psycopg's `pq`), because psycopg itself waits for each statement's result.
 The UPDATE is a prepared statement (`PREPARE` once per connection): planning it each time cost
@@ -36,12 +38,11 @@ _COMMAND_OK = 1  # psycopg.pq.ExecStatus.COMMAND_OK (libpq's PGRES_COMMAND_OK)
 _IDLE = 0  # psycopg.pq.TransactionStatus.IDLE
 _SQLSTATE = ord("C")  # psycopg.pq.DiagnosticField.SQLSTATE
 _DUPLICATE_PREPARED = "42P05"  # this session has it already (named after its text: the same statement)
-_NO_SUCH_PREPARED = "26000"  # gone: psycopg's DEALLOCATE ALL, or a pooler moved us to another server session
+_NO_SUCH_PREPARED = "26000"  # gone: a pooler moved us to another server session, or a DISCARD ALL
 _PERMANENT = ("0A", "42")  # classes of a PREPARE error that trying again would not mend (unsupported, syntax/access)
 
 _prepared: weakref.WeakSet = weakref.WeakSet()  # the psycopg connections whose session has the statement
-_fresh: weakref.WeakSet = weakref.WeakSet()  # of those, the ones not yet used since their PREPARE
-_use_prepared = True  # off for the process once a fresh statement vanished (a pooler), or a PREPARE cannot work
+_use_prepared = True  # off for the process once a statement vanished (a pooler), or a PREPARE cannot work
 
 
 def applies(db) -> bool:
@@ -60,9 +61,13 @@ def send(message: Message, db, fields: dict[str, Any]) -> None:
         pg = db.connection
         OutcomeInFlight.settle(pg)  # an earlier step's, on this connection
         pgconn = pg.pgconn
-        prepared = _prepare(db, pg, pgconn)
-        pk, published_at = int(message.pk), fields["published_at"].isoformat()
-        _send(pgconn, _outcome_sql(prepared, pk, published_at))
+        try:
+            prepared = _prepare(db, pg, pgconn)
+            pk, published_at = int(message.pk), fields["published_at"].isoformat()
+            _send(pgconn, _outcome_sql(prepared, pk, published_at))
+        except (KeyboardInterrupt, SystemExit):
+            pg.close()  # a result may be left unread: the next use reconnects instead
+            raise
     OutcomeInFlight(pg, message.message_id, pk, published_at)
 
 
@@ -71,11 +76,17 @@ class OutcomeInFlight:
 
     def __init__(self, pg, message_id: str, pk: int, published_at: str) -> None:
         self.pg, self.message_id, self.pk, self.published_at = pg, message_id, pk, published_at
-        pg.wait = self  # an instance attribute: found before psycopg's method
+        # Instance attributes, found before psycopg's methods: the next operation, or closing the
+        # connection (Django past CONN_MAX_AGE), reads the answer first.
+        pg.wait, pg.close = self, self.close
 
     def __call__(self, *args, **kwargs):
         self.read_answer()
         return self.pg.wait(*args, **kwargs)
+
+    def close(self) -> None:
+        self.read_answer()
+        self.pg.close()
 
     def read_answer(self) -> None:
         pgconn = self.pg.pgconn
@@ -83,8 +94,8 @@ class OutcomeInFlight:
             error = _first_error(pgconn)
             if error is not None:
                 _end_transaction(pgconn)
-                _forget(self.pg, error)
-                if error == _NO_SUCH_PREPARED:  # psycopg's DEALLOCATE ALL, a pooler: in full this time
+                _forget(error)
+                if error == _NO_SUCH_PREPARED:  # in full this time
                     _send(pgconn, _outcome_sql(False, self.pk, self.published_at))
                     error = _first_error(pgconn)
                     if error is not None:
@@ -95,13 +106,19 @@ class OutcomeInFlight:
                            self.message_id, exc.__class__.__name__)
             return
         except BaseException:
+            self._restore()
             self.pg.close()  # interrupted: the next use reconnects instead
             raise
         finally:
-            del self.pg.wait  # psycopg's own again
+            self._restore()
         if error is not None:
             logger.warning("message_id=%s its published outcome was not written (SQLSTATE %s): the letter stays "
                            "pending and the relay publishes it again", self.message_id, error)
+
+    def _restore(self) -> None:
+        """psycopg's own `wait` and `close` again."""
+        vars(self.pg).pop("wait", None)
+        vars(self.pg).pop("close", None)
 
     @staticmethod
     def settle(pg) -> None:
@@ -124,13 +141,11 @@ def _prepare(db, pg, pgconn) -> bool:
     if not _use_prepared or db.settings_dict["OPTIONS"].get("prepare_threshold", 0) is None:
         return False
     if pg in _prepared:
-        _fresh.discard(pg)
         return True
     _send(pgconn, _prepare_sql())
     error = _first_error(pgconn)
     if error in (None, _DUPLICATE_PREPARED):
         _prepared.add(pg)
-        _fresh.add(pg)
         return True
     if error.startswith(_PERMANENT):
         logger.warning("preparing the published outcome's UPDATE failed (SQLSTATE %s): it is sent in full "
@@ -139,20 +154,17 @@ def _prepare(db, pg, pgconn) -> bool:
     return False  # a lock timeout, a cancel: in full this time, prepared the next
 
 
-def _forget(pg, error: str) -> None:
-    """After a failed UPDATE: prepare it again next time, or, behind a pooler, never again.
+def _forget(error: str) -> None:
+    """After a failed UPDATE: a prepared statement gone from the session turns preparing off.
 
-    psycopg's own `DEALLOCATE ALL` (after a rollback, when it has prepared statements of its own
-    on the connection) drops it too: a statement that worked before is prepared again. One that
-    is gone at its first EXECUTE after the PREPARE ran in another server session.
+    A web connection prepares nothing else (Django's cursors bind client-side), so psycopg never
+    sends its `DEALLOCATE ALL` there: the statement went with a pooler handing out another server
+    session, or an operator's DISCARD ALL.
     """
     global _use_prepared
-    fresh = pg in _fresh
-    _prepared.discard(pg)
-    _fresh.discard(pg)
-    if error == _NO_SUCH_PREPARED and fresh and _use_prepared:
-        logger.warning("the prepared UPDATE of published outcomes was gone from the session right after it "
-                       "was prepared (a pooler in transaction mode?): it is sent in full from now on")
+    if error == _NO_SUCH_PREPARED and _use_prepared:
+        logger.warning("the prepared UPDATE of published outcomes was gone from the database session (a pooler "
+                       "in transaction mode?): it is sent in full from now on")
         _use_prepared = False
 
 

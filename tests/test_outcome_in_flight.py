@@ -47,7 +47,6 @@ def new_session(monkeypatch):
     """Each test starts on a database session of its own, with nothing prepared and nothing learnt."""
     monkeypatch.setattr(outcome_in_flight, "_use_prepared", True)
     monkeypatch.setattr(outcome_in_flight, "_prepared", weakref.WeakSet())
-    monkeypatch.setattr(outcome_in_flight, "_fresh", weakref.WeakSet())
     connection.close()
     yield
     connection.close()  # settings a test changed for its connection go with it
@@ -65,15 +64,15 @@ def test_nothing_reaches_the_database_before_the_confirm(queue_name, monkeypatch
         seen["idle"] = connection.connection.info.transaction_status == 0
         raise RuntimeError("the process dies while the broker is asked")
 
-    monkeypatch.setattr(publishing, "publish_once", publish_that_dies)
-    with pytest.raises(RuntimeError, match="process dies"):
-        publish_message(letter)
+    with monkeypatch.context() as patch:
+        patch.setattr(publishing, "publish_once", publish_that_dies)
+        with pytest.raises(RuntimeError, match="process dies"):
+            publish_message(letter)
     assert seen == {"idle": True}
     assert "wait" not in vars(connection.connection)
     letter.refresh_from_db()
     assert letter.status == Message.Status.PENDING and letter.attempts == 0 and letter.published_at is None
-    monkeypatch.undo()  # no queue is bound: the broker returns it
-    assert publish_message(letter).status == Message.Status.UNROUTABLE
+    assert publish_message(letter).status  # no queue is bound: the broker returns it == Message.Status.UNROUTABLE
     assert "wait" not in vars(connection.connection)  # written in full, nothing in flight
     assert statuses_seen_elsewhere([letter]) == {Message.Status.UNROUTABLE}
     letter.refresh_from_db()
@@ -116,10 +115,10 @@ def test_an_answer_that_is_an_error_is_logged_and_the_connection_goes_on(caplog)
     assert "wait" not in vars(pg) and pg.info.transaction_status == 0  # IDLE
 
 
-def test_the_update_is_prepared_once_and_prepared_again_after_psycopgs_deallocate_all(amqp, queue_name):
-    """psycopg sends DEALLOCATE ALL after a rollback when it has statements of its own prepared on the
-    connection: that drops ours too. The letter's outcome is written again in full when its answer
-    is read (no second publish needed), and the statement prepared again."""
+def test_the_update_is_prepared_once_and_a_statement_gone_is_written_in_full(amqp, queue_name, caplog):
+    """Prepared once per session. Gone later (a pooler handing out another server session, a
+    DISCARD ALL): that outcome is written again in full when its answer is read (no second publish
+    needed), and from then on the UPDATE is sent in full."""
     amqp.queue_declare(queue_name, durable=True)
     letters = pending(queue_name, 4)
     publish_message(letters[0])
@@ -128,15 +127,17 @@ def test_the_update_is_prepared_once_and_prepared_again_after_psycopgs_deallocat
         cursor.execute("SELECT count(*) FROM pg_prepared_statements")
         assert cursor.fetchone()[0] == 1  # once, for both
         cursor.execute("DEALLOCATE ALL")
-    publish_message(letters[2])  # gone: written again in full
-    publish_message(letters[3])  # prepared again
-    assert outcome_in_flight._use_prepared and prepared_here() == 1
+    with caplog.at_level(logging.WARNING, logger="messaging.outcome_in_flight"):
+        publish_message(letters[2])
+        publish_message(letters[3])
+    assert "gone from the database session" in caplog.text and "not written" not in caplog.text
+    assert outcome_in_flight._use_prepared is False and prepared_here() == 0
     for letter in letters:
         letter.refresh_from_db()
         assert letter.status == Message.Status.PUBLISHED and letter.attempts == 1 and letter.published_at
 
 
-def test_a_statement_gone_right_after_its_prepare_is_a_pooler_and_stops_preparing(amqp, queue_name, monkeypatch, caplog):
+def test_a_statement_gone_at_its_first_execute_is_a_pooler_and_stops_preparing(amqp, queue_name, monkeypatch, caplog):
     """A pooler in transaction mode runs the PREPARE in one server session and the letter's
     transaction in another: the statement is not there at its first EXECUTE. That outcome is written
     again in full, and so is the UPDATE from then on."""
@@ -146,7 +147,7 @@ def test_a_statement_gone_right_after_its_prepare_is_a_pooler_and_stops_preparin
     with caplog.at_level(logging.WARNING, logger="messaging.outcome_in_flight"):
         publish_message(first)
         first.refresh_from_db()  # reads the answer
-    assert "right after it was prepared" in caplog.text
+    assert "gone from the database session" in caplog.text
     assert outcome_in_flight._use_prepared is False
     publish_message(second)
     for letter in (first, second):
@@ -202,3 +203,49 @@ def test_a_locked_letter_leaves_its_outcome_unwritten_and_the_connection_goes_on
     letter.refresh_from_db()
     assert letter.status == Message.Status.PENDING and letter.attempts == 0
     assert amqp.basic_get(queue_name, auto_ack=True)[2] == b"x"
+
+
+def test_closing_the_connection_reads_the_answer_first(queue_name, amqp, caplog):
+    """Django closes a connection past CONN_MAX_AGE at the end of a request: a failure in flight is
+    still read and logged (here a row lock held past lock_timeout)."""
+    amqp.queue_declare(queue_name, durable=True)
+    (letter,) = pending(queue_name, 1)
+    other = connections.create_connection("default")
+    other.set_autocommit(False)
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT id FROM messaging_message WHERE id = %s FOR UPDATE", [letter.pk])
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '300ms'")
+        publish_message(letter)
+        with caplog.at_level(logging.WARNING, logger="messaging.outcome_in_flight"):
+            connection.close()
+    finally:
+        other.rollback()
+        other.close()
+    assert "its published outcome was not written (SQLSTATE 55P03)" in caplog.text
+    letter.refresh_from_db()
+    assert letter.status == Message.Status.PENDING
+
+
+def test_a_published_outcome_in_flight_then_another_outcome_written_in_full(amqp, queue_name):
+    """The ordinary write (`record_outcome`, on the driver's cursor) reads the answer in flight first."""
+    amqp.queue_declare(queue_name, durable=True)
+    (published,) = pending(queue_name, 1)
+    (returned,) = pending(f"{queue_name}-nobody", 1)
+    publish_message(published)
+    assert publish_message(returned).status == Message.Status.UNROUTABLE
+    assert statuses_seen_elsewhere([published]) == {Message.Status.PUBLISHED}
+    assert statuses_seen_elsewhere([returned]) == {Message.Status.UNROUTABLE}
+
+
+def test_a_failed_answer_then_a_transaction(caplog):
+    """`atomic()` switches psycopg's autocommit: the failed answer is read and rolled back first."""
+    connection.ensure_connection()
+    pg = connection.connection
+    outcome_in_flight._send(pg.pgconn, "BEGIN; SELECT 1/0; COMMIT")
+    outcome_in_flight.OutcomeInFlight(pg, "letter-2", 0, "2026-01-01T00:00:00+00:00")
+    with caplog.at_level(logging.WARNING, logger="messaging.outcome_in_flight"), transaction.atomic():
+        assert Message.objects.filter(pk=0).count() == 0
+    assert "message_id=letter-2" in caplog.text and pg.info.transaction_status == 0
+
