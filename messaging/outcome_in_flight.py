@@ -49,7 +49,7 @@ def applies(db) -> bool:
     """Whether `db` (PostgreSQL outside a transaction) can take an outcome in flight.
 
     Not with Django's connection pool: psycopg_pool discards a connection handed back while a
-    COMMIT's answer is unread (it looks busy).
+    outcome's answer is unread (it looks busy).
     """
     return not db.settings_dict["OPTIONS"].get("pool")
 

@@ -2,6 +2,7 @@
 connection's next use (`messaging.outcome_in_flight`), with the real broker and database."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import weakref
@@ -40,6 +41,22 @@ def prepared_here() -> int:
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE name = %s", [outcome_in_flight.statement_name()])
         return cursor.fetchone()[0]
+
+
+@contextlib.contextmanager
+def row_locked_elsewhere(letter: Message):
+    """Another transaction holds `letter`'s row; this session gives up on a lock after 300 ms."""
+    other = connections.create_connection("default")
+    other.set_autocommit(False)
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT id FROM messaging_message WHERE id = %s FOR UPDATE", [letter.pk])
+        with connection.cursor() as cursor:  # this session only: the fixture closes it afterwards
+            cursor.execute("SET lock_timeout = '300ms'")
+        yield
+    finally:
+        other.rollback()
+        other.close()
 
 
 @pytest.fixture(autouse=True)
@@ -185,19 +202,10 @@ def test_a_locked_letter_leaves_its_outcome_unwritten_and_the_connection_goes_on
     the failure, rolls back what it left open, logs it, and runs; the letter stays pending for the relay."""
     amqp.queue_declare(queue_name, durable=True)
     (letter,) = pending(queue_name, 1)
-    other = connections.create_connection("default")
-    other.set_autocommit(False)
-    try:
-        with other.cursor() as cursor:
-            cursor.execute("SELECT id FROM messaging_message WHERE id = %s FOR UPDATE", [letter.pk])
-        with connection.cursor() as cursor:  # give up on the lock quickly (this session only)
-            cursor.execute("SET lock_timeout = '300ms'")
+    with row_locked_elsewhere(letter):
         assert publish_message(letter).status == Message.Status.PUBLISHED  # the broker has it
         with caplog.at_level(logging.WARNING, logger="messaging.outcome_in_flight"):
             assert Message.objects.filter(pk=letter.pk).count() == 1  # waits out the lock, then runs
-    finally:
-        other.rollback()
-        other.close()
     assert f"message_id={letter.message_id} its published outcome was not written (SQLSTATE 55P03)" in caplog.text
     assert connection.connection.info.transaction_status == 0  # IDLE: nothing left open
     letter.refresh_from_db()
@@ -210,19 +218,10 @@ def test_closing_the_connection_reads_the_answer_first(queue_name, amqp, caplog)
     still read and logged (here a row lock held past lock_timeout)."""
     amqp.queue_declare(queue_name, durable=True)
     (letter,) = pending(queue_name, 1)
-    other = connections.create_connection("default")
-    other.set_autocommit(False)
-    try:
-        with other.cursor() as cursor:
-            cursor.execute("SELECT id FROM messaging_message WHERE id = %s FOR UPDATE", [letter.pk])
-        with connection.cursor() as cursor:
-            cursor.execute("SET lock_timeout = '300ms'")
+    with row_locked_elsewhere(letter):
         publish_message(letter)
         with caplog.at_level(logging.WARNING, logger="messaging.outcome_in_flight"):
             connection.close()
-    finally:
-        other.rollback()
-        other.close()
     assert "its published outcome was not written (SQLSTATE 55P03)" in caplog.text
     letter.refresh_from_db()
     assert letter.status == Message.Status.PENDING
