@@ -99,7 +99,7 @@ def test_nothing_reaches_the_database_before_the_confirm(queue_name, monkeypatch
 def test_the_outcomes_answer_is_read_before_the_connections_next_use(amqp, queue_name):
     """The step returns once the outcome is sent. Whatever the connection runs next (a query, a
     transaction's autocommit switch, another publish) reads the answer first, and sees `published`;
-    a connection closed with the answer unread still committed it."""
+    closing the connection reads the last answer first, and another connection then sees them all."""
     amqp.queue_declare(queue_name, durable=True)
     letters = pending(queue_name, 4)
     publish_message(letters[0])
@@ -113,7 +113,7 @@ def test_the_outcomes_answer_is_read_before_the_connections_next_use(amqp, queue
     assert "wait" not in vars(pg)
     publish_message(letters[2])  # the next step reads the previous one's answer itself
     publish_message(letters[3])
-    connection.close()  # the last answer never read
+    connection.close()  # reads the last answer first
     deadline = time.monotonic() + 5
     while statuses_seen_elsewhere(letters) != {Message.Status.PUBLISHED} and time.monotonic() < deadline:
         time.sleep(0.05)
