@@ -18,6 +18,8 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
+from messaging.amqp.publisher import _local
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -46,13 +48,12 @@ def fresh_publisher():
     """This thread's publisher made anew before and after the test: a publisher reads
     MAILROOM_PUBLISH_TIMEOUT when it is created and RABBITMQ_URL when it connects, and the test may
     change both (set them before the first publish)."""
-    from messaging import broker
 
     def forget():
-        current = getattr(broker._local, "publisher", None)
+        current = getattr(_local, "publisher", None)
         if current is not None:
             current.close()
-        broker._local.__dict__.clear()
+        _local.__dict__.clear()
 
     forget()
     yield

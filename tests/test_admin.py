@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.urls import reverse
 
 from messaging.models import Delivery, Message
-from tests.audit_data import delivery, letter, fast_passwords  # noqa: F401 — autouse
+from tests.audit_data import delivery, fast_passwords, letter  # noqa: F401 — autouse
 
 pytestmark = pytest.mark.django_db
 
@@ -191,7 +191,8 @@ def test_csv_export_defuses_formulas(admin_client):
 
 
 def test_date_hierarchy_offers_the_periods_of_the_matching_letters(admin_client):
-    from datetime import datetime, timezone as tz
+    from datetime import datetime
+    from datetime import timezone as tz
 
     for when in (datetime(2024, 12, 30, tzinfo=tz.utc), datetime(2025, 2, 3, tzinfo=tz.utc)):
         letter(created_at=when)
@@ -260,8 +261,8 @@ def test_exports_read_each_letter_once(admin_client, django_assert_max_num_queri
 def test_a_letter_delivered_again_and_again_shows_its_latest_deliveries(admin_client, monkeypatch):
     """Another producer may send one message_id again and again: the letter's page, its API answer
     and its admin page list the latest deliveries, not all of them (each polled every second)."""
-    from messaging import api, views
-    from messaging.admin import DeliveryInline
+    from messaging.web import api, views
+    from messaging.web.admin import DeliveryInline
 
     monkeypatch.setattr(views, "DELIVERIES_SHOWN", 3)
     monkeypatch.setattr(api, "API_DELIVERIES", 3)

@@ -10,8 +10,8 @@ import pytest
 from django.contrib.auth.models import Permission, User
 from django.test import Client
 
-from messaging.api import create_token, hash_key
 from messaging.models import ApiToken, Delivery, Message
+from messaging.web.api import create_token, hash_key
 from tests.conftest import ROOT, queue_depth, subprocess_env
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -16,7 +16,7 @@ from django.db import transaction
 from playwright.sync_api import expect, sync_playwright
 
 from messaging.models import Delivery, Message
-from messaging.publishing import create_letter, publish_message
+from messaging.outbox.publishing import create_message, publish_message
 from tests.conftest import ROOT, queue_depth, wait_for
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def test_queue_letter_goes_pending_published_acked_without_reload(page, settings
     # A little traffic for the dashboard's picture, then the dashboard itself.
     for i in range(20):
         with transaction.atomic():
-            create_letter(routing_key=queue_name, body=f"letter {i}".encode(), content_type="text/plain")
+            create_message(routing_key=queue_name, body=f"letter {i}".encode(), content_type="text/plain")
     wait_for(lambda: Delivery.objects.filter(queue=queue_name, status=Delivery.Status.ACKED).count() == 21,
              message="the traffic to be acked")
     page.goto("/")

@@ -16,7 +16,7 @@ from django.db import transaction
 from django.db.models import Count
 
 from messaging.models import Delivery, Message, Worker
-from messaging.publishing import create_letter
+from messaging.outbox.publishing import create_message
 from tests.conftest import queue_depth, subprocess_env, wait_for
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def test_a_dead_first_broker_address_is_skipped(settings, fresh_publisher, amqp,
 
     settings.RABBITMQ_URL = cluster  # fresh_publisher: this thread's publisher connects anew
     with transaction.atomic():
-        letter = create_letter(routing_key=queue_name, body=b"via the second address", declare=True)
+        letter = create_message(routing_key=queue_name, body=b"via the second address", declare=True)
     letter.refresh_from_db()
     assert letter.status == Message.Status.PUBLISHED, letter.last_error
 

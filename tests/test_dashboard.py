@@ -8,9 +8,9 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from messaging import dashboard
-from messaging.counting import capped_count
 from messaging.models import Delivery, Message, Worker
+from messaging.web import dashboard
+from messaging.web.counting import capped_count
 from tests.audit_data import delivery, fast_passwords, letter  # noqa: F401 — autouse
 
 pytestmark = pytest.mark.django_db

@@ -7,7 +7,7 @@ import pytest
 from django.urls import reverse
 
 from messaging.models import Delivery, Message
-from tests.audit_data import HOSTILE, delivery, letter, fast_passwords  # noqa: F401 — autouse
+from tests.audit_data import HOSTILE, delivery, fast_passwords, letter  # noqa: F401 — autouse
 
 pytestmark = pytest.mark.django_db
 
@@ -49,7 +49,7 @@ def test_every_page_escapes_a_script(admin_client, hostile):
 
 def test_a_large_body_shows_its_first_64_kb_on_the_letter_page(admin_client):
     """The letter page reloads itself every second while the letter settles: not megabytes each time."""
-    from messaging.views import PAGE_BODY_BYTES, body_view
+    from messaging.web.views import PAGE_BODY_BYTES, body_view
 
     body = b"a" * (PAGE_BODY_BYTES - 1) + "é".encode() + b"<b>" * 100_000  # "é" cut in two at the limit
     m = letter(message_id="large", body=body)

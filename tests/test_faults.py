@@ -22,13 +22,19 @@ import psycopg
 import pytest
 from django.db import DataError, OperationalError, connection
 
-from messaging import recording
-from messaging.consuming import ConsumeOptions
-from messaging.consuming import Worker as ConsumeWorker
+from messaging.consumer import recording
+from messaging.consumer.worker import ConsumeOptions
+from messaging.consumer.worker import Worker as ConsumeWorker
 from messaging.models import Delivery, Message, Worker
 from tests.conftest import subprocess_env, wait_for
 from tests.consuming_checks import (
-    acked_count, assert_exactly_once, connect, consumers, publish, queue_counts, rabbitmqctl,
+    acked_count,
+    assert_exactly_once,
+    connect,
+    consumers,
+    publish,
+    queue_counts,
+    rabbitmqctl,
 )
 
 logger = logging.getLogger(__name__)

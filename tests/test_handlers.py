@@ -9,7 +9,14 @@ import pytest
 
 from messaging.models import Delivery, Message, Worker
 from tests.conftest import delete_queue, subprocess_env, wait_for
-from tests.consuming_checks import acked_count, assert_exactly_once, connect, consumers, publish, queue_counts
+from tests.consuming_checks import (
+    acked_count,
+    assert_exactly_once,
+    connect,
+    consumers,
+    publish,
+    queue_counts,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -57,17 +57,17 @@ def test_healthz_turns_503_when_the_broker_is_stopped(client):
 
 
 def test_healthz_shares_one_broker_check_among_requests_for_a_moment(client, monkeypatch):
-    from messaging import operations
+    from messaging.web import health
 
     monkeypatch.setattr(operations, "_broker_checked", {})
     logins = []
-    real_connect = operations.broker.connect
+    real_connect = health.broker.connect
 
     def counting_connect(*args, **kwargs):
         logins.append(1)
         return real_connect(*args, **kwargs)
 
-    monkeypatch.setattr(operations.broker, "connect", counting_connect)
+    monkeypatch.setattr(health.broker, "connect", counting_connect)
     monkeypatch.setattr(operations, "HEALTH_BROKER_REUSE_SECONDS", 60.0)  # however slow this machine
     assert all(client.get(reverse("healthz")).status_code == HTTPStatus.OK for _ in range(20))
     assert len(logins) == 1

@@ -8,8 +8,8 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
+from messaging.audit.retention import parse_age
 from messaging.models import Delivery, Message
-from messaging.retention import parse_age
 from tests.audit_data import delivery, letter
 
 pytestmark = pytest.mark.django_db

@@ -10,11 +10,17 @@ import uuid
 import pytest
 from django.db import transaction
 
-from messaging import broker
+from messaging.amqp.publisher import IDLE_CHECK_SECONDS, publisher
+from messaging.errors import InvalidMessage
 from messaging.models import Message
-from messaging.publishing import (
-    LetterError, create_letter, preview_route, publish_message, republish, retry_delay, topic_matches,
+from messaging.outbox.publishing import (
+    create_message,
+    publish_message,
+    republish,
+    retry_delay,
 )
+from messaging.outbox.routing import preview_route, topic_matches
+from messaging.outbox.validation import decode_body
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -23,7 +29,7 @@ BINARY = bytes(range(256)) * 3 + b"\x00\xff\x00"
 
 def send(**kwargs) -> Message:
     with transaction.atomic():
-        letter = create_letter(**kwargs)
+        letter = create_message(**kwargs)
     letter.refresh_from_db()
     return letter
 
@@ -60,14 +66,14 @@ def test_properties_over_a_frame_are_failed_and_the_connection_kept(amqp, queue_
     publish_message(huge)
     huge.refresh_from_db()
     assert huge.status == Message.Status.FAILED and "frame_max" in huge.last_error, huge.last_error
-    connection = broker.publisher()._connection
+    connection = publisher()._connection
     after = send(routing_key=queue_name, body=b"after")
     assert (before.status, after.status) == (Message.Status.PUBLISHED, Message.Status.PUBLISHED)
-    assert broker.publisher()._connection is connection  # the same connection: the broker never saw it
+    assert publisher()._connection is connection  # the same connection: the broker never saw it
 
 
 def test_existing_amq_exchange_can_be_published_to_but_not_declared(queue_name):
-    with pytest.raises(LetterError, match="reserved"):
+    with pytest.raises(InvalidMessage, match="reserved"):
         send(exchange="amq.direct", exchange_type="direct", declare=True, routing_key=queue_name, body=b"x")
     letter = send(exchange="amq.direct", routing_key=f"{queue_name}-unbound", body=b"x")
     assert letter.status == Message.Status.UNROUTABLE  # amq.direct exists; nothing bound to this key
@@ -117,21 +123,21 @@ def test_wrong_user_id_is_failed_and_the_channel_recovers(amqp, queue_name):
     ({"routing_key": "q", "delivery_mode": 2.0}, "delivery_mode"),
 ])
 def test_invalid_letters_are_refused_before_anything_is_written(kwargs, message):
-    with pytest.raises(LetterError, match=message):
+    with pytest.raises(InvalidMessage, match=message):
         send(body=b"x", **kwargs)
     assert not Message.objects.exists()
 
 
 def test_body_over_the_limit_is_refused(settings):
     settings.MAILROOM_MAX_BODY_BYTES = 1000
-    with pytest.raises(LetterError, match="limit is 1000 bytes"):
+    with pytest.raises(InvalidMessage, match="limit is 1000 bytes"):
         send(routing_key="q", body=b"x" * 1001)
     assert not Message.objects.exists()
 
 
 def test_duplicate_message_id_is_refused(queue_name):
     send(routing_key=queue_name, body=b"x", declare=True, message_id="dup-1")
-    with pytest.raises(LetterError, match="already exists"):
+    with pytest.raises(InvalidMessage, match="already exists"):
         send(routing_key=queue_name, body=b"x", message_id="dup-1")
 
 
@@ -140,9 +146,9 @@ def test_a_message_id_taken_meanwhile_is_refused_and_the_transaction_goes_on(que
     send(routing_key=queue_name, body=b"x", declare=True, message_id="race-1")
     monkeypatch.setattr("django.db.models.query.QuerySet.exists", lambda self: False)  # the other request's view
     with transaction.atomic():
-        with pytest.raises(LetterError, match="already exists"):
-            create_letter(routing_key=queue_name, body=b"y", message_id="race-1")
-        create_letter(routing_key=queue_name, body=b"z", message_id="race-2")  # the caller's transaction goes on
+        with pytest.raises(InvalidMessage, match="already exists"):
+            create_message(routing_key=queue_name, body=b"y", message_id="race-1")
+        create_message(routing_key=queue_name, body=b"z", message_id="race-2")  # the caller's transaction goes on
     assert sorted(Message.objects.values_list("message_id", "body")) == [("race-1", b"x"), ("race-2", b"z")]
 
 
@@ -153,10 +159,10 @@ def test_an_outcome_that_cannot_be_written_leaves_the_letter_pending(queue_name,
     def database_gone(*args, **kwargs):
         raise OperationalError("the database went away")
 
-    monkeypatch.setattr("messaging.publishing.record_outcome", database_gone)
+    monkeypatch.setattr("messaging.outbox.publishing.record_outcome", database_gone)
     monkeypatch.setattr("messaging.publishing._postgresql_outside_a_transaction", lambda db=None: False)
     with transaction.atomic():
-        letter = create_letter(routing_key=queue_name, body=b"x", declare=True)
+        letter = create_message(routing_key=queue_name, body=b"x", declare=True)
     letter.refresh_from_db()
     assert letter.status == Message.Status.PENDING and letter.attempts == 0  # the relay publishes it again
     assert "the database went away" in caplog.text
@@ -260,10 +266,10 @@ def test_a_withheld_confirm_is_given_up_after_the_timeout(settings, fresh_publis
 
 def test_one_connection_reused_across_publishes(queue_name):
     send(routing_key=queue_name, body=b"x", declare=True)
-    connection = broker.publisher()._connection
+    connection = publisher()._connection
     for _ in range(5):
         send(routing_key=queue_name, body=b"x")
-    assert broker.publisher()._connection is connection and connection.is_open
+    assert publisher()._connection is connection and connection.is_open
 
 
 def test_publish_step_writes_one_update(queue_name):
@@ -401,32 +407,31 @@ def test_routing_preview_from_the_management_api(settings, amqp, queue_name):
 def test_letter_over_the_broker_size_limit_is_failed(amqp, queue_name):
     rabbitmqctl("eval", "application:set_env(rabbit, max_message_size, 100000).")
     try:
-        broker.publisher().close()  # the limit is read when a channel opens
+        publisher().close()  # the limit is read when a channel opens
         big = send(routing_key=queue_name, body=b"x" * 200_000, declare=True)
         assert big.status == Message.Status.FAILED and "406" in big.last_error, big.last_error
         assert send(routing_key=queue_name, body=b"small").status == Message.Status.PUBLISHED
     finally:
         rabbitmqctl("eval", "application:set_env(rabbit, max_message_size, 134217728).")
-        broker.publisher().close()
+        publisher().close()
     assert amqp.basic_get(queue_name, auto_ack=True)[2] == b"small"
 
 
 def test_base64_body_decodes_exactly():
-    from messaging.publishing import decode_body
 
     assert decode_body(base64.b64encode(BINARY).decode(), encoding="base64") == BINARY
-    with pytest.raises(LetterError, match="base64"):
+    with pytest.raises(InvalidMessage, match="base64"):
         decode_body("not base64!", encoding="base64")
 
 
 def test_connection_closed_while_idle_is_replaced_before_publishing(queue_name):
     assert send(routing_key=queue_name, body=b"one", declare=True).status == Message.Status.PUBLISHED
-    port = broker.publisher()._connection._impl._transport._sock.getsockname()[1]
+    port = publisher()._connection._impl._transport._sock.getsockname()[1]
     rows = rabbitmqctl("list_connections", "-q", "--no-table-headers", "pid", "name").splitlines()
     ours = [row.split("\t")[0] for row in rows if f":{port} ->" in row]
     assert len(ours) == 1, rows
     rabbitmqctl("close_connection", ours[0], "closed by a test while idle")  # only this test's connection
-    time.sleep(broker.IDLE_CHECK_SECONDS + 0.2)  # idle: the publisher checks the connection first
-    assert broker.publisher()._connection.is_open  # pika has not noticed yet: nothing serviced it
+    time.sleep(IDLE_CHECK_SECONDS + 0.2)  # idle: the publisher checks the connection first
+    assert publisher()._connection.is_open  # pika has not noticed yet: nothing serviced it
     after = send(routing_key=queue_name, body=b"two")
     assert after.status == Message.Status.PUBLISHED and after.attempts == 1, after.last_error

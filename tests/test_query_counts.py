@@ -11,8 +11,8 @@ from django.contrib.auth.models import User
 from django.test import Client
 from django.urls import reverse
 
-from messaging.counting import RECENT_DELIVERIES
 from messaging.models import Delivery, Message
+from messaging.web.counting import RECENT_DELIVERIES
 from tests.audit_data import fast_passwords, seed  # noqa: F401 — autouse
 
 LETTERS = 3000

@@ -11,7 +11,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from messaging.models import Message
-from messaging.publishing import create_letter
+from messaging.outbox.publishing import create_message
 from tests.audit_data import delivery, fast_passwords, letter  # noqa: F401 — autouse
 
 pytestmark = pytest.mark.django_db
@@ -27,7 +27,7 @@ def test_a_letter_nobody_consumes_is_detected_then_a_lost_one_fails(queue_name, 
                                                                     django_capture_on_commit_callbacks):
     amqp.queue_declare(queue=queue_name, durable=True)
     with django_capture_on_commit_callbacks(execute=True), transaction.atomic():
-        m = create_letter(routing_key=queue_name, body=b"nobody reads me")
+        m = create_message(routing_key=queue_name, body=b"nobody reads me")
     m.refresh_from_db()
     assert m.status == Message.Status.PUBLISHED
     delivered = letter(routing_key=queue_name)

@@ -9,9 +9,14 @@ import pika
 import pytest
 from django.db import connection, transaction
 
-from messaging import recording
+from messaging.consumer import recording
+from messaging.consumer.recording import (
+    Received,
+    record_batch,
+    record_lost,
+    record_settled,
+)
 from messaging.models import Delivery, Message
-from messaging.recording import Received, record_batch, record_lost, record_settled
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

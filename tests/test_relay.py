@@ -18,8 +18,9 @@ from django.contrib.auth.models import Permission, User
 from django.db import connection, transaction
 from django.utils import timezone
 
-from messaging.api import create_token
+from messaging.errors import FatalBrokerError
 from messaging.models import Delivery, Message
+from messaging.web.api import create_token
 from tests.conftest import ROOT, queue_depth, subprocess_env, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -70,10 +71,10 @@ def test_crash_between_commit_and_publish_is_relayed_once(manage, queue_name):
     code = (
         "import os\n"
         "from django.db import transaction\n"
-        "from messaging.publishing import create_letter\n"
+        "from messaging.publishing import create_message\n"
         "with transaction.atomic():\n"
         "    transaction.on_commit(lambda: os._exit(0))\n"
-        f"    create_letter(routing_key={queue_name!r}, body=b'crash', declare=True, message_id={message_id!r})\n"
+        f"    create_message(routing_key={queue_name!r}, body=b'crash', declare=True, message_id={message_id!r})\n"
     )
     out = subprocess.run([sys.executable, str(ROOT / "manage.py"), "shell", "-c", code], cwd=ROOT,
                          env=subprocess_env(), capture_output=True, text=True, timeout=60)
@@ -108,7 +109,7 @@ def test_concurrent_relays_publish_each_letter_once(manage, amqp, queue_name):
 
 
 def test_relay_records_unroutable_and_failed_in_a_batch(amqp, queue_name):
-    from messaging.relay import Relay, RelayOptions
+    from messaging.outbox.relay import Relay, RelayOptions
 
     amqp.queue_declare(queue_name, durable=True)
     pending_letters(queue_name, 5)
@@ -126,8 +127,8 @@ def test_relay_records_unroutable_and_failed_in_a_batch(amqp, queue_name):
 
 
 def test_outcomes_of_a_group_over_the_parameter_limit_are_written_in_parts(amqp, queue_name, monkeypatch):
-    from messaging import recording
-    from messaging.relay import Relay, RelayOptions
+    from messaging.consumer import recording
+    from messaging.outbox.relay import Relay, RelayOptions
 
     monkeypatch.setattr(recording, "MAX_PARAMETERS", 3)  # 7 letters: UPDATEs for 3, 3 and 1
     amqp.queue_declare(queue_name, durable=True)
@@ -151,7 +152,7 @@ def test_outcomes_of_a_group_over_the_parameter_limit_are_written_in_parts(amqp,
 
 
 def test_a_declared_queue_deleted_under_the_relay_is_declared_again(amqp, queue_name):
-    from messaging.relay import Relay, RelayOptions
+    from messaging.outbox.relay import Relay, RelayOptions
 
     relay = Relay(RelayOptions())
     try:
@@ -171,7 +172,7 @@ def test_a_declared_queue_deleted_under_the_relay_is_declared_again(amqp, queue_
 def test_a_declared_exchange_deleted_under_the_relay_is_declared_again_before_the_batch(amqp, queue_name):
     """Found only by the pipelined publish, the 404 would close the channel, and every unconfirmed
     letter of the window would be published again one by one (twice, for those already queued)."""
-    from messaging.relay import Relay, RelayOptions
+    from messaging.outbox.relay import Relay, RelayOptions
 
     exchange = f"{queue_name}-x"
     amqp.queue_declare(queue_name, durable=True)
@@ -207,7 +208,7 @@ def management(method: str, path: str):
 
 
 def test_the_relays_connection_dropped_while_idle_is_noticed_before_publishing(amqp, queue_name):
-    from messaging.relay import Relay, RelayOptions
+    from messaging.outbox.relay import Relay, RelayOptions
 
     amqp.queue_declare(queue_name, durable=True)
     relay = Relay(RelayOptions())
@@ -234,7 +235,7 @@ def test_the_relays_connection_dropped_while_idle_is_noticed_before_publishing(a
 
 def test_a_letter_pika_cannot_encode_is_failed_and_the_relay_goes_on(amqp, queue_name):
     """A row written past the checks (an older version, a hand-made INSERT) must not stop the relay."""
-    from messaging.relay import Relay, RelayOptions
+    from messaging.outbox.relay import Relay, RelayOptions
 
     amqp.queue_declare(queue_name, durable=True)
     now = timezone.now()
@@ -254,7 +255,7 @@ def test_a_letter_pika_cannot_encode_is_failed_and_the_relay_goes_on(amqp, queue
 def test_a_letter_whose_properties_overflow_a_frame_is_failed_and_the_rest_published(amqp, queue_name):
     """The broker closes the whole connection (501 frame_too_large) for such a frame: every letter in
     flight went with it, and the relay sent the same letter again at each retry."""
-    from messaging.relay import Relay, RelayOptions
+    from messaging.outbox.relay import Relay, RelayOptions
 
     amqp.queue_declare(queue_name, durable=True)
     pending_letters(queue_name, 2)
@@ -322,14 +323,14 @@ def test_broker_stopped_nothing_published_is_lost(client, publisher_user, short_
 @pytest.mark.slow
 def test_disk_alarm_blocks_then_relay_publishes(client, publisher_user, short_timeout, settings, manage, amqp,
                                                 queue_name):
-    from messaging import rabbitmq_api
+    from messaging.amqp import management
 
     amqp.queue_declare(queue_name, durable=True)
     client.force_login(publisher_user)
     settings.RABBITMQ_MANAGEMENT_URL = MANAGEMENT_URL
     rabbitmqctl("set_disk_free_limit", "1000000GB")
     try:
-        wait_for(lambda: rabbitmq_api.alarms(), timeout=30, message="the disk alarm")
+        wait_for(lambda: management.alarms(), timeout=30, message="the disk alarm")
         started = time.monotonic()
         response = client.post("/publish/", {"mode": "queue", "queue": queue_name, "body": "blocked",
                                              "persistent": "on"})
@@ -344,7 +345,7 @@ def test_disk_alarm_blocks_then_relay_publishes(client, publisher_user, short_ti
         time.sleep(1)
     finally:
         rabbitmqctl("set_disk_free_limit", "50MB")
-    wait_for(lambda: not rabbitmq_api.alarms(), timeout=30, message="the alarm to clear")
+    wait_for(lambda: not management.alarms(), timeout=30, message="the alarm to clear")
     Message.objects.filter(pk=letter.pk).update(next_attempt_at=timezone.now())  # skip the backoff
     wait_for(lambda: Message.objects.get(pk=letter.pk).status == Message.Status.PUBLISHED, timeout=30,
              message="the relay to publish after the alarm")
@@ -377,8 +378,7 @@ def test_wrong_credentials_or_vhost_stop_the_relay_with_exit_1_and_the_letters_s
 def test_a_login_refused_for_the_next_batch_still_records_what_the_broker_confirmed(amqp, queue_name, monkeypatch):
     """The next batch goes out while the one before is still to be recorded: a refusal then must not
     leave the confirmed letters pending (the relay would publish them again)."""
-    from messaging import broker
-    from messaging.relay import Relay, RelayOptions
+    from messaging.outbox.relay import Relay, RelayOptions
 
     amqp.queue_declare(queue_name, durable=True)
     pending_letters(queue_name, 6)
@@ -388,7 +388,7 @@ def test_a_login_refused_for_the_next_batch_still_records_what_the_broker_confir
     def send(letters):
         calls.append(len(letters))
         if len(calls) == 2:  # the second batch: the login is refused
-            raise broker.FatalBrokerError("the broker refused the login (injected)")
+            raise FatalBrokerError("the broker refused the login (injected)")
         return sent(letters)
 
     monkeypatch.setattr(relay.pipeline, "send", send)
@@ -405,7 +405,7 @@ def test_a_claimed_batch_is_kept_from_other_relays_and_released_by_a_crash(amqp,
     them at once. SQLite leases the rows instead: they stay claimed until the lease runs out."""
     from django.db import connection
 
-    from messaging.relay import Relay, RelayOptions
+    from messaging.outbox.relay import Relay, RelayOptions
 
     pending_letters(queue_name, 30)
     first, second = Relay(RelayOptions(batch_size=20)), Relay(RelayOptions(batch_size=20))
@@ -441,7 +441,7 @@ def test_the_claim_reads_the_due_index_even_with_stale_statistics(queue_name):
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
-    from messaging.relay import Relay, RelayOptions
+    from messaging.outbox.relay import Relay, RelayOptions
 
     if connection.vendor != "postgresql":
         pytest.skip("planner settings are PostgreSQL's; SQLite's claim is checked by the other relay tests")
@@ -472,7 +472,7 @@ def test_relay_waits_out_a_database_outage(amqp, queue_name, monkeypatch, caplog
 
     from django.db import OperationalError
 
-    from messaging.relay import Relay, RelayOptions
+    from messaging.outbox.relay import Relay, RelayOptions
 
     amqp.queue_declare(queue_name, durable=True)
     pending_letters(queue_name, 5)

@@ -11,13 +11,23 @@ from itertools import islice
 import pika
 import pytest
 
-from messaging import broker, recording
+from messaging.amqp.connection import handshake_error
 from messaging.backoff import backoff_delays
-from messaging.consuming import GC_THRESHOLDS, ConsumeOptions, StopFlag
-from messaging.consuming import Worker as ConsumeWorker
+from messaging.consumer import recording
+from messaging.consumer.worker import GC_THRESHOLDS, ConsumeOptions
+from messaging.consumer.worker import Worker as ConsumeWorker
+from messaging.errors import ConnectionLost, FatalBrokerError
 from messaging.models import Delivery, Message, Worker
+from messaging.stopping import StopFlag
 from tests.conftest import delete_queue, subprocess_env, wait_for
-from tests.consuming_checks import acked_count, assert_exactly_once, connect, consumers, publish, queue_counts
+from tests.consuming_checks import (
+    acked_count,
+    assert_exactly_once,
+    connect,
+    consumers,
+    publish,
+    queue_counts,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -237,21 +247,20 @@ def test_wrong_credentials_or_vhost_exit_non_zero_without_a_reconnect_storm(queu
     assert Worker.objects.get().status == Worker.Status.STOPPED
 
 
-def test_a_handshake_cut_short_is_fatal_only_before_the_first_login_or_when_refused(monkeypatch):
+def test_a_handshake_cut_short_is_fatal_only_before_the_first_login_or_when_refused():
     pe = pika.exceptions
     cut_short = pe.ProbableAuthenticationError(repr(pe.StreamLostError("Transport indicated EOF")))
     forced = pe.ProbableAccessDeniedError(repr(pe.ConnectionClosedByBroker(320, "CONNECTION_FORCED - shutdown")))
     refused = pe.ProbableAuthenticationError(repr(pe.ConnectionClosedByBroker(403, "ACCESS_REFUSED - Login was refused")))
     no_vhost = pe.ProbableAccessDeniedError(repr(pe.ConnectionClosedByBroker(530, "NOT_ALLOWED - vhost nope not found")))
-    monkeypatch.setattr(broker, "_logged_in", False)  # a worker starting: any such failure is the settings'
-    assert all(isinstance(broker.handshake_error(e), broker.FatalBrokerError) for e in (cut_short, forced, refused))
+    # A worker starting: any such failure is the settings'.
+    assert all(isinstance(handshake_error(e, logged_in_before=False), FatalBrokerError) for e in (cut_short, forced, refused))
     # Once logged in, a broker stopping (or closing every connection) mid-handshake is retried, as
     # any lost connection is; an explicit refusal is still fatal.
-    monkeypatch.setattr(broker, "_logged_in", True)
     for e in (cut_short, forced):
-        assert isinstance(broker.handshake_error(e), broker.CONNECTION_ERRORS)
+        assert isinstance(handshake_error(e, logged_in_before=True), ConnectionLost)
     for e in (refused, no_vhost, pe.AuthenticationError("PLAIN")):
-        assert isinstance(broker.handshake_error(e), broker.FatalBrokerError)
+        assert isinstance(handshake_error(e, logged_in_before=True), FatalBrokerError)
 
 
 def test_a_signal_during_a_wait_sets_the_stop_flag_without_a_lock():
@@ -305,7 +314,7 @@ def test_backoff_goes_on_for_as_long_as_an_outage_lasts():
 def test_workers_running_at_once_keep_the_collector_tuned_until_the_last_one_stops():
     import gc
 
-    from messaging.consuming import fewer_gc_passes
+    from messaging.consumer.worker import fewer_gc_passes
 
     thresholds = gc.get_threshold()
     first, second = fewer_gc_passes(), fewer_gc_passes()

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
 
 from django.core.management.base import BaseCommand, CommandError
 
-from messaging.consuming import ConsumeOptions, Worker
+from messaging.consumer.worker import ConsumeOptions, Worker
+from messaging.stopping import stop_on_signals
 
 VERBOSITY_LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG, 3: logging.DEBUG}
 
@@ -24,19 +23,6 @@ def positive_float(value: str) -> float:
     if number <= 0:
         raise ValueError(value)
     return number
-
-
-def stop_on_signals(process) -> None:
-    """First SIGINT/SIGTERM: `process.request_stop()`, which finishes what is in hand. A second one
-    exits 1 at once: unacked deliveries go back to the queue, unconfirmed letters to the relay."""
-
-    def on_signal(signum, frame):
-        if process.stop_requested.is_set():
-            os._exit(1)
-        process.request_stop()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
 
 
 class Command(BaseCommand):

@@ -4,7 +4,7 @@ from __future__ import annotations
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from messaging.api import create_token
+from messaging.web.api import create_token
 
 
 class Command(BaseCommand):

@@ -4,8 +4,8 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
+from messaging.audit.retention import DEFAULT_BATCH, parse_age, prune
 from messaging.models import Message
-from messaging.retention import DEFAULT_BATCH, parse_age, prune
 
 # Pending letters are still to be published: never pruned unless asked for by name.
 DEFAULT_STATUSES = [s for s in Message.Status.values if s != Message.Status.PENDING]

@@ -7,8 +7,10 @@ import sys
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
+from messaging.errors import InvalidMessage
 from messaging.models import Message
-from messaging.publishing import LetterError, create_letter, decode_body
+from messaging.outbox.publishing import create_message
+from messaging.outbox.validation import decode_body
 
 
 class Command(BaseCommand):
@@ -42,7 +44,7 @@ class Command(BaseCommand):
             if options["base64"]:
                 body = decode_body(body.decode("ascii", errors="replace"), encoding="base64")
             with transaction.atomic():
-                message = create_letter(
+                message = create_message(
                     exchange=options["exchange"], exchange_type=options["exchange_type"],
                     declare=options["declare"], routing_key=options["routing_key"], body=body,
                     content_type=options["content_type"], headers=headers, message_id=options["message_id"],
@@ -50,7 +52,7 @@ class Command(BaseCommand):
                     content_encoding=options["content_encoding"], properties=properties,
                     origin=Message.Origin.COMMAND,
                 )
-        except LetterError as exc:
+        except InvalidMessage as exc:
             raise CommandError(str(exc)) from exc
         message.refresh_from_db()
         self.stdout.write(f"{message.message_id} {message.status}" + (f" ({message.last_error})" if message.last_error else ""))

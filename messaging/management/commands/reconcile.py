@@ -5,7 +5,7 @@ from datetime import timedelta
 
 from django.core.management.base import BaseCommand, CommandError
 
-from messaging.reconciling import DEFAULT_LOOKBACK, compare_queues, undelivered
+from messaging.audit.reconciling import DEFAULT_LOOKBACK, compare_queues, undelivered
 
 LISTED = 100
 

@@ -5,8 +5,13 @@ import logging
 
 from django.core.management.base import BaseCommand
 
-from messaging.management.commands.consume import VERBOSITY_LEVELS, positive_float, positive_int, stop_on_signals
-from messaging.relay import Relay, RelayOptions
+from messaging.management.commands.consume import (
+    VERBOSITY_LEVELS,
+    positive_float,
+    positive_int,
+)
+from messaging.outbox.relay import Relay, RelayOptions
+from messaging.stopping import stop_on_signals
 
 
 class Command(BaseCommand):

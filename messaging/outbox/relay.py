@@ -24,17 +24,28 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, close_old_connections, connection, connections
-from django.db import Error as DatabaseError  # also InterfaceError: "connection already closed"
+from django.db import (
+    Error as DatabaseError,  # also InterfaceError: "connection already closed"
+)
 from django.utils import timezone
 
-from messaging import broker
+from messaging import conf
+from messaging.amqp.codec import build_properties
+from messaging.amqp.pipeline import Outcome, PipelinedPublisher
+from messaging.amqp.publisher import publisher
 from messaging.backoff import backoff_delays
-from messaging.consuming import StopFlag
+from messaging.consumer.recording import in_lists
+from messaging.errors import BrokerError, FatalBrokerError, PublishRefused
 from messaging.models import Message
-from messaging.publishing import outcome_fields, outcome_params, outcome_sql, publish_once, relaxed_commit
-from messaging.recording import in_lists
+from messaging.outbox.publishing import (
+    outcome_fields,
+    outcome_params,
+    outcome_sql,
+    publish_once,
+    relaxed_commit,
+)
+from messaging.stopping import StopFlag
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +96,7 @@ class Outgoing:
         self.exchange = letter.exchange
         self.routing_key = letter.routing_key
         self.body = letter.body
-        self.properties = broker.build_properties(letter)
+        self.properties = build_properties(letter)
 
 
 class Batch:
@@ -105,8 +116,8 @@ class Relay:
         self.options = options
         self.stop_requested = StopFlag()
         self.totals: Counter[str] = Counter()
-        timeout = options.timeout or settings.MAILROOM_PUBLISH_TIMEOUT
-        self.pipeline = broker.PipelinedPublisher(timeout=timeout, window=options.window)
+        timeout = options.timeout or conf.get("MAILROOM_PUBLISH_TIMEOUT")
+        self.pipeline = PipelinedPublisher(timeout=timeout, window=options.window)
         # A batch is at most one window, so a whole batch is in flight at once.
         self.batch_size = min(options.batch_size, options.window)
         # Row locks where the database has them (PostgreSQL): two connections of the relay's own,
@@ -129,7 +140,7 @@ class Relay:
                 try:
                     self.relay_due()
                     delays = None
-                except broker.FatalBrokerError as exc:  # the claimed letters roll back: they stay pending
+                except FatalBrokerError as exc:  # the claimed letters roll back: they stay pending
                     logger.error("cannot publish: %s (check RABBITMQ_URL's user, password and vhost); "
                                  "the letters stay pending", exc)
                     code = 1
@@ -155,7 +166,7 @@ class Relay:
     def close(self) -> None:
         """Close the relay's broker connections and its own database connections (open claims roll back)."""
         self.pipeline.close()
-        broker.publisher().close()
+        publisher().close()
         for db in self._databases:
             db.close()
 
@@ -267,13 +278,13 @@ class Relay:
             key = (letter.exchange, "" if letter.exchange else letter.routing_key, letter.declare, letter.exchange_type)
             if key not in verdicts:
                 try:
-                    broker.publisher().prepare(exchange=letter.exchange, routing_key=letter.routing_key,
+                    publisher().prepare(exchange=letter.exchange, routing_key=letter.routing_key,
                                                declare=letter.declare, exchange_type=letter.exchange_type)
                     verdicts[key] = None
-                except broker.PublishRefused as exc:
+                except PublishRefused as exc:
                     verdicts[key] = (Message.Status.FAILED, str(exc))
-                except broker.BrokerError as exc:
-                    if isinstance(exc.__cause__, broker.FatalBrokerError):
+                except BrokerError as exc:
+                    if isinstance(exc.__cause__, FatalBrokerError):
                         raise exc.__cause__ from None  # the login or vhost: the relay stops (see run)
                     verdicts[key] = (Message.Status.PENDING, str(exc))
             if verdicts[key] is None:
@@ -282,16 +293,16 @@ class Relay:
                 batch.outcomes[index] = verdicts[key]
         return sendable
 
-    def _translate(self, letter: Letter, result: broker.Outcome) -> tuple[str, str]:
-        if result.status == broker.Outcome.PUBLISHED:
+    def _translate(self, letter: Letter, result: Outcome) -> tuple[str, str]:
+        if result.status == Outcome.PUBLISHED:
             return Message.Status.PUBLISHED, ""
-        if result.status == broker.Outcome.UNROUTABLE:
+        if result.status == Outcome.UNROUTABLE:
             if letter.declare and not letter.exchange:
                 # Its queue, declared by this relay before, may have been deleted since: the
                 # blocking publisher declares it again and publishes the letter once more.
                 return publish_once(letter)
             return Message.Status.UNROUTABLE, f"returned by the broker: {result.reason}"
-        if result.status == broker.Outcome.REFUSED:
+        if result.status == Outcome.REFUSED:
             # The broker closed the channel (e.g. a letter over its size limit): publish each
             # unconfirmed letter alone on the blocking channel to learn which one it was.
             return publish_once(letter)

@@ -9,10 +9,10 @@ from django.db.models import Count
 from django.db.models.functions import TruncMinute
 from django.utils import timezone
 
-from messaging import reconciling
-from messaging.counting import Count as RowCount
-from messaging.counting import capped_count
+from messaging.audit import reconciling
 from messaging.models import Delivery, Message, Worker
+from messaging.web.counting import Count as RowCount
+from messaging.web.counting import capped_count
 
 logger = logging.getLogger(__name__)
 

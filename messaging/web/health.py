@@ -23,9 +23,11 @@ from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from messaging import broker, rabbitmq_api
-from messaging.counting import capped_count
+from messaging import conf
+from messaging.amqp import management
+from messaging.amqp.connection import connect, describe
 from messaging.models import Delivery, Message, Worker
+from messaging.web.counting import capped_count
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def check_broker() -> bool:
     `HEALTH_BROKER_REUSE_SECONDS` after it came, and while the next check runs (a broker that drops
     packets takes up to twice `HEALTH_BROKER_TIMEOUT` per address to fail: requests do not queue
     behind it)."""
-    url = settings.RABBITMQ_URL
+    url = conf.get("RABBITMQ_URL")
     checked = _broker_checked.get(url)
     if checked is not None and time.monotonic() - checked[0] < HEALTH_BROKER_REUSE_SECONDS:
         return checked[1]
@@ -71,10 +73,10 @@ def check_broker() -> bool:
 
 def _broker_answers() -> bool:
     try:
-        broker.connect(timeout=HEALTH_BROKER_TIMEOUT, client_name="mailroom-healthz").close()
+        connect(timeout=HEALTH_BROKER_TIMEOUT, client_name="mailroom-healthz").close()
         return True
     except Exception as exc:  # noqa: BLE001 — any failure means "not healthy"; the reason goes to the log
-        logger.warning("healthz broker=unavailable error=%s", broker.describe(exc))
+        logger.warning("healthz broker=unavailable error=%s", describe(exc))
         return False
 
 
@@ -88,7 +90,7 @@ def healthz(request):
 
 
 class MailroomCollector:
-    """Reads Mailroom's figures when Prometheus scrapes (bounded queries; see messaging.counting)."""
+    """Reads Mailroom's figures when Prometheus scrapes (bounded queries; see messaging.web.counting)."""
 
     def collect(self):
         letters = GaugeMetricFamily(
@@ -123,8 +125,8 @@ class MailroomCollector:
         workers.add_metric([], alive)
         yield workers
 
-        if rabbitmq_api.configured():
-            queues = rabbitmq_api.queues()
+        if management.configured():
+            queues = management.queues()
             up = GaugeMetricFamily("mailroom_management_api_up", "1 when the RabbitMQ management API answered.")
             up.add_metric([], 0 if queues is None else 1)
             yield up

@@ -20,16 +20,28 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
-from django.db import DataError
-from django.db import Error as DatabaseError  # also InterfaceError: "connection already closed"
-from django.db import close_old_connections
+from django.db import DataError, close_old_connections
+from django.db import (
+    Error as DatabaseError,  # also InterfaceError: "connection already closed"
+)
 from django.db import connection as db_connection
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from messaging import broker, recording
+from messaging import conf
+from messaging.amqp.connection import (
+    FATAL_REPLY_CODES,
+    PIKA_ERRORS,
+    connect,
+    declare_exchange,
+    declare_queue,
+    describe,
+)
 from messaging.backoff import backoff_delays
-from messaging.models import Delivery, Worker as WorkerRow
+from messaging.consumer import recording
+from messaging.errors import ChannelLost, FatalBrokerError, QueueGone
+from messaging.models import Delivery
+from messaging.models import Worker as WorkerRow
 
 logger = logging.getLogger(__name__)
 
@@ -43,43 +55,6 @@ RECORDING_THREADS = {"sqlite": 2, "postgresql": 3}
 # The cycle collector while consuming: the youngest generation collected every 50,000 allocations
 # rather than 700, and what was alive at the start left out of its walks (see `fewer_gc_passes`).
 GC_THRESHOLDS = (50_000, 20, 100)
-
-
-class StopFlag:
-    """"Stop when you can", set by a signal handler or another thread; `wait` sleeps until it is set.
-
-    Not a `threading.Event`: its `set` takes a lock that the main thread, interrupted by the signal
-    inside that Event's own `wait`, may be holding — the handler would then wait for itself forever.
-    A plain attribute cannot deadlock; `wait` looks at it every `STEP` seconds.
-    """
-
-    STEP = 0.1
-
-    def __init__(self) -> None:
-        self._set = False
-
-    def set(self) -> None:
-        self._set = True
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def wait(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self._set:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            time.sleep(min(left, self.STEP))
-        return self._set
-
-
-class QueueGone(Exception):
-    """The broker cancelled our consumer (the queue was deleted)."""
-
-
-class ChannelLost(Exception):
-    """The broker closed the channel (and with it our consumers) but not the connection."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,25 +149,25 @@ class Worker:
                 try:
                     self._consume()
                     delays = backoff_delays()
-                except broker.FatalBrokerError as exc:
+                except FatalBrokerError as exc:
                     logger.error("cannot consume: %s (check RABBITMQ_URL's user, password and vhost)", exc)
                     code = 1
                     break
-                except (QueueGone, ChannelLost, *broker.CONNECTION_ERRORS, broker.pe.AMQPError) as exc:
-                    if getattr(exc, "reply_code", None) in broker.FATAL_REPLY_CODES:
+                except (QueueGone, ChannelLost, *PIKA_ERRORS) as exc:
+                    if getattr(exc, "reply_code", None) in FATAL_REPLY_CODES:
                         # e.g. no permission on the queue (403): retrying cannot help.
-                        logger.error("cannot consume: %s (check the user's permissions)", broker.describe(exc))
-                        self._drop_connection(reason=broker.describe(exc))
+                        logger.error("cannot consume: %s (check the user's permissions)", describe(exc))
+                        self._drop_connection(reason=describe(exc))
                         code = 1
                         break
                     if self._consumers:  # it was consuming: start the backoff afresh
                         delays = backoff_delays()
-                    self._drop_connection(reason=broker.describe(exc))
+                    self._drop_connection(reason=describe(exc))
                     if self._done():
                         break
                     delay = next(delays)
                     self.counts.reconnects += 1
-                    logger.warning("connection lost (%s); reconnecting in %.1fs", broker.describe(exc), delay)
+                    logger.warning("connection lost (%s); reconnecting in %.1fs", describe(exc), delay)
                     self.stop_requested.wait(delay)
         finally:
             self._close()
@@ -229,7 +204,7 @@ class Worker:
     # --- the connection ----------------------------------------------------------------------------
     def _consume(self) -> None:
         o = self.options
-        self._connection = broker.connect(heartbeat=o.heartbeat, client_name=f"mailroom-consume {socket.gethostname()}")
+        self._connection = connect(heartbeat=o.heartbeat, client_name=f"mailroom-consume {socket.gethostname()}")
         channel = self._connection.channel()
         queues = []
         for name in o.queues or ("",):
@@ -268,10 +243,10 @@ class Worker:
             arguments["x-queue-type"] = o.queue_type
         if o.dead_letter_exchange:
             arguments["x-dead-letter-exchange"] = o.dead_letter_exchange
-            channel = broker.declare_exchange(self._connection, channel, o.dead_letter_exchange, exchange_type="fanout")
-        channel, state = broker.declare_queue(self._connection, channel, name, arguments=arguments, exclusive=not name)
+            channel = declare_exchange(self._connection, channel, o.dead_letter_exchange, exchange_type="fanout")
+        channel, state = declare_queue(self._connection, channel, name, arguments=arguments, exclusive=not name)
         if o.exchange:
-            channel = broker.declare_exchange(self._connection, channel, o.exchange, exchange_type=o.exchange_type)
+            channel = declare_exchange(self._connection, channel, o.exchange, exchange_type=o.exchange_type)
             for key in o.binding_keys or ("",):
                 channel.queue_bind(queue=state.name, exchange=o.exchange, routing_key=key)
         path = self._handler_paths.get(name)
@@ -349,7 +324,7 @@ class Worker:
         try:
             if self._connection is not None and self._connection.is_open:
                 self._connection.close()
-        except (*broker.CONNECTION_ERRORS, broker.pe.AMQPError):
+        except PIKA_ERRORS:
             pass
         self._connection = self._channel = None
         self._consumers = 0
@@ -382,7 +357,7 @@ class Worker:
             if settlements:
                 try:
                     self._settle(settlements)
-                except (*broker.CONNECTION_ERRORS, broker.pe.AMQPError):
+                except PIKA_ERRORS:
                     self._in_flight.appendleft(in_flight)  # _drop_connection marks them lost
                     raise
                 unwritten = [s for s in settlements if not s.recorded]  # handlers' outcomes
@@ -603,9 +578,8 @@ class Worker:
 
     def _handler_paths_by_queue(self) -> dict[str, str]:
         """Dotted handler paths per queue name: MAILROOM_QUEUE_HANDLERS, overridden by --handler."""
-        from django.conf import settings
 
-        paths = {q: p for q, p in settings.MAILROOM_QUEUE_HANDLERS.items() if q in self.options.queues}
+        paths = {q: p for q, p in conf.get("MAILROOM_QUEUE_HANDLERS").items() if q in self.options.queues}
         if self.options.handler:
             paths.update({q: self.options.handler for q in self.options.queues or ("",)})
         for path in paths.values():

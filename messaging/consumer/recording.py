@@ -26,11 +26,17 @@ from itertools import chain
 from typing import Any
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, connections, transaction
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    IntegrityError,
+    connection,
+    connections,
+    transaction,
+)
 from django.db.models.constants import OnConflict
 from django.utils import timezone
 
-from messaging import broker
+from messaging.amqp.codec import json_safe_str, read_properties, text_value
 from messaging.models import Delivery, Message
 
 logger = logging.getLogger(__name__)
@@ -48,7 +54,7 @@ class Received:
     redelivered: bool
     exchange: str
     routing_key: str
-    properties: Any  # pika.BasicProperties, read by broker.read_properties
+    properties: Any  # pika.BasicProperties, read by read_properties
     body: bytes
     received_at: float = field(default_factory=time.time)  # epoch seconds: cheaper to take than a datetime
 
@@ -240,7 +246,7 @@ def record_refused(r: Received, *, worker_id: int | None, reason: str) -> Settle
     """
     body = bytes(r.body)
     now = timezone.now()
-    reason = broker.json_safe_str(reason)
+    reason = json_safe_str(reason)
     exchange, routing_key = _stored_name(r.exchange), _stored_name(r.routing_key)
     with transaction.atomic():
         message, _ = Message.objects.get_or_create(
@@ -329,7 +335,7 @@ def _stored_name(value) -> str:
     or hold NUL (escaped as six characters, so a 255-byte name can come out longer than its column)."""
     if type(value) is str and "\x00" not in value:
         return value
-    return broker.text_value(value)[:255]
+    return text_value(value)[:255]
 
 
 def _receipt_times(stamps: list[float]) -> list:
@@ -699,7 +705,7 @@ def _id_sequence(cursor, table: str, column: str) -> str:
 def _message_id(r: Received, *, has_handler: bool) -> str:
     message_id = r.properties.message_id
     if message_id:
-        return broker.text_value(message_id)[:255]
+        return text_value(message_id)[:255]
     if r.redelivered:
         # A letter without message_id recorded before the consumer died: find it by its content.
         found = _match_by_content(r, has_handler=has_handler)
@@ -742,7 +748,7 @@ def _external_message_row(r: Received, message_id: str, received_at) -> tuple:
     as jsonb, in COPY and in a statement's literals alike. psycopg's Jsonb wrapper would cost
     ~12 µs more a row in COPY.
     """
-    p = broker.read_properties(r.properties)
+    p = read_properties(r.properties)
     body = bytes(r.body)
     return (
         message_id, EXTERNAL_ORIGIN, EXTERNAL_STATUS, r.exchange, "", r.routing_key,
@@ -830,7 +836,7 @@ def _handle(r: Received, delivery: Recorded, *, handler: Handler, max_retries: i
             Delivery.objects.filter(pk=delivery.pk).update(handled_at=timezone.now())
     except Exception:  # noqa: BLE001 — any handler error is recorded, never lost
         error = traceback.format_exc()
-        settle.error = broker.json_safe_str(error[-10000:])  # a NUL in the handler's message: PostgreSQL refuses it in text
+        settle.error = json_safe_str(error[-10000:])  # a NUL in the handler's message: PostgreSQL refuses it in text
         retries_left = delivery.attempt <= max_retries
         settle.action = Delivery.Status.REQUEUED if retries_left else Delivery.Status.REJECTED
         logger.warning(

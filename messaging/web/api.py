@@ -19,8 +19,11 @@ from django.middleware.csrf import CsrfViewMiddleware
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
+from messaging import conf
+from messaging.errors import InvalidMessage
 from messaging.models import ApiToken, Message
-from messaging.publishing import LetterError, create_letter, decode_body
+from messaging.outbox.publishing import create_message
+from messaging.outbox.validation import decode_body
 
 TOKEN_BYTES = 32
 API_DELIVERIES = 1000  # the latest deliveries a letter's answer lists ("deliveries_truncated" says when there were more)
@@ -99,7 +102,7 @@ def messages(request):
     except RequestDataTooBig:
         return _error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                       f"The request is over {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes; "
-                      f"a body may have at most {settings.MAILROOM_MAX_BODY_BYTES} bytes.")
+                      f"a body may have at most {conf.get('MAILROOM_MAX_BODY_BYTES')} bytes.")
     except RawPostDataException:  # a session POST as a form (multipart): the CSRF check has read it already
         return _error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "Send the letter as application/json.")
     try:
@@ -111,8 +114,8 @@ def messages(request):
     try:
         kwargs = letter_kwargs(payload)
         with transaction.atomic():
-            message = create_letter(**kwargs, origin=Message.Origin.API, user=request.user)
-    except LetterError as exc:
+            message = create_message(**kwargs, origin=Message.Origin.API, user=request.user)
+    except InvalidMessage as exc:
         status = HTTPStatus.CONFLICT if "already exists" in str(exc) else HTTPStatus.BAD_REQUEST
         return _error(status, str(exc))
     code = HTTPStatus.ACCEPTED if message.status == Message.Status.PENDING else HTTPStatus.CREATED
@@ -120,29 +123,29 @@ def messages(request):
 
 
 def letter_kwargs(payload: dict) -> dict:
-    """`create_letter` keyword arguments from an API payload; raises `LetterError` with what is wrong."""
+    """`create_message` keyword arguments from an API payload; raises `InvalidMessage` with what is wrong."""
     unknown = set(payload) - LETTER_FIELDS
     if unknown:
-        raise LetterError(f"Unknown fields: {', '.join(sorted(unknown))}.")
+        raise InvalidMessage(f"Unknown fields: {', '.join(sorted(unknown))}.")
     text_fields = ("exchange", "exchange_type", "routing_key", "content_type", "content_encoding",
                    "correlation_id", "message_id")
     for name in text_fields:
         if not isinstance(payload.get(name, ""), str):
-            raise LetterError(f"{name} must be a string.")
+            raise InvalidMessage(f"{name} must be a string.")
     if "body_base64" in payload:
         if "body" in payload:
-            raise LetterError("Give either body or body_base64, not both.")
+            raise InvalidMessage("Give either body or body_base64, not both.")
         if not isinstance(payload["body_base64"], str):
-            raise LetterError("body_base64 must be a string.")
+            raise InvalidMessage("body_base64 must be a string.")
         body = decode_body(payload["body_base64"], encoding="base64")
     else:
         text = payload.get("body", "")
         if not isinstance(text, str):
-            raise LetterError("body must be a string (use body_base64 for binary bodies).")
+            raise InvalidMessage("body must be a string (use body_base64 for binary bodies).")
         body = decode_body(text, encoding=payload.get("body_encoding", "string"))
     headers, properties = payload.get("headers") or {}, payload.get("properties") or {}
     if not isinstance(headers, dict) or not isinstance(properties, dict):
-        raise LetterError("headers and properties must be JSON objects.")
+        raise InvalidMessage("headers and properties must be JSON objects.")
     properties = dict(properties)
     # The properties with fields of their own may be given at the top level or in `properties`.
     own = {}
@@ -152,12 +155,12 @@ def letter_kwargs(payload: dict) -> dict:
         own[name] = payload.get(name, value)
     for name in ("content_type", "content_encoding", "correlation_id", "message_id"):
         if not isinstance(own[name], str):
-            raise LetterError(f"{name} must be a string.")
+            raise InvalidMessage(f"{name} must be a string.")
     if type(own["delivery_mode"]) is not int or own["delivery_mode"] not in (1, 2):
-        raise LetterError("delivery_mode must be 1 (transient) or 2 (persistent).")
+        raise InvalidMessage("delivery_mode must be 1 (transient) or 2 (persistent).")
     declare = payload.get("declare", False)
     if not isinstance(declare, bool):
-        raise LetterError("declare must be true or false.")
+        raise InvalidMessage("declare must be true or false.")
     exchange_type = payload.get("exchange_type", "") or ("direct" if declare and payload.get("exchange") else "")
     return {
         "exchange": payload.get("exchange", ""), "exchange_type": exchange_type, "declare": declare,

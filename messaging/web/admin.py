@@ -27,9 +27,14 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from messaging.counting import RECENT_DELIVERIES, CappedCountPaginator, recently_delivered
+from messaging.errors import InvalidMessage
 from messaging.models import ApiToken, Delivery, Message, Worker
-from messaging.publishing import LetterError, republish
+from messaging.outbox.publishing import republish
+from messaging.web.counting import (
+    RECENT_DELIVERIES,
+    CappedCountPaginator,
+    recently_delivered,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -377,7 +382,7 @@ class MessageAdmin(ReadOnlyAdmin):
             try:
                 with transaction.atomic():
                     copies.append(republish(original, user=request.user))
-            except LetterError as exc:  # e.g. a letter from another producer over MAILROOM_MAX_BODY_BYTES
+            except InvalidMessage as exc:  # e.g. a letter from another producer over MAILROOM_MAX_BODY_BYTES
                 refused.append(f"{original.message_id}: {exc}")
         for reason in refused[:10]:
             self.message_user(request, f"Not republished: {reason}", messages.ERROR)

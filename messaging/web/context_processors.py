@@ -8,7 +8,7 @@ from datetime import timedelta
 from django.db import DatabaseError
 from django.utils import timezone
 
-from messaging import rabbitmq_api
+from messaging.amqp import management
 from messaging.models import Message
 
 BLOCKED_REASON_PREFIX = "broker blocked"
@@ -21,13 +21,13 @@ _alarms_cache: tuple[float, list[str] | None] = (0.0, None)
 def broker_alarms() -> list[str] | None:
     """The broker's resource alarms from the management API (cached a few seconds); None when unknown."""
     global _alarms_cache
-    if not rabbitmq_api.configured():
+    if not management.configured():
         return None
     with _alarms_lock:
         checked_at, alarms = _alarms_cache
         if time.monotonic() - checked_at < ALARMS_CACHE_SECONDS:
             return alarms
-    alarms = rabbitmq_api.alarms()
+    alarms = management.alarms()
     with _alarms_lock:
         _alarms_cache = (time.monotonic(), alarms)
     return alarms

@@ -1,6 +1,6 @@
 from django.urls import path, register_converter
 
-from messaging import api, operations, queues, views
+from messaging.web import api, health, queues, views
 
 
 class MessageIdConverter:
@@ -28,6 +28,6 @@ urlpatterns = [
     path("api/messages/", api.messages, name="api-messages"),
     path("api/messages/<message_id:message_id>/", api.message, name="api-message"),
     path("queues/", queues.queues, name="queues"),
-    path("healthz", operations.healthz, name="healthz"),
-    path("metrics", operations.metrics, name="metrics"),
+    path("healthz", health.healthz, name="healthz"),
+    path("metrics", health.metrics, name="metrics"),
 ]

@@ -5,8 +5,14 @@ import json
 
 from django import forms
 
-from messaging import broker
-from messaging.publishing import PROPERTY_FIELDS, LetterError, clean_properties, decode_body, validate_letter
+from messaging.amqp.codec import EXCHANGE_TYPES, MAX_SHORTSTR_BYTES
+from messaging.errors import InvalidMessage
+from messaging.outbox.validation import (
+    PROPERTY_FIELDS,
+    clean_properties,
+    decode_body,
+    validate_message,
+)
 
 HEADER_ROWS = 4
 HEADER_TYPES = [("string", "String"), ("number", "Number"), ("boolean", "Boolean"), ("list", "List (JSON)")]
@@ -51,7 +57,7 @@ class PublishForm(forms.Form):
         required=False, max_length=1000,
         help_text="Existing amq.* exchanges (amq.direct, amq.topic…) can be published to but not declared.",
     )
-    exchange_type = forms.ChoiceField(choices=[(t, t) for t in broker.EXCHANGE_TYPES], initial="direct", required=False)
+    exchange_type = forms.ChoiceField(choices=[(t, t) for t in EXCHANGE_TYPES], initial="direct", required=False)
     routing_key = forms.CharField(required=False, max_length=1000, help_text="Exchange mode: the routing key.")
     declare = forms.BooleanField(
         required=False, initial=True, label="Declare the queue/exchange if missing",
@@ -133,19 +139,19 @@ class PublishForm(forms.Form):
         try:
             data["body_bytes"] = decode_body(data.get("body", ""), encoding=data.get("body_encoding") or "string")
             data["properties"] = clean_properties({name: data.get(name) for name in PROPERTY_FIELDS})
-            validate_letter(
+            validate_message(
                 exchange=data["exchange"], routing_key=data["routing_key"], body=data["body_bytes"],
                 headers=headers, exchange_type=data["exchange_type"] if data["declare"] else "",
             )
             for name in ("content_type", "content_encoding", "correlation_id", "message_id"):
-                if len(data.get(name, "").encode("utf-8")) > broker.MAX_SHORTSTR_BYTES:
-                    self.add_error(name, f"Longer than {broker.MAX_SHORTSTR_BYTES} bytes (UTF-8).")
-        except LetterError as exc:
+                if len(data.get(name, "").encode("utf-8")) > MAX_SHORTSTR_BYTES:
+                    self.add_error(name, f"Longer than {MAX_SHORTSTR_BYTES} bytes (UTF-8).")
+        except InvalidMessage as exc:
             raise forms.ValidationError(str(exc)) from exc
         return data
 
     def letter_kwargs(self) -> dict:
-        """Keyword arguments for `publishing.create_letter`."""
+        """Keyword arguments for `create_message`."""
         d = self.cleaned_data
         return {
             "exchange": d["exchange"], "exchange_type": d["exchange_type"], "declare": d["declare"],

@@ -13,7 +13,7 @@ import urllib.request
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from django.conf import settings
+from messaging import conf
 
 logger = logging.getLogger(__name__)
 
@@ -21,14 +21,14 @@ TIMEOUT_SECONDS = 2.0
 
 
 def configured() -> bool:
-    return bool(settings.RABBITMQ_MANAGEMENT_URL)
+    return bool(conf.get("RABBITMQ_MANAGEMENT_URL"))
 
 
 def get(path: str) -> Any | None:
     """GET `/api/<path>` as JSON; None when not configured or on any error (logged, password-free)."""
     if not configured():
         return None
-    split = urlsplit(settings.RABBITMQ_MANAGEMENT_URL)
+    split = urlsplit(conf.get("RABBITMQ_MANAGEMENT_URL"))
     host = split.hostname or "localhost"
     if split.port:
         host = f"{host}:{split.port}"
@@ -47,7 +47,7 @@ def get(path: str) -> Any | None:
 
 def vhost() -> str:
     """The vhost of RABBITMQ_URL's first address, URL-quoted for the API."""
-    path = urlsplit(settings.RABBITMQ_URL.split(",")[0]).path
+    path = urlsplit(conf.get("RABBITMQ_URL").split(",")[0]).path
     name = urllib.parse.unquote(path[1:]) if len(path) > 1 else "/"
     return quote(name, safe="")
 

@@ -9,12 +9,19 @@ from django.db import transaction
 from django.db.models import Q
 from django.shortcuts import get_object_or_404, redirect, render
 
-from messaging import dashboard as dashboard_figures
-from messaging import publishing, queues
-from messaging.counting import RECENT_DELIVERIES, CappedCountPaginator, recently_delivered
-from messaging.forms import PublishForm
+from messaging.errors import InvalidMessage
 from messaging.models import Message
-from messaging.publishing import LetterError, create_letter, preview_route
+from messaging.outbox import publishing
+from messaging.outbox.publishing import create_message
+from messaging.outbox.routing import preview_route
+from messaging.web import dashboard as dashboard_figures
+from messaging.web import queues
+from messaging.web.counting import (
+    RECENT_DELIVERIES,
+    CappedCountPaginator,
+    recently_delivered,
+)
+from messaging.web.forms import PublishForm
 
 PAGE_SIZE = 50
 
@@ -32,8 +39,8 @@ def publish(request):
         else:
             try:
                 with transaction.atomic():
-                    message = create_letter(**form.letter_kwargs(), origin=Message.Origin.FORM, user=request.user)
-            except LetterError as exc:  # e.g. a message_id already used
+                    message = create_message(**form.letter_kwargs(), origin=Message.Origin.FORM, user=request.user)
+            except InvalidMessage as exc:  # e.g. a message_id already used
                 form.add_error(None, str(exc))
             else:
                 return _after_publish(request, message)
@@ -61,7 +68,7 @@ def republish(request, message_id: str):
         try:
             with transaction.atomic():
                 copy = publishing.republish(original, user=request.user)
-        except LetterError as exc:
+        except InvalidMessage as exc:
             flash.error(request, f"Cannot republish: {exc}")
             return redirect("message-detail", message_id=original.message_id)
         return _after_publish(request, copy)

@@ -8,6 +8,7 @@ from datetime import timedelta
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
+from messaging.amqp.connection import queue_states
 from messaging.models import Delivery, Message
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,6 @@ def compare_queues(*, minutes: int, lookback: timedelta = DEFAULT_LOOKBACK, max_
     (the management API's figures lag by a few seconds). Letters sent through other exchanges are
     not compared: which queues they reached depends on bindings at the time.
     """
-    from messaging import broker
 
     waiting: dict[str, int] = {}
     for routing_key in undelivered(minutes=minutes, lookback=lookback, limit=None).filter(
@@ -61,7 +61,7 @@ def compare_queues(*, minutes: int, lookback: timedelta = DEFAULT_LOOKBACK, max_
         waiting[routing_key] = waiting.get(routing_key, 0) + 1
     checks = []
     compared = sorted(waiting.items(), key=lambda item: -item[1])[:max_queues]
-    states = broker.queue_states([name for name, _ in compared], timeout=2) if compared else {}
+    states = queue_states([name for name, _ in compared], timeout=2) if compared else {}
     for name, n in compared:
         state = states[name]
         checks.append(QueueCheck(queue=name, undelivered=n, ready=state.message_count if state else None,

@@ -13,7 +13,8 @@ from django.contrib.auth.decorators import login_required, permission_required
 from django.db import connection
 from django.shortcuts import render
 
-from messaging import broker, rabbitmq_api
+from messaging.amqp import management
+from messaging.amqp.connection import describe, queue_states
 from messaging.models import Delivery, Worker
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def _rate(queue: dict, key: str) -> float | None:
 
 
 def from_management() -> BrokerView | None:
-    queues = rabbitmq_api.queues()
+    queues = management.queues()
     if queues is None:
         return None
     rows = [
@@ -99,7 +100,7 @@ def from_management() -> BrokerView | None:
         for q in queues
     ]
     bindings: dict[str, list[dict]] = {}
-    for b in rabbitmq_api.bindings() or []:
+    for b in management.bindings() or []:
         bindings.setdefault(b.get("source", ""), []).append({
             "destination": b.get("destination", ""), "destination_type": b.get("destination_type", ""),
             "routing_key": b.get("routing_key", ""), "arguments": b.get("arguments") or {},
@@ -107,19 +108,19 @@ def from_management() -> BrokerView | None:
     exchanges = [
         ExchangeRow(name=e.get("name", ""), kind=e.get("type", ""), durable=bool(e.get("durable")),
                     bindings=bindings.get(e.get("name", ""), []))
-        for e in rabbitmq_api.exchanges() or []
+        for e in management.exchanges() or []
     ]
     return BrokerView(source="management", queues=sorted(rows, key=lambda r: r.name), exchanges=exchanges,
-                      alarms=rabbitmq_api.alarms())
+                      alarms=management.alarms())
 
 
 def from_passive_declares(*, limit: int = MAX_PASSIVE_QUEUES) -> BrokerView:
     rows, error = [], ""
     names = list(known_queues(limit=limit))
     try:
-        states = broker.queue_states(names, timeout=2) if names else {}
+        states = queue_states(names, timeout=2) if names else {}
     except Exception as exc:  # noqa: BLE001 — the page shows the broker as unreachable instead of failing
-        error = broker.describe(exc)
+        error = describe(exc)
         logger.warning("queue view: broker unavailable: %s", error)
         states = {}
     for name, state in states.items():
@@ -130,7 +131,7 @@ def from_passive_declares(*, limit: int = MAX_PASSIVE_QUEUES) -> BrokerView:
 
 def broker_view(*, limit: int = MAX_PASSIVE_QUEUES) -> BrokerView:
     """The broker as the management API shows it, or as passive declares can tell."""
-    if rabbitmq_api.configured():
+    if management.configured():
         view = from_management()
         if view is not None:
             return view

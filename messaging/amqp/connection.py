@@ -1,0 +1,205 @@
+"""Connections to RabbitMQ: parameters from RABBITMQ_URL, connecting, declarations, and pika's errors translated."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pika
+import pika.exceptions as pe
+
+from messaging import conf
+from messaging.errors import ConnectionLost, FatalBrokerError, MailroomError
+
+logger = logging.getLogger(__name__)
+
+# Errors that mean "the connection is gone, connect again".
+CONNECTION_ERRORS = (pe.AMQPConnectionError, pe.ConnectionWrongStateError, pe.ChannelWrongStateError, OSError)
+# Every pika error a consumer's connection can raise.
+PIKA_ERRORS = (*CONNECTION_ERRORS, pe.AMQPError)
+FATAL_REPLY_CODES = {403, 530}  # ACCESS_REFUSED, NOT_ALLOWED (e.g. missing vhost)
+HANDSHAKE_ERRORS = (pe.ProbableAuthenticationError, pe.ProbableAccessDeniedError, pe.AuthenticationError)
+
+
+# --- URLs and connection parameters ---------------------------------------------------------
+def broker_urls(url: str | None = None) -> list[str]:
+    """The comma-separated broker addresses of RABBITMQ_URL (a cluster), in order."""
+    return [part.strip() for part in (url or conf.get("RABBITMQ_URL")).split(",") if part.strip()]
+
+
+def connection_parameters(
+    *, url: str | None = None, heartbeat: int | None = None, timeout: float | None = None,
+    client_name: str = "mailroom",
+) -> list[pika.URLParameters]:
+    """pika parameters for every address in RABBITMQ_URL; `timeout` bounds connecting and blocking."""
+    params = []
+    for address in broker_urls(url):
+        p = pika.URLParameters(address)
+        if heartbeat is not None:
+            p.heartbeat = heartbeat
+        if timeout is not None:
+            p.socket_timeout = timeout
+            p.stack_timeout = timeout * 2
+            p.blocked_connection_timeout = timeout
+        p.client_properties = {"connection_name": client_name}
+        params.append(p)
+    return params
+
+
+def connect(*, url: str | None = None, heartbeat: int | None = None, timeout: float | None = None,
+            client_name: str = "mailroom", logged_in_before: bool = False) -> pika.BlockingConnection:
+    """A blocking connection to the first broker of RABBITMQ_URL that answers.
+
+    `logged_in_before`: the caller has connected with these settings before (see `handshake_error`).
+    """
+    try:
+        return pika.BlockingConnection(
+            connection_parameters(url=url, heartbeat=heartbeat, timeout=timeout, client_name=client_name)
+        )
+    except HANDSHAKE_ERRORS as exc:
+        raise handshake_error(exc, logged_in_before=logged_in_before) from exc
+    except pe.ConnectionClosedByBroker as exc:
+        if exc.reply_code in FATAL_REPLY_CODES:
+            raise FatalBrokerError(f"the broker refused the connection: {exc.reply_code} {exc.reply_text}") from exc
+        raise ConnectionLost(describe(exc), reply_code=exc.reply_code) from exc
+    except CONNECTION_ERRORS as exc:
+        raise ConnectionLost(describe(exc)) from exc
+
+
+def handshake_error(exc: Exception, *, logged_in_before: bool) -> MailroomError:
+    """What a connection that failed during its handshake means: a refused login or vhost (fatal),
+    or a broker that cut the handshake short (`ConnectionLost`: retry).
+
+    pika calls any connection closed while authenticating a "probable" authentication error, and
+    while tuning a "probable" access error. RabbitMQ refuses a login or vhost explicitly (403, 530);
+    but it also drops connections still in their handshake when it stops or closes every
+    connection, which pika reports the same way. Once the caller has logged in, only an explicit
+    refusal is fatal; before that, any such failure is (a misconfiguration is likelier than a
+    broker restarting at that very moment, and retrying it would only storm).
+    """
+    text = str(exc)
+    refused = isinstance(exc, pe.AuthenticationError) or any(f"({code})" in text for code in FATAL_REPLY_CODES)
+    if refused or not logged_in_before:
+        return FatalBrokerError(f"the broker refused the login ({exc.__class__.__name__}: {text})")
+    return ConnectionLost(f"the broker closed the connection during its handshake ({text})")
+
+
+def describe(exc: BaseException) -> str:
+    """A short, secret-free description of a pika error for logs and the database."""
+    if isinstance(exc, (pe.ConnectionClosedByBroker, pe.ChannelClosedByBroker)):
+        return f"{exc.__class__.__name__}: {exc.reply_code} {exc.reply_text}"
+    if isinstance(exc, pe.ConnectionBlockedTimeout):
+        return "broker blocked: the connection stayed blocked (memory or disk alarm)"
+    if isinstance(exc, pe.AMQPConnectionError) and not str(exc):
+        return f"{exc.__class__.__name__}: the broker did not answer"
+    return f"{exc.__class__.__name__}: {exc}"
+
+
+@contextlib.contextmanager
+def translated() -> Iterator[None]:
+    """Raise pika's connection and channel errors as `ConnectionLost` (or `FatalBrokerError` for 403/530)."""
+    try:
+        yield
+    except PIKA_ERRORS as exc:
+        code = getattr(exc, "reply_code", None)
+        if code in FATAL_REPLY_CODES:
+            raise FatalBrokerError(describe(exc)) from exc
+        raise ConnectionLost(describe(exc), reply_code=code) from exc
+
+
+def drop_after(connection: pika.BlockingConnection, seconds: float, error: Exception) -> Callable[[], None]:
+    """Drop `connection` with `error` unless the returned function is called within `seconds`.
+
+    pika's blocking calls wait without a limit, and a broker that withholds an answer (a stuck
+    queue process, a quorum queue without its majority) still answers heartbeats; pika 1.4's public
+    timers fire only in `process_data_events`. So this is a timer of the connection's own I/O loop
+    that drops the connection the way pika's blocked-connection timeout does (no closing
+    handshake, which a stuck broker may never answer), unless that timeout is already running.
+    The one place Mailroom uses pika's private attributes; `tests/unit/test_pika_seam.py` fails
+    when pika changes them.
+    """
+    impl = connection._impl
+
+    def expire() -> None:
+        if impl._blocked_conn_timer is None:
+            impl._terminate_stream(error)
+
+    timer = impl.ioloop.call_later(seconds, expire)
+    return lambda: impl.ioloop.remove_timeout(timer)
+
+
+# --- declarations ---------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class QueueState:
+    name: str
+    message_count: int
+    consumer_count: int
+    note: str = ""
+
+
+def declare_queue(
+    connection: pika.BlockingConnection, channel, name: str, *, arguments: dict | None = None,
+    exclusive: bool = False,
+):
+    """Declare a durable queue, or use an existing one as it is whatever its arguments.
+
+    Returns `(channel, QueueState)`: a mismatch closes the channel (406), so the caller must go on
+    with the channel returned here.
+    """
+    try:
+        ok = channel.queue_declare(
+            queue=name, durable=not exclusive, exclusive=exclusive, auto_delete=exclusive,
+            arguments=arguments or None,
+        )
+        return channel, QueueState(
+            name=ok.method.queue, message_count=ok.method.message_count, consumer_count=ok.method.consumer_count,
+        )
+    except pe.ChannelClosedByBroker as exc:
+        if exc.reply_code != 406:
+            raise
+        note = exc.reply_text
+    channel = connection.channel()
+    ok = channel.queue_declare(queue=name, passive=True)
+    kind = "quorum" if "'quorum'" in note else "stream" if "'stream'" in note else "classic"
+    logger.info("queue=%s exists with other arguments; using it as it is (type=%s): %s", name, kind, note)
+    return channel, QueueState(
+        name=name, message_count=ok.method.message_count, consumer_count=ok.method.consumer_count, note=note,
+    )
+
+
+def declare_exchange(connection: pika.BlockingConnection, channel, name: str, *, exchange_type: str):
+    """Declare a durable exchange, or use an existing one as it is. Returns the usable channel."""
+    try:
+        channel.exchange_declare(exchange=name, exchange_type=exchange_type, durable=True)
+        return channel
+    except pe.ChannelClosedByBroker as exc:
+        if exc.reply_code != 406:
+            raise
+        logger.info("exchange=%s exists with other arguments; using it as it is: %s", name, exc.reply_text)
+    channel = connection.channel()
+    channel.exchange_declare(exchange=name, passive=True)
+    return channel
+
+
+def queue_states(names, *, timeout: float = 3.0) -> dict[str, QueueState | None]:
+    """Ready and consumer counts of queues by passive declares on one connection; None for a missing queue."""
+    states: dict[str, QueueState | None] = {}
+    connection = connect(timeout=timeout, client_name="mailroom-inspect")
+    try:
+        channel = connection.channel()
+        for name in names:
+            try:
+                ok = channel.queue_declare(queue=name, passive=True)
+                states[name] = QueueState(
+                    name=name, message_count=ok.method.message_count, consumer_count=ok.method.consumer_count,
+                )
+            except pe.ChannelClosedByBroker as exc:
+                if exc.reply_code != 404:
+                    raise
+                states[name] = None
+                channel = connection.channel()  # a 404 closes the channel
+    finally:
+        if connection.is_open:
+            connection.close()
+    return states

@@ -1,0 +1,57 @@
+"""Mailroom's settings, their defaults, and the system checks that catch a bad value at start-up."""
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.core.checks import Error, register
+from django.utils.module_loading import import_string
+
+DEFAULTS: dict[str, Any] = {
+    # Several brokers (a cluster) may be given, separated by commas; pika tries them in turn.
+    "RABBITMQ_URL": "amqp://guest:guest@localhost:5672/%2F",
+    # The management HTTP API; empty: pages fall back to passive declares.
+    "RABBITMQ_MANAGEMENT_URL": "",
+    # How long a web request may wait on the broker (connect, blocked connection, confirm).
+    "MAILROOM_PUBLISH_TIMEOUT": 3.0,
+    # Largest body accepted by the form, the API and `manage.py publish`.
+    "MAILROOM_MAX_BODY_BYTES": 10 * 1024 * 1024,
+    # A pending message is left to the request that wrote it for this long before the relay takes it.
+    "MAILROOM_RELAY_GRACE_SECONDS": 10.0,
+    # Queue name -> dotted path of a handler run by `consume` for each message.
+    "MAILROOM_QUEUE_HANDLERS": {},
+    # Bearer token for /metrics; empty: only logged-in staff may read it.
+    "MAILROOM_METRICS_TOKEN": "",
+}
+
+
+def get(name: str) -> Any:
+    """The project's value of the setting `name`, or Mailroom's default; read at each call."""
+    return getattr(settings, name, DEFAULTS[name])
+
+
+@register()
+def check_settings(app_configs=None, **kwargs) -> list[Error]:
+    """Refuse settings that would only fail later, at the first message."""
+    errors = []
+    for address in filter(None, (part.strip() for part in str(get("RABBITMQ_URL")).split(","))):
+        if urlsplit(address).scheme not in ("amqp", "amqps"):
+            errors.append(Error("RABBITMQ_URL must be amqp:// or amqps:// addresses, separated by commas.",
+                                id="messaging.E001"))
+            break
+    for name in ("MAILROOM_PUBLISH_TIMEOUT", "MAILROOM_RELAY_GRACE_SECONDS", "MAILROOM_MAX_BODY_BYTES"):
+        value = get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            errors.append(Error(f"{name} must be a positive number.", id="messaging.E002"))
+    handlers = get("MAILROOM_QUEUE_HANDLERS")
+    if not isinstance(handlers, dict):
+        errors.append(Error("MAILROOM_QUEUE_HANDLERS must map queue names to dotted paths.", id="messaging.E003"))
+    else:
+        for queue, path in handlers.items():
+            try:
+                import_string(path)
+            except ImportError as exc:
+                errors.append(Error(f"MAILROOM_QUEUE_HANDLERS[{queue!r}]: cannot import {path!r} ({exc}).",
+                                    id="messaging.E004"))
+    return errors

@@ -1,0 +1,54 @@
+"""Mailroom's exceptions: one hierarchy; pika's errors are translated into these in `messaging.amqp`."""
+from __future__ import annotations
+
+
+class MailroomError(Exception):
+    """Base class for every error Mailroom raises on purpose."""
+
+
+class InvalidMessage(MailroomError, ValueError):
+    """The message cannot be published as given; the text is a clear sentence for the user."""
+
+
+class FrameTooLarge(InvalidMessage):
+    """The message's properties do not fit in one AMQP frame of the connection's frame_max."""
+
+
+class BrokerError(MailroomError):
+    """Publishing got no confirm (broker down, nack, lost connection): the message stays pending."""
+
+
+class BrokerBlocked(BrokerError):
+    """The broker blocked the connection (a memory or disk alarm)."""
+
+
+class ConfirmTimeout(BrokerError):
+    """No answer from the broker in time (a stuck queue, a quorum queue without its majority)."""
+
+
+class PublishRefused(MailroomError):
+    """The broker refused this message for good (no such exchange, access refused, too large)."""
+
+
+class Unroutable(MailroomError):
+    """The broker returned the message: no queue is bound for its routing key."""
+
+
+class FatalBrokerError(MailroomError):
+    """Retrying cannot help: wrong credentials, a missing vhost or missing permissions."""
+
+
+class ConnectionLost(MailroomError):
+    """The connection or channel to the broker is gone; connect again (`reply_code` when the broker said why)."""
+
+    def __init__(self, text: str, *, reply_code: int | None = None) -> None:
+        super().__init__(text)
+        self.reply_code = reply_code
+
+
+class QueueGone(ConnectionLost):
+    """The broker cancelled a consumer (its queue was deleted)."""
+
+
+class ChannelLost(ConnectionLost):
+    """The broker closed the channel (and with it the consumers) but not the connection."""

@@ -1,0 +1,221 @@
+"""The outbox: write a message as pending, publish it after commit, record the outcome.
+
+The form, the API, the admin and `manage.py publish` all call `create_message`; after the commit
+`publish_message` publishes it on this thread's long-lived channel and writes the outcome before it
+returns. Whatever stays pending (a crash between commit and publish, a broker that was down or
+blocked, a nack) is published by the relay (`messaging.outbox.relay`).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from datetime import timedelta
+from typing import Any
+
+from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.utils import timezone
+
+from messaging import conf
+from messaging.amqp.codec import json_safe
+from messaging.amqp.publisher import publisher
+from messaging.backoff import backoff_delay
+from messaging.errors import BrokerError, InvalidMessage, PublishRefused, Unroutable
+from messaging.models import Message
+from messaging.outbox.validation import (
+    PROPERTY_FIELDS,
+    check_exchange_type,
+    check_short_string,
+    clean_properties,
+    validate_message,
+)
+
+logger = logging.getLogger(__name__)
+
+RETRY_BASE_SECONDS = 1.0  # the relay's first retry of a pending message, doubling up to the cap
+RETRY_CAP_SECONDS = 300.0
+
+
+def create_message(
+    *,
+    routing_key: str,
+    body: bytes,
+    exchange: str = "",
+    exchange_type: str = "",
+    declare: bool = False,
+    content_type: str = "",
+    content_encoding: str = "",
+    correlation_id: str = "",
+    delivery_mode: int = 2,
+    headers: dict[str, Any] | None = None,
+    properties: dict[str, Any] | None = None,
+    message_id: str = "",
+    origin: str = Message.Origin.FORM,
+    user=None,
+    republished_from: Message | None = None,
+) -> Message:
+    """Write a pending letter in the caller's transaction; it is published once that commits."""
+    headers = headers or {}
+    validate_message(exchange=exchange, routing_key=routing_key, body=body, headers=headers,
+                    exchange_type=exchange_type if declare else "")
+    properties = clean_properties(properties)
+    for value, field in ((content_type, "content_type"), (content_encoding, "content_encoding"),
+                         (correlation_id, "correlation_id")):
+        check_short_string(value, field=field)
+    if type(delivery_mode) is not int or delivery_mode not in (1, 2):
+        raise InvalidMessage("delivery_mode must be 1 (transient) or 2 (persistent).")
+    if not declare:  # validate_message checked it when declaring
+        check_exchange_type(exchange_type)
+    if message_id:
+        check_short_string(message_id, field="The message_id")
+        if Message.objects.filter(message_id=message_id).exists():
+            raise InvalidMessage(f"A letter with message_id {message_id!r} already exists.")
+    message = Message(
+        exchange=exchange, exchange_type=exchange_type, declare=declare,
+        routing_key=routing_key, content_type=content_type, content_encoding=content_encoding,
+        correlation_id=correlation_id, delivery_mode=delivery_mode, headers=json_safe(headers),
+        properties=properties, origin=origin,
+        published_by=user if getattr(user, "is_authenticated", False) else None,
+        republished_from=republished_from, status=Message.Status.PENDING,
+        # The relay leaves the letter to this request for a while, so the two never race.
+        next_attempt_at=timezone.now() + timedelta(seconds=conf.get("MAILROOM_RELAY_GRACE_SECONDS")),
+    )
+    if message_id:
+        message.message_id = message_id
+    message.set_body(body)
+    try:
+        with transaction.atomic():  # a savepoint: the caller's transaction goes on after a refusal
+            message.save()
+    except IntegrityError as exc:  # the same message_id, written by another request meanwhile
+        raise InvalidMessage(f"A letter with message_id {message.message_id!r} already exists.") from exc
+    # robust: an error writing the outcome (the database gone since the commit) is logged and the
+    # letter stays pending for the relay, instead of failing a request whose letter is saved.
+    transaction.on_commit(lambda: publish_message(message), robust=True)
+    return message
+
+
+def republish(original: Message, *, user=None) -> Message:
+    """A new letter with `original`'s content and destination, recording where it came from and who sent it."""
+    return create_message(
+        exchange=original.exchange, exchange_type=original.exchange_type, declare=original.declare,
+        routing_key=original.routing_key, body=bytes(original.body), content_type=original.content_type,
+        content_encoding=original.content_encoding, correlation_id=original.correlation_id,
+        delivery_mode=original.delivery_mode if original.delivery_mode in (1, 2) else 2,
+        headers=original.headers, origin=Message.Origin.REPUBLISH, user=user, republished_from=original,
+        properties={k: v for k, v in (original.properties or {}).items() if k in PROPERTY_FIELDS},
+    )
+
+
+def retry_delay(attempts: int) -> timedelta:
+    """When the relay tries a pending letter again, after `attempts` attempts (see `backoff_delay`)."""
+    return timedelta(seconds=backoff_delay(attempts - 1, base=RETRY_BASE_SECONDS, cap=RETRY_CAP_SECONDS))
+
+
+def outcome_fields(status: str, reason: str = "", *, attempts: int = 1) -> dict[str, Any]:
+    """The columns one UPDATE writes for an outcome (`attempts` = the attempt just made, for the backoff)."""
+    now = timezone.now()
+    if status == Message.Status.PUBLISHED:
+        return {"status": status, "published_at": now, "last_error": "", "next_attempt_at": None}
+    if status == Message.Status.UNROUTABLE:
+        return {"status": status, "published_at": now, "last_error": reason, "next_attempt_at": None}
+    if status == Message.Status.FAILED:
+        return {"status": status, "last_error": reason, "next_attempt_at": None}
+    return {"status": Message.Status.PENDING, "last_error": reason, "next_attempt_at": now + retry_delay(attempts)}
+
+
+def publish_once(message) -> tuple[str, str]:
+    """Publish `message` on this thread's long-lived channel; return its outcome as (status, reason)."""
+    try:
+        publisher().publish(message, declare=message.declare)
+    except Unroutable as exc:
+        logger.warning("message_id=%s unroutable reason=%s", message.message_id, exc)
+        return Message.Status.UNROUTABLE, f"returned by the broker: {exc}"
+    except PublishRefused as exc:
+        logger.warning("message_id=%s failed reason=%s", message.message_id, exc)
+        return Message.Status.FAILED, str(exc)
+    except BrokerError as exc:
+        logger.warning("message_id=%s still pending attempt=%s reason=%s", message.message_id, message.attempts + 1, exc)
+        return Message.Status.PENDING, str(exc)
+    return Message.Status.PUBLISHED, ""
+
+
+def publish_message(message: Message) -> Message:
+    """Publish one pending message on this thread's long-lived channel and write its outcome (one UPDATE)."""
+    status, reason = publish_once(message)
+    message.attempts += 1
+    fields = outcome_fields(status, reason, attempts=message.attempts)
+    record_outcome(message.pk, fields)
+    for name, value in fields.items():
+        setattr(message, name, value)
+    return message
+
+
+def _outside_a_transaction() -> bool:
+    """PostgreSQL with none of the caller's transactions open: the outcome may be committed on its own."""
+    return connection.vendor == "postgresql" and not connection.in_atomic_block and connection.get_autocommit()
+
+
+def record_outcome(pk: int, fields: dict[str, Any]) -> None:
+    """`attempts + 1` and the outcome's columns in one UPDATE.
+
+    Plain SQL on the driver's own cursor: on this hot path the ORM's and the cursor wrapper's
+    overhead is as large as the write itself.
+    """
+    connection.ensure_connection()
+    sql = outcome_sql(tuple(fields), mark="?" if connection.vendor == "sqlite" else "%s")  # the driver's paramstyle
+    own_transaction = _outside_a_transaction()
+    if own_transaction:
+        # One round trip (client-side binding allows several statements), and a commit that does
+        # not wait for the WAL flush: see `relaxed_commit`.
+        sql = f"BEGIN; SET LOCAL synchronous_commit TO OFF; {sql}; COMMIT"
+    cursor = connection.connection.cursor()
+    try:
+        with connection.wrap_database_errors:  # Django's exceptions, and its note that the connection erred
+            cursor.execute(sql, [*outcome_params(connection, fields), pk])
+    except DatabaseError:
+        if own_transaction:  # a failed UPDATE skips the COMMIT: end the transaction it leaves open
+            with contextlib.suppress(DatabaseError), connection.wrap_database_errors:
+                connection.connection.rollback()
+        raise
+    finally:
+        cursor.close()
+
+
+def outcome_params(db, fields: dict[str, Any]) -> list[Any]:
+    """The values of `fields` as the database connection `db` takes them, in order."""
+    meta = Message._meta
+    return [meta.get_field(name).get_db_prep_save(value, db) for name, value in fields.items()]
+
+
+@contextlib.contextmanager
+def relaxed_commit():
+    """A transaction whose commit does not wait for PostgreSQL's WAL flush (publish outcomes, the relay's leases).
+
+    Such a write is lost only if PostgreSQL itself crashes within a fraction of a second of the
+    commit (the WAL writer flushes every `wal_writer_delay`, 200 ms by default); the letter is then
+    still pending, the relay publishes it again and the consumer dedupes it by message_id: nothing
+    is lost, and the web request does not pay an fsync on top of the broker's. The letter's own
+    row is written in the caller's transaction, with the caller's durability. SQLite: a plain
+    transaction (WAL with synchronous=NORMAL does not fsync at commit anyway).
+    """
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL synchronous_commit TO OFF")
+        yield
+
+
+@functools.lru_cache(maxsize=64)
+def outcome_sql(names: tuple[str, ...], *, mark: str = "%s", letters: int = 0) -> str:
+    """The UPDATE of an outcome: `attempts + 1` and the columns `names`, each a `mark` parameter.
+
+    Of the one letter whose pk follows the values (`letters` = 0), or of `letters` pks that follow
+    them and then the pending status: the relay writes only over letters still pending.
+    """
+    meta, quote = Message._meta, connection.ops.quote_name
+    attempts = quote(meta.get_field("attempts").column)
+    sets = ", ".join(f"{quote(meta.get_field(name).column)} = {mark}" for name in names)
+    sql = f"UPDATE {quote(meta.db_table)} SET {attempts} = {attempts} + 1, {sets} WHERE {quote(meta.pk.column)}"
+    if not letters:
+        return f"{sql} = {mark}"
+    return f"{sql} IN ({', '.join([mark] * letters)}) AND {quote(meta.get_field('status').column)} = {mark}"
