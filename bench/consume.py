@@ -35,7 +35,7 @@ from django.core.management import call_command  # noqa: E402
 from django.db import connection  # noqa: E402
 
 from messaging import recording  # noqa: E402
-from messaging.consuming import ConsumeOptions, Worker  # noqa: E402
+from messaging.consumer.worker import ConsumeOptions, Worker  # noqa: E402
 from messaging.models import Delivery  # noqa: E402
 
 URL = settings.RABBITMQ_URL.split(",")[0]

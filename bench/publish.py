@@ -39,11 +39,11 @@ from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.db import connection  # noqa: E402
 from django.utils import timezone  # noqa: E402
+from messaging.outcome_in_flight import OutcomeInFlight  # noqa: E402
 
 from messaging.models import Message  # noqa: E402
-from messaging.outcome_in_flight import OutcomeInFlight  # noqa: E402
-from messaging.publishing import publish_message, publish_once  # noqa: E402
-from messaging.relay import Relay, RelayOptions  # noqa: E402
+from messaging.outbox.publishing import publish_message
+from messaging.outbox.relay import Relay, RelayOptions  # noqa: E402
 
 URL = settings.RABBITMQ_URL.split(",")[0]
 BODY = b'{"greeting": "Hello World!", "n": 0000000}' + b" " * 58  # 100 bytes

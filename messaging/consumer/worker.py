@@ -42,6 +42,7 @@ from messaging.consumer import recording
 from messaging.errors import ChannelLost, FatalBrokerError, QueueGone
 from messaging.models import Delivery
 from messaging.models import Worker as WorkerRow
+from messaging.stopping import StopFlag
 
 logger = logging.getLogger(__name__)
 
