@@ -24,7 +24,7 @@ from django.db import DataError, OperationalError, connection
 
 from messaging.consumer import recording
 from messaging.consumer.worker import ConsumeOptions
-from messaging.consumer.worker import Worker as ConsumeWorker
+from messaging.consumer.worker import Consumer as ConsumeWorker
 from messaging.models import Delivery, Message, Worker
 from tests.conftest import subprocess_env, wait_for
 from tests.consuming_checks import (
@@ -289,9 +289,9 @@ def test_channel_closed_by_the_broker_opens_another(queue_name, caplog):
     thread.start()
     try:
         wait_for(lambda: acked_count(queue_name) == 10, timeout=30, message="the first letters acked")
-        connection = worker._connection
+        subscription = worker._subscription
         # An ack of a tag never delivered: the broker closes the channel with 406 PRECONDITION_FAILED.
-        connection.add_callback_threadsafe(lambda: worker._channel.basic_ack(delivery_tag=10_000))
+        subscription._connection.add_callback_threadsafe(lambda: subscription.ack(10_000))
         wait_for(lambda: worker.counts.reconnects == 1, timeout=20, message="the worker to open another channel")
         second = publish(queue_name, 10)
         wait_for(lambda: acked_count(queue_name) == 20, timeout=30, message="letters after the close acked")
@@ -346,7 +346,7 @@ def test_max_messages_counts_letters_delivered_again_after_a_lost_channel(queue_
     def record_batch(batch, **kwargs):
         calls.append(len(batch))
         if len(calls) == 1:  # the channel closes (406) while the first batch is being recorded
-            worker._connection.add_callback_threadsafe(lambda: worker._channel.basic_ack(delivery_tag=10_000))
+            worker._subscription._connection.add_callback_threadsafe(lambda: worker._subscription.ack(10_000))
             time.sleep(0.5)
         return original(batch, **kwargs)
 

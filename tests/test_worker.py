@@ -9,13 +9,13 @@ import urllib.request
 from itertools import islice
 
 import pika
+from django.core.management import call_command
 import pytest
 
 from messaging.amqp.connection import handshake_error
 from messaging.backoff import backoff_delays
 from messaging.consumer import recording
-from messaging.consumer.worker import GC_THRESHOLDS, ConsumeOptions
-from messaging.consumer.worker import Worker as ConsumeWorker
+from messaging.consumer.registry import GC_THRESHOLDS
 from messaging.errors import ConnectionLost, FatalBrokerError
 from messaging.models import Delivery, Message, Worker
 from messaging.stopping import StopFlag
@@ -292,7 +292,7 @@ def test_the_cycle_collector_is_tuned_while_consuming_and_restored_after(queue_n
 
     monkeypatch.setattr(recording, "record_batch", spying)
     ids = publish(queue_name, 3, declare=True)
-    assert ConsumeWorker(ConsumeOptions(queues=(queue_name,), max_messages=3)).run() == 0
+    call_command("consume", queue_name, "--max-messages", "3", verbosity=0)  # the process's own collector
     assert seen and all(state == (GC_THRESHOLDS, True) for state in seen)
     assert (gc.get_threshold(), gc.get_freeze_count()) == (thresholds, 0)  # nothing left out of its walks
     assert_exactly_once(queue_name, ids)
@@ -309,18 +309,3 @@ def test_backoff_goes_on_for_as_long_as_an_outage_lasts():
     # 2,000 retries is ~9 h of a broker outage at the 30 s cap: 2.0 ** 1024 would overflow a float.
     assert all(1.0 <= d <= 30.0 for d in islice(backoff_delays(), 2000))
     assert all(5.0 <= d <= 10.0 for d in islice(backoff_delays(cap=10.0), 1500, 2000))
-
-
-def test_workers_running_at_once_keep_the_collector_tuned_until_the_last_one_stops():
-    import gc
-
-    from messaging.consumer.worker import fewer_gc_passes
-
-    thresholds = gc.get_threshold()
-    first, second = fewer_gc_passes(), fewer_gc_passes()
-    first.__enter__()
-    second.__enter__()
-    first.__exit__(None, None, None)  # the first worker stops while the second still runs
-    assert gc.get_threshold() == GC_THRESHOLDS and gc.get_freeze_count() > 0
-    second.__exit__(None, None, None)
-    assert (gc.get_threshold(), gc.get_freeze_count()) == (thresholds, 0)

@@ -28,7 +28,7 @@ def _decode_value(encoded: bytes, offset: int, _pika_decode_value=pika.data.deco
     publisher's connection with an internal error instead.)
 
     Two headers pika cannot decode make it drop the connection — again at every redelivery, a
-    poison letter no consumer gets past: a timestamp past the year 9999 (kept as its number of
+    poison message no consumer gets past: a timestamp past the year 9999 (kept as its number of
     seconds here), and tables nested a thousand deep, which one frame holds easily and which exhaust
     Python's recursion (pika decodes them recursively). Below `MAX_DECODED_DEPTH` a table or array
     is skipped (its length is in front of it) and stands as a short text saying so.
@@ -170,8 +170,8 @@ def header_encoding_error(headers: dict) -> str:
 
 
 # The properties travel in one frame, which the broker refuses past its frame_max (131,072 bytes by
-# default) by closing the connection (501 frame_too_large): every letter in flight on it is lost
-# with it, and the letter itself would be sent again and again. The properties other than headers
+# default) by closing the connection (501 frame_too_large): every message in flight on it is lost
+# with it, and the message itself would be sent again and again. The properties other than headers
 # are short strings and numbers: ~4 kB at most.
 OTHER_PROPERTIES_MAX_BYTES = 4096
 
@@ -183,7 +183,7 @@ def check_frame_size(properties: pika.BasicProperties, frame_max: int) -> None:
     """Raise `FrameTooLarge` when `properties` would not fit in a frame of `frame_max` bytes.
 
     Letters written since this check reach the broker within the limit (`header_encoding_error`);
-    this catches older rows and copies of received letters whose headers grew as JSON. Headers
+    this catches older rows and copies of received messages whose headers grew as JSON. Headers
     under the margin are taken as they are: encoding their table costs ~2 µs, the whole frame ~6.
     """
     headers = properties.headers

@@ -5,7 +5,8 @@ import logging
 
 from django.core.management.base import BaseCommand, CommandError
 
-from messaging.consumer.worker import ConsumeOptions, Worker
+from messaging.consumer.registry import fewer_gc_passes
+from messaging.consumer.worker import ConsumeOptions, Consumer
 from messaging.stopping import stop_on_signals
 
 VERBOSITY_LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG, 3: logging.DEBUG}
@@ -63,7 +64,7 @@ class Command(BaseCommand):
             raise CommandError("--max-retries must be 0 or more.")
         logging.getLogger("messaging").setLevel(VERBOSITY_LEVELS.get(options["verbosity"], logging.INFO))
         try:
-            worker = Worker(ConsumeOptions(
+            worker = Consumer(ConsumeOptions(
                 queues=tuple(options["queues"]), prefetch=options["prefetch"], batch_size=options["batch_size"],
                 max_messages=options["max_messages"], inactivity_timeout=options["inactivity_timeout"],
                 handler=options["handler"], max_retries=options["max_retries"],
@@ -75,6 +76,7 @@ class Command(BaseCommand):
             raise CommandError(f"Cannot import the handler: {exc}") from exc
 
         stop_on_signals(worker)
-        code = worker.run()
+        with fewer_gc_passes():  # this process runs one worker: the collector is its own
+            code = worker.run()
         if code:
             raise CommandError("consume stopped on an error (see the log above)", returncode=code)

@@ -1,0 +1,141 @@
+"""A consumer's connection: declare and consume queues with manual acks; pika's errors come out as Mailroom's."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from messaging.amqp.connection import (
+    PIKA_ERRORS,
+    connect,
+    declare_exchange,
+    declare_queue,
+    translated,
+)
+from messaging.errors import ChannelLost, QueueGone
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, kw_only=True)
+class Received:
+    """One delivery as it came off the channel, before it is recorded."""
+
+    queue: str
+    consumer_tag: str
+    delivery_tag: int
+    redelivered: bool
+    exchange: str
+    routing_key: str
+    properties: Any  # pika.BasicProperties: read with `codec.read_properties`
+    body: bytes
+    received_at: float = field(default_factory=time.time)  # epoch seconds: cheaper to take than a datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class Topology:
+    """What to declare before consuming: the queues, their arguments, an exchange to bind them to."""
+
+    queues: tuple[str, ...]  # an empty name: a server-named, exclusive queue
+    queue_type: str = ""
+    dead_letter_exchange: str = ""
+    exchange: str = ""
+    exchange_type: str = "direct"
+    binding_keys: tuple[str, ...] = ()
+
+
+class Subscription:
+    """One connection and channel consuming `topology`'s queues; every method raises `ConnectionLost`
+    (or `FatalBrokerError`) instead of pika's errors."""
+
+    def __init__(self, *, heartbeat: int, client_name: str, logged_in_before: bool) -> None:
+        self._connection = connect(heartbeat=heartbeat, client_name=client_name, logged_in_before=logged_in_before)
+        self._channel = None
+        self._consumers = 0
+
+    def declare(self, topology: Topology) -> list[tuple[str, int, int]]:
+        """Declare the queues (an existing one is used as it is); return (name, ready, consumers) of each."""
+        with translated():
+            channel = self._connection.channel()
+            states = []
+            # A declaration that mismatches an existing queue closes the channel (406) and we go on
+            # with another: so everything is declared first, then QoS set and consumed on the last.
+            for name in topology.queues or ("",):
+                channel, state = self._declare(channel, name, topology)
+                states.append((state.name, state.message_count, state.consumer_count))
+            self._channel = channel
+        return states
+
+    def _declare(self, channel, name: str, t: Topology):
+        arguments = {}
+        if t.queue_type:
+            arguments["x-queue-type"] = t.queue_type
+        if t.dead_letter_exchange:
+            arguments["x-dead-letter-exchange"] = t.dead_letter_exchange
+            channel = declare_exchange(self._connection, channel, t.dead_letter_exchange, exchange_type="fanout")
+        channel, state = declare_queue(self._connection, channel, name, arguments=arguments, exclusive=not name)
+        if t.exchange:
+            channel = declare_exchange(self._connection, channel, t.exchange, exchange_type=t.exchange_type)
+            for key in t.binding_keys or ("",):
+                channel.queue_bind(queue=state.name, exchange=t.exchange, routing_key=key)
+        return channel, state
+
+    def consume(self, queues: list[str], *, prefetch: int, on_delivery: Callable[[Received], None]) -> None:
+        """Start consuming `queues` (as declared) with manual acks and `prefetch` unacked at most."""
+
+        def receiver(queue: str):
+            def on_message(_channel, method, properties, body) -> None:
+                on_delivery(Received(
+                    queue=queue, consumer_tag=method.consumer_tag, delivery_tag=method.delivery_tag,
+                    redelivered=method.redelivered, exchange=method.exchange, routing_key=method.routing_key,
+                    properties=properties, body=body,
+                ))
+            return on_message
+
+        with translated():
+            self._channel.basic_qos(prefetch_count=prefetch)
+            for queue in queues:
+                self._channel.basic_consume(queue=queue, on_message_callback=receiver(queue))
+            self._consumers = len(self._channel.consumer_tags)
+
+    def process(self, seconds: float) -> None:
+        """Service the connection for up to `seconds`: deliveries, heartbeats, and wake-ups (`wake`).
+
+        Raises `ChannelLost` when the broker closed the channel (a delivery unacked past
+        consumer_timeout) and `QueueGone` when it cancelled a consumer (its queue was deleted).
+        """
+        with translated():
+            self._connection.process_data_events(time_limit=seconds)
+        if self._channel is not None and self._consumers:
+            if self._channel.is_closed:
+                raise ChannelLost("the broker closed the channel (consumer_timeout?); opening another")
+            if len(self._channel.consumer_tags) < self._consumers:
+                raise QueueGone("the broker cancelled a consumer (queue deleted?); declaring it again")
+
+    def ack(self, delivery_tag: int, *, multiple: bool = False) -> None:
+        with translated():
+            self._channel.basic_ack(delivery_tag=delivery_tag, multiple=multiple)
+
+    def nack(self, delivery_tag: int, *, requeue: bool) -> None:
+        with translated():
+            self._channel.basic_nack(delivery_tag=delivery_tag, requeue=requeue)
+
+    def wake(self) -> None:
+        """Make a `process` running in another thread return now (safe to call from any thread)."""
+        try:
+            self._connection.add_callback_threadsafe(lambda: None)
+        except Exception:  # noqa: BLE001 — the connection is gone; `process` finds out by itself
+            pass
+
+    @property
+    def consuming(self) -> bool:
+        return self._consumers > 0
+
+    def close(self) -> None:
+        try:
+            if self._connection.is_open:
+                self._connection.close()
+        except PIKA_ERRORS:
+            pass
