@@ -85,13 +85,13 @@ def test_auditor_changes_and_publishes_nothing(auditor, trail):
     assert auditor.get(reverse("admin:messaging_message_delete", args=[trail.pk])).status_code == HTTPStatus.FORBIDDEN
     assert auditor.get(reverse("publish")).status_code == HTTPStatus.FORBIDDEN
     before = Message.objects.count()
-    response = auditor.post(reverse(CHANGELIST), {"action": "republish_letters", "_selected_action": [trail.pk],
+    response = auditor.post(reverse(CHANGELIST), {"action": "republish_messages", "_selected_action": [trail.pk],
                                                   "confirmed": "yes"})
     assert Message.objects.count() == before
     trail.refresh_from_db()
     assert trail.routing_key == "orders"
     listing = auditor.get(reverse(CHANGELIST)).content.decode()
-    assert "republish_letters" not in listing and "export_csv" in listing
+    assert "republish_messages" not in listing and "export_csv" in listing
     assert auditor.get(reverse("admin:messaging_delivery_changelist")).status_code == HTTPStatus.OK
     assert auditor.get(reverse("admin:messaging_worker_changelist")).status_code == HTTPStatus.OK
 
@@ -101,10 +101,13 @@ def test_publisher_sees_history_and_may_republish(publisher, trail, queue_name, 
     amqp.queue_declare(queue=queue_name, durable=True)
     Message.objects.filter(pk=trail.pk).update(routing_key=queue_name)
     listing = publisher.get(reverse(CHANGELIST)).content.decode()
-    assert "republish_letters" in listing
-    data = {"action": "republish_letters", "_selected_action": [trail.pk]}
+    assert "republish_messages" in listing
+    data = {"action": "republish_messages", "_selected_action": [trail.pk]}
     confirm = publisher.post(reverse(CHANGELIST), data)
     assert confirm.status_code == HTTPStatus.OK and "Yes, republish" in confirm.content.decode()
+    # The confirmation posts the same action and selection back.
+    assert f'name="_selected_action" value="{trail.pk}"' in confirm.content.decode()
+    assert 'name="action" value="republish_messages"' in confirm.content.decode()
     assert Message.objects.filter(republished_from=trail).count() == 0  # nothing until confirmed
     with django_capture_on_commit_callbacks(execute=True):  # the publish happens on commit
         done = publisher.post(reverse(CHANGELIST), {**data, "confirmed": "yes"})
@@ -129,7 +132,7 @@ def test_republish_reports_a_letter_it_cannot_copy_and_copies_the_others(publish
     settings.MAILROOM_MAX_BODY_BYTES = 10
     big = letter(message_id="too-big", routing_key=queue_name, body=b"x" * 11)
     small = letter(message_id="small", routing_key=queue_name, body=b"x")
-    data = {"action": "republish_letters", "_selected_action": [big.pk, small.pk], "confirmed": "yes"}
+    data = {"action": "republish_messages", "_selected_action": [big.pk, small.pk], "confirmed": "yes"}
     with django_capture_on_commit_callbacks(execute=True):
         done = publisher.post(reverse(CHANGELIST), data, follow=True)
     assert done.status_code == HTTPStatus.OK
@@ -262,7 +265,7 @@ def test_a_letter_delivered_again_and_again_shows_its_latest_deliveries(admin_cl
     """Another producer may send one message_id again and again: the letter's page, its API answer
     and its admin page list the latest deliveries, not all of them (each polled every second)."""
     from messaging.web import api, views
-    from messaging.web.admin import DeliveryInline
+    from messaging.web.admin.messages import DeliveryInline
 
     monkeypatch.setattr(views, "DELIVERIES_SHOWN", 3)
     monkeypatch.setattr(api, "API_DELIVERIES", 3)

@@ -30,8 +30,9 @@ def test_dashboard_shows_counts_chart_workers_and_failures(admin_client):
     response = admin_client.get(reverse("dashboard"))
     assert response.status_code == HTTPStatus.OK
     html = response.content.decode()
-    counts = {value: str(n) for value, _, n in response.context["letter_counts"]}
+    counts = {value: str(n) for value, _, n in response.context["message_counts"]}
     assert counts["published"] == "5" and counts["failed"] == "1" and counts["pending"] == "0"
+    assert f'href="{reverse("message-list")}?status=published"' in html  # the counts are on the page
     deliveries = {value: str(n) for value, _, n in response.context["delivery_counts"]}
     assert deliveries["acked"] == "4" and deliveries["rejected"] == "1"
     # The chart is inline SVG drawn on the server: two polylines of 60 points, no script.

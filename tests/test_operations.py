@@ -2,19 +2,30 @@
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 from http import HTTPStatus
 
 import pytest
+from django.core.cache import cache
 from django.urls import reverse
 from prometheus_client.parser import text_string_to_metric_families
 
 from messaging.models import Delivery, Message, Worker
 from tests.audit_data import delivery, fast_passwords, letter  # noqa: F401 — autouse
-from tests.conftest import wait_for
+from tests.conftest import management_url, rabbitmqctl_command, wait_for
 
 pytestmark = pytest.mark.django_db
 
-MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672/"
+MANAGEMENT_URL = management_url()
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    """No broker answer or alarm kept from another test (they live in Django's cache for a moment)."""
+    cache.clear()
+    yield
+    cache.clear()
 
 
 def samples(response) -> dict[tuple[str, tuple], float]:
@@ -43,36 +54,68 @@ def test_healthz_reports_the_broker_down(client, monkeypatch, settings):
 @pytest.mark.node
 def test_healthz_turns_503_when_the_broker_is_stopped(client):
     try:
-        subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True, timeout=60)
+        subprocess.run(rabbitmqctl_command("stop_app"), check=True, capture_output=True, timeout=60)
         # within the few seconds a check is reused for (HEALTH_BROKER_REUSE_SECONDS)
         response = wait_for(lambda: (r := client.get(reverse("healthz"))).status_code != HTTPStatus.OK and r,
                             timeout=10, message="/healthz to answer 503")
         assert response.status_code == HTTPStatus.SERVICE_UNAVAILABLE
         assert response.json()["broker"] == "unavailable"
     finally:
-        subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True, timeout=120)
-        subprocess.run(["rabbitmqctl", "await_startup"], check=True, capture_output=True, timeout=120)
+        subprocess.run(rabbitmqctl_command("start_app"), check=True, capture_output=True, timeout=120)
+        subprocess.run(rabbitmqctl_command("await_startup"), check=True, capture_output=True, timeout=120)
     wait_for(lambda: client.get(reverse("healthz")).status_code == HTTPStatus.OK, timeout=10,
              message="/healthz to answer 200 again")
 
 
-def test_healthz_shares_one_broker_check_among_requests_for_a_moment(client, monkeypatch):
+@pytest.fixture
+def logins(monkeypatch):
+    """The broker logins /healthz makes (each one still made): a list that grows by one per login."""
     from messaging.web import health
 
-    monkeypatch.setattr(operations, "_broker_checked", {})
-    logins = []
-    real_connect = health.broker.connect
+    made = []
+    real_connect = health.connect
 
     def counting_connect(*args, **kwargs):
-        logins.append(1)
+        made.append(1)
         return real_connect(*args, **kwargs)
 
-    monkeypatch.setattr(health.broker, "connect", counting_connect)
-    monkeypatch.setattr(operations, "HEALTH_BROKER_REUSE_SECONDS", 60.0)  # however slow this machine
+    monkeypatch.setattr(health, "connect", counting_connect)
+    return made
+
+
+def test_healthz_shares_one_broker_check_among_requests_for_a_moment(client, monkeypatch, logins):
+    from messaging.web import health
+
+    monkeypatch.setattr(health, "HEALTH_BROKER_REUSE_SECONDS", 60.0)  # however slow this machine
     assert all(client.get(reverse("healthz")).status_code == HTTPStatus.OK for _ in range(20))
     assert len(logins) == 1
-    monkeypatch.setattr(operations, "HEALTH_BROKER_REUSE_SECONDS", 0.0)
+    # Once the moment has passed, the next request checks again.
+    monkeypatch.setattr(health, "HEALTH_BROKER_REUSE_SECONDS", 0.3)
+    cache.clear()
     assert client.get(reverse("healthz")).status_code == HTTPStatus.OK and len(logins) == 2
+    time.sleep(0.5)
+    assert client.get(reverse("healthz")).status_code == HTTPStatus.OK and len(logins) == 3
+
+
+def test_requests_during_the_first_broker_check_wait_for_its_answer(monkeypatch, logins):
+    """Concurrent requests make one login between them, and each gets its answer."""
+    from messaging.web import health
+
+    real_answers = health._broker_answers
+
+    def slow_answers():
+        time.sleep(0.5)  # long enough for every thread to arrive while the check runs
+        return real_answers()
+
+    monkeypatch.setattr(health, "_broker_answers", slow_answers)
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(health.check_broker())) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert answers == [True] * 8
+    assert len(logins) == 1
 
 
 def test_metrics_need_the_token_or_staff(client, settings, django_user_model):

@@ -10,6 +10,7 @@ from django.urls import reverse
 
 from messaging.models import Message
 from tests.audit_data import letter
+from tests.conftest import management_url
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -92,7 +93,7 @@ def test_duplicate_message_id_is_a_form_error(publisher_client, queue_name):
 
 
 def test_routing_preview_button_shows_queues_and_writes_nothing(publisher_client, settings, amqp, queue_name):
-    settings.RABBITMQ_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672/"
+    settings.RABBITMQ_MANAGEMENT_URL = management_url()
     exchange = f"t-form-preview-{uuid.uuid4().hex[:8]}"
     amqp.exchange_declare(exchange, exchange_type="direct")
     try:

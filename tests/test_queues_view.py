@@ -1,17 +1,28 @@
 """The broker view at /queues/: from the management API, or from passive declares without it."""
 from __future__ import annotations
 
+import time
 from http import HTTPStatus
 
 import pytest
+from django.core.cache import cache
 from django.urls import reverse
 
 from messaging.models import Worker
 from tests.audit_data import delivery, fast_passwords, letter  # noqa: F401 — autouse
+from tests.conftest import management_url
 
 pytestmark = pytest.mark.django_db
 
-MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672/"
+MANAGEMENT_URL = management_url()
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    """No alarms kept from another test (every page keeps them in Django's cache for a moment)."""
+    cache.clear()
+    yield
+    cache.clear()
 
 
 @pytest.fixture
@@ -71,3 +82,29 @@ def test_an_unreachable_management_api_falls_back(admin_client, settings, two_re
 def test_anonymous_is_sent_to_log_in(client):
     response = client.get(reverse("queues"))
     assert response.status_code == HTTPStatus.FOUND and "login" in response["Location"]
+
+
+def test_the_alarm_banner_asks_the_management_api_once_for_a_few_seconds(admin_client, settings, monkeypatch):
+    from messaging.amqp import management
+    from messaging.web import context_processors
+
+    asked = []
+
+    def alarms():
+        asked.append(1)
+        return ["disk alarm on rabbit@test"]
+
+    monkeypatch.setattr(management, "alarms", alarms)
+    settings.RABBITMQ_MANAGEMENT_URL = MANAGEMENT_URL
+    monkeypatch.setattr(context_processors, "ALARMS_CACHE_SECONDS", 60.0)  # however slow this machine
+    pages = [admin_client.get(reverse("message-list")).content.decode() for _ in range(5)]
+    assert all("blocking publishers" in page for page in pages)
+    assert len(asked) == 1
+    settings.RABBITMQ_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:1/"  # another broker: asked anew
+    assert "blocking publishers" in admin_client.get(reverse("message-list")).content.decode() and len(asked) == 2
+    monkeypatch.setattr(context_processors, "ALARMS_CACHE_SECONDS", 0.3)
+    cache.clear()
+    admin_client.get(reverse("message-list"))
+    time.sleep(0.5)
+    admin_client.get(reverse("message-list"))
+    assert len(asked) == 4  # asked again once the few seconds had passed

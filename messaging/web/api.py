@@ -1,4 +1,4 @@
-"""The HTTP API for other services: publish through the same outbox path, read a letter's trail.
+"""The HTTP API for other services: publish through the same outbox path, read a message's trail.
 
 Authentication: `Authorization: Bearer <key>` with a key made by `manage.py create_api_token`
 (only its sha256 is stored), acting as the token's user with that user's permissions; or the
@@ -26,8 +26,8 @@ from messaging.outbox.publishing import create_message
 from messaging.outbox.validation import decode_body
 
 TOKEN_BYTES = 32
-API_DELIVERIES = 1000  # the latest deliveries a letter's answer lists ("deliveries_truncated" says when there were more)
-LETTER_FIELDS = {"exchange", "exchange_type", "declare", "routing_key", "body", "body_base64", "body_encoding",
+API_DELIVERIES = 1000  # the latest deliveries a message's answer lists ("deliveries_truncated" says when there were more)
+MESSAGE_FIELDS = {"exchange", "exchange_type", "declare", "routing_key", "body", "body_base64", "body_encoding",
                  "headers", "properties", "content_type", "content_encoding", "correlation_id", "message_id",
                  "delivery_mode"}
 
@@ -94,7 +94,7 @@ def api_view(permission: str):
 # --- views ----------------------------------------------------------------------------------
 @api_view("messaging.add_message")
 def messages(request):
-    """POST /api/messages/: write the letter (pending), publish after commit; 201 when settled, 202 when pending."""
+    """POST /api/messages/: write the message (pending), publish after commit; 201 when settled, 202 when pending."""
     if request.method != "POST":
         return _error(HTTPStatus.METHOD_NOT_ALLOWED, "POST a letter here; GET /api/messages/<message_id>/ reads one.")
     try:
@@ -112,19 +112,19 @@ def messages(request):
     if not isinstance(payload, dict):
         return _error(HTTPStatus.BAD_REQUEST, "The request body must be a JSON object.")
     try:
-        kwargs = letter_kwargs(payload)
+        kwargs = message_kwargs(payload)
         with transaction.atomic():
             message = create_message(**kwargs, origin=Message.Origin.API, user=request.user)
     except InvalidMessage as exc:
         status = HTTPStatus.CONFLICT if "already exists" in str(exc) else HTTPStatus.BAD_REQUEST
         return _error(status, str(exc))
     code = HTTPStatus.ACCEPTED if message.status == Message.Status.PENDING else HTTPStatus.CREATED
-    return JsonResponse(letter_summary(message), status=code)
+    return JsonResponse(message_summary(message), status=code)
 
 
-def letter_kwargs(payload: dict) -> dict:
+def message_kwargs(payload: dict) -> dict:
     """`create_message` keyword arguments from an API payload; raises `InvalidMessage` with what is wrong."""
-    unknown = set(payload) - LETTER_FIELDS
+    unknown = set(payload) - MESSAGE_FIELDS
     if unknown:
         raise InvalidMessage(f"Unknown fields: {', '.join(sorted(unknown))}.")
     text_fields = ("exchange", "exchange_type", "routing_key", "content_type", "content_encoding",
@@ -169,7 +169,7 @@ def letter_kwargs(payload: dict) -> dict:
     }
 
 
-def letter_summary(message: Message) -> dict:
+def message_summary(message: Message) -> dict:
     return {"message_id": message.message_id, "status": message.status, "last_error": message.last_error,
             "attempts": message.attempts,
             "next_attempt_at": message.next_attempt_at.isoformat() if message.next_attempt_at and
@@ -178,26 +178,26 @@ def letter_summary(message: Message) -> dict:
 
 @api_view("messaging.view_message")
 def message(request, message_id: str):
-    """GET /api/messages/<message_id>/: the letter's status and its trail of deliveries."""
+    """GET /api/messages/<message_id>/: the message's status and its trail of deliveries."""
     if request.method not in ("GET", "HEAD"):
         return _error(HTTPStatus.METHOD_NOT_ALLOWED, "Only GET here.")
-    letter = Message.objects.defer("body").filter(message_id=message_id).first()
-    if letter is None:
+    found = Message.objects.defer("body").filter(message_id=message_id).first()
+    if found is None:
         return _error(HTTPStatus.NOT_FOUND, "No letter with this message_id.")
     # The latest API_DELIVERIES (another producer may send one message_id again and again).
-    deliveries = list(letter.deliveries.newest_first().values(
+    deliveries = list(found.deliveries.newest_first().values(
         "queue", "status", "redelivered", "attempt", "received_at", "settled_at",
     )[:API_DELIVERIES + 1])
     truncated = len(deliveries) > API_DELIVERIES
     deliveries = deliveries[:API_DELIVERIES][::-1]
-    republished_from = (Message.objects.filter(pk=letter.republished_from_id).values_list("message_id", flat=True)
-                        .first() if letter.republished_from_id else None)
+    republished_from = (Message.objects.filter(pk=found.republished_from_id).values_list("message_id", flat=True)
+                        .first() if found.republished_from_id else None)
     return JsonResponse({
-        **letter_summary(letter),
-        "exchange": letter.exchange, "routing_key": letter.routing_key, "body_size": letter.body_size,
-        "body_sha256": letter.body_sha256,
-        "created_at": letter.created_at.isoformat(),
-        "published_at": letter.published_at.isoformat() if letter.published_at else None,
+        **message_summary(found),
+        "exchange": found.exchange, "routing_key": found.routing_key, "body_size": found.body_size,
+        "body_sha256": found.body_sha256,
+        "created_at": found.created_at.isoformat(),
+        "published_at": found.published_at.isoformat() if found.published_at else None,
         "republished_from": republished_from,
         "deliveries_truncated": truncated,
         "deliveries": [

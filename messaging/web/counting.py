@@ -1,4 +1,4 @@
-"""Counts and filters that stay cheap at a million rows: exact up to a cap, the planner's estimate beyond."""
+"""Counts and filters that stay cheap however long the history: exact up to a cap, the planner's estimate beyond."""
 from __future__ import annotations
 
 import json
@@ -12,12 +12,12 @@ from django.db.models import QuerySet
 
 logger = logging.getLogger(__name__)
 
-# Up to this many rows a count is exact: counting them through an index costs a few milliseconds.
+# Up to this many rows a count is exact: counting that many through an index is cheap.
 COUNT_CAP = 10_000
 
 
 @dataclass(frozen=True, kw_only=True)
-class Count:
+class RowCount:
     """A row count; `estimated` when it went past the cap and comes from the query planner."""
 
     value: int
@@ -41,19 +41,19 @@ def planner_estimate(queryset: QuerySet) -> int | None:
     return int(plan[0]["Plan"]["Plan Rows"])
 
 
-def capped_count(queryset: QuerySet, *, cap: int = COUNT_CAP) -> Count:
+def capped_count(queryset: QuerySet, *, cap: int = COUNT_CAP) -> RowCount:
     """Count exactly up to `cap` rows (one bounded query); past it, estimate (PostgreSQL) or count."""
     n = queryset.order_by().values("pk")[: cap + 1].count()
     if n <= cap:
-        return Count(value=n)
+        return RowCount(value=n)
     estimate = planner_estimate(queryset)
     if estimate is None:
-        return Count(value=queryset.count())
-    return Count(value=max(estimate, n), estimated=True)
+        return RowCount(value=queryset.count())
+    return RowCount(value=max(estimate, n), estimated=True)
 
 
 # Lists count fewer: behind a filter each row counted may cost an index probe (EXISTS), and a
-# count that stops after PAGE_COUNT_CAP matches costs about the same at 10k rows as at a million.
+# count that stops after PAGE_COUNT_CAP matches costs the same however large the table.
 PAGE_COUNT_CAP = 1_000
 
 
@@ -67,15 +67,15 @@ class CappedCountPaginator(Paginator):
         return capped_count(self.object_list, cap=PAGE_COUNT_CAP).value
 
 
-# Filters on a letter's deliveries look at this many of the latest matching deliveries: an index
+# Filters on a message's deliveries look at this many of the latest matching deliveries: an index
 # range of fixed size, where "any delivery ever on queue X" would be a semi-join over the whole
-# history. Older letters are found by message_id or in the Deliveries list (complete, by date).
+# history. Older messages are found by message_id or in the Deliveries list (complete, by date).
 RECENT_DELIVERIES = 1_000
 
 
 def recently_delivered(*, queue: str | None = None, status: str | None = None,
                        limit: int = RECENT_DELIVERIES) -> QuerySet:
-    """Ids of the letters of the latest `limit` deliveries on `queue` and/or with `status`."""
+    """Ids of the messages of the latest `limit` deliveries on `queue` and/or with `status`."""
     from messaging.models import Delivery
 
     deliveries = Delivery.objects.all()

@@ -11,20 +11,19 @@ from django.utils import timezone
 
 from messaging.audit import reconciling
 from messaging.models import Delivery, Message, Worker
-from messaging.web.counting import Count as RowCount
-from messaging.web.counting import capped_count
+from messaging.web.counting import RowCount, capped_count
 
 logger = logging.getLogger(__name__)
 
 CHART_MINUTES = 60
 UNDELIVERED_AFTER_MINUTES = 5
-# The dashboard looks for undelivered letters in the hour before the cutoff (the traffic's size,
+# The dashboard looks for undelivered messages in the hour before the cutoff (the traffic's size,
 # not the history's); `manage.py reconcile` looks further back.
 UNDELIVERED_LOOKBACK = timedelta(hours=1)
 
 
-def letter_counts() -> list[tuple[str, str, RowCount]]:
-    """(status, label, count) for each letter status; each count rides the (status, created_at) index."""
+def message_counts() -> list[tuple[str, str, RowCount]]:
+    """(status, label, count) for each message status; each count rides the (status, created_at) index."""
     return [(value, label, capped_count(Message.objects.filter(status=value))) for value, label in Message.Status.choices]
 
 
@@ -35,7 +34,7 @@ def delivery_counts() -> list[tuple[str, str, RowCount]]:
 
 @dataclass(frozen=True, kw_only=True)
 class Chart:
-    """Letters published vs deliveries received per minute, as SVG coordinates."""
+    """Messages published vs deliveries received per minute, as SVG coordinates."""
 
     width: int
     height: int
@@ -86,7 +85,7 @@ def workers_alive():
 
 
 def recent_failures(*, limit: int = 10) -> list[dict]:
-    """The latest failed/unroutable letters and rejected deliveries, newest first (one index range each)."""
+    """The latest failed/unroutable messages and rejected deliveries, newest first (one index range each)."""
     failures = []
     for status in (Message.Status.FAILED, Message.Status.UNROUTABLE):
         for m in Message.objects.filter(status=status).only(
@@ -104,7 +103,7 @@ def recent_failures(*, limit: int = 10) -> list[dict]:
 def summary() -> dict:
     """Everything the dashboard shows from the database."""
     return {
-        "letter_counts": letter_counts(),
+        "message_counts": message_counts(),
         "delivery_counts": delivery_counts(),
         "chart": traffic_chart(),
         "workers": workers_alive(),

@@ -150,7 +150,7 @@ class PublishForm(forms.Form):
             raise forms.ValidationError(str(exc)) from exc
         return data
 
-    def letter_kwargs(self) -> dict:
+    def message_kwargs(self) -> dict:
         """Keyword arguments for `create_message`."""
         d = self.cleaned_data
         return {
@@ -160,9 +160,3 @@ class PublishForm(forms.Form):
             "message_id": d["message_id"], "headers": d["headers"], "properties": d["properties"],
             "delivery_mode": 2 if d["persistent"] else 1,
         }
-
-
-class RepublishForm(forms.Form):
-    """The confirmation step of a republish (a POST with the CSRF token is the confirmation)."""
-
-    confirm = forms.BooleanField(required=True, widget=forms.HiddenInput, initial=True)

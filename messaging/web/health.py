@@ -7,14 +7,15 @@ restart) reports the same figures. Access: with MAILROOM_METRICS_TOKEN set, a sc
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
-import threading
 import time
 from datetime import timedelta
 from http import HTTPStatus
 
 from django.conf import settings
+from django.core.cache import cache
 from django.db import DatabaseError, connection
 from django.http import HttpResponse, JsonResponse
 from django.utils import timezone
@@ -31,12 +32,14 @@ from messaging.web.counting import capped_count
 
 logger = logging.getLogger(__name__)
 
+# The check's socket timeout (see `connect`): a broker that does not answer is unhealthy quickly.
 HEALTH_BROKER_TIMEOUT = 2.0
 # /healthz needs no login: its broker check (a new AMQP connection) is shared by the requests of a
 # process for this long, so that a flood of them cannot churn the broker's connections.
 HEALTH_BROKER_REUSE_SECONDS = 2.0
-_broker_checked: dict[str, tuple[float, bool]] = {}  # RABBITMQ_URL -> (when, answered)
-_broker_check_lock = threading.Lock()
+# Longer than a check can take (twice HEALTH_BROKER_TIMEOUT per address): a claim on the check
+# that is older was lost with its request, and the next request checks instead.
+HEALTH_BROKER_CHECK_SECONDS = 30.0
 
 
 def check_database() -> bool:
@@ -50,25 +53,22 @@ def check_database() -> bool:
 
 
 def check_broker() -> bool:
-    """Whether the broker answers a login: one check at a time per process, its answer reused for
-    `HEALTH_BROKER_REUSE_SECONDS` after it came, and while the next check runs (a broker that drops
+    """Whether the broker answers a login: one check at a time, its answer reused for
+    `HEALTH_BROKER_REUSE_SECONDS` after it came and while the next check runs (a broker that drops
     packets takes up to twice `HEALTH_BROKER_TIMEOUT` per address to fail: requests do not queue
-    behind it)."""
-    url = conf.get("RABBITMQ_URL")
-    checked = _broker_checked.get(url)
-    if checked is not None and time.monotonic() - checked[0] < HEALTH_BROKER_REUSE_SECONDS:
-        return checked[1]
-    if not _broker_check_lock.acquire(blocking=checked is None):
-        return checked[1]  # a check is running: the last answer meanwhile
-    try:
-        checked = _broker_checked.get(url)  # another request's check may have just finished
-        if checked is None or time.monotonic() - checked[0] >= HEALTH_BROKER_REUSE_SECONDS:
-            answered = _broker_answers()
-            _broker_checked.clear()
-            _broker_checked[url] = checked = (time.monotonic(), answered)
-        return checked[1]
-    finally:
-        _broker_check_lock.release()
+    behind it). Answer and claim live in Django's cache, which by default is the process's own."""
+    # Keyed by a hash of RABBITMQ_URL: an answer is about one broker, and the key holds no password.
+    key = "mailroom:healthz:broker:" + hashlib.sha256(conf.get("RABBITMQ_URL").encode()).hexdigest()
+    deadline = time.monotonic() + HEALTH_BROKER_CHECK_SECONDS
+    while not cache.add(f"{key}:claimed", True, timeout=HEALTH_BROKER_CHECK_SECONDS):
+        answered = cache.get(key)
+        if answered is not None or time.monotonic() > deadline:
+            return bool(answered)  # checked a moment ago or being checked now: the last answer
+        time.sleep(0.05)  # the first check is under way: its answer, or the claim, comes soon
+    answered = _broker_answers()
+    cache.set(key, answered, timeout=None)
+    cache.set(f"{key}:claimed", True, timeout=HEALTH_BROKER_REUSE_SECONDS)  # the moment counts from the answer
+    return answered
 
 
 def _broker_answers() -> bool:
@@ -93,12 +93,12 @@ class MailroomCollector:
     """Reads Mailroom's figures when Prometheus scrapes (bounded queries; see messaging.web.counting)."""
 
     def collect(self):
-        letters = GaugeMetricFamily(
+        messages = GaugeMetricFamily(
             "mailroom_letters", "Letters by status (exact up to 10,000, the planner's estimate beyond).",
             labels=["status"])
         for value, _ in Message.Status.choices:
-            letters.add_metric([value], capped_count(Message.objects.filter(status=value)).value)
-        yield letters
+            messages.add_metric([value], capped_count(Message.objects.filter(status=value)).value)
+        yield messages
 
         deliveries = GaugeMetricFamily(
             "mailroom_deliveries", "Deliveries by status (exact up to 10,000, the planner's estimate beyond).",

@@ -1,3 +1,4 @@
+"""The app's URLs: pages, the HTTP API, the broker view, health and metrics."""
 from django.urls import path, register_converter
 
 from messaging.web import api, health, queues, views

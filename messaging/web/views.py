@@ -1,4 +1,4 @@
-"""Pages: publish, the history, a letter's trail, the dashboard."""
+"""Pages: publish, the history, a message's trail, the dashboard."""
 from __future__ import annotations
 
 import hashlib
@@ -32,14 +32,14 @@ def publish(request):
     form = PublishForm(request.POST or None)
     preview = None
     if request.method == "POST" and form.is_valid():
-        if "preview" in request.POST:  # re-render with where the letter would go; nothing is written
+        if "preview" in request.POST:  # re-render with where the message would go; nothing is written
             d = form.cleaned_data
             preview = preview_route(exchange=d["exchange"], routing_key=d["routing_key"], headers=d["headers"],
                                     declare=d["declare"])
         else:
             try:
                 with transaction.atomic():
-                    message = create_message(**form.letter_kwargs(), origin=Message.Origin.FORM, user=request.user)
+                    message = create_message(**form.message_kwargs(), origin=Message.Origin.FORM, user=request.user)
             except InvalidMessage as exc:  # e.g. a message_id already used
                 form.add_error(None, str(exc))
             else:
@@ -48,7 +48,7 @@ def publish(request):
 
 
 def _after_publish(request, message: Message):
-    """Tell the user the outcome recorded after the commit, then show the letter."""
+    """Tell the user the outcome recorded after the commit, then show the message."""
     if message.status == Message.Status.PENDING:
         flash.warning(request, f"Not published yet: {message.last_error or 'waiting for the broker'}. "
                                "It is kept as pending and the relay will retry.")
@@ -62,7 +62,7 @@ def _after_publish(request, message: Message):
 @login_required
 @permission_required(["messaging.add_message", "messaging.view_message"], raise_exception=True)
 def republish(request, message_id: str):
-    """Confirm, then publish a copy of a letter that records its original and who republished it."""
+    """Confirm, then publish a copy of a message that records its original and who republished it."""
     original = get_object_or_404(Message, message_id=message_id)
     if request.method == "POST":
         try:
@@ -78,24 +78,24 @@ def republish(request, message_id: str):
 @login_required
 @permission_required("messaging.view_message", raise_exception=True)
 def message_list(request):
-    letters = Message.objects.only(
+    messages = Message.objects.only(
         "message_id", "exchange", "routing_key", "status", "origin", "created_at", "body_size", "content_type",
     )
     status = request.GET.get("status", "")
     queue = request.GET.get("queue", "").strip()
     q = request.GET.get("q", "").strip()
     if status in Message.Status.values:
-        letters = letters.filter(status=status)
+        messages = messages.filter(status=status)
     if queue:
-        # Not a join + DISTINCT over every delivery ever made on the queue: the letters of its
+        # Not a join + DISTINCT over every delivery ever made on the queue: the messages of its
         # latest deliveries and the latest sent to it directly (two fixed-size index ranges).
-        ids = set(letters.filter(exchange="", routing_key=queue).order_by("-created_at")
+        ids = set(messages.filter(exchange="", routing_key=queue).order_by("-created_at")
                   .values_list("pk", flat=True)[:RECENT_DELIVERIES])
         ids.update(row["message_id"] for row in recently_delivered(queue=queue))
-        letters = letters.filter(pk__in=ids)
+        messages = messages.filter(pk__in=ids)
     if q:
-        letters = letters.filter(Q(message_id=q) | Q(routing_key=q) | Q(correlation_id=q))
-    page = CappedCountPaginator(letters.order_by("-created_at", "-id"), PAGE_SIZE).get_page(request.GET.get("page"))
+        messages = messages.filter(Q(message_id=q) | Q(routing_key=q) | Q(correlation_id=q))
+    page = CappedCountPaginator(messages.order_by("-created_at", "-id"), PAGE_SIZE).get_page(request.GET.get("page"))
     return render(request, "messaging/message_list.html", {
         "page": page, "status": status, "queue": queue, "q": q, "statuses": Message.Status.choices,
     })
@@ -126,7 +126,7 @@ def message_detail(request, message_id: str):
 DELIVERIES_SHOWN = 100
 
 
-PAGE_BODY_BYTES = 64 * 1024  # the page reloads itself every second until the letter settles
+PAGE_BODY_BYTES = 64 * 1024  # the page reloads itself every second until the message settles
 
 
 def body_view(body: bytes, *, sha256: str = "") -> dict:

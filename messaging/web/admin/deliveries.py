@@ -1,0 +1,47 @@
+"""The Delivery admin: every delivery of every message, by date, searched by queue or message_id."""
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import reverse
+from django.utils.html import format_html
+
+from messaging.models import Delivery, Message
+from messaging.web.admin.base import ReadOnlyAdmin, calendar
+from messaging.web.admin.filters import DeliveryQueueFilter
+
+
+@admin.register(Delivery)
+class DeliveryAdmin(ReadOnlyAdmin):
+    list_display = ["id", "message_link", "queue", "attempt", "redelivered", "duplicate", "status", "worker",
+                    "received_at", "settled_at"]
+    list_filter = ["status", DeliveryQueueFilter, "redelivered"]
+    search_fields = ["queue"]  # exact message_id or queue: see get_search_results
+    search_help_text = "Exact message_id of the letter, or queue name."
+    date_hierarchy = "received_at"
+    list_select_related = ["message", "worker"]
+    sortable_by = ["received_at"]
+    ordering = ["-received_at", "-id"]
+    readonly_fields = ["message_link", "queue", "consumer_tag", "delivery_tag", "redelivered", "attempt", "duplicate",
+                       "exchange", "routing_key", "status", "worker", "received_at", "handled_at", "settled_at", "error"]
+    fields = readonly_fields
+
+    def get_queryset(self, request):
+        queryset = super().get_queryset(request)
+        if request.resolver_match and request.resolver_match.url_name == "messaging_delivery_changelist":
+            queryset = queryset.defer("message__body", "message__headers", "message__properties",
+                                      "message__last_error", "error")
+        return calendar(queryset)
+
+    def get_search_results(self, request, queryset, search_term):
+        """Exact matches only: the deliveries on a queue, or those of the message with a message_id."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        message_pk = Message.objects.filter(message_id=term).values_list("pk", flat=True).first()
+        by_queue = queryset.filter(queue=term)
+        return (by_queue | queryset.filter(message_id=message_pk)) if message_pk else by_queue, False
+
+    @admin.display(description="letter", ordering="message__created_at")
+    def message_link(self, obj):
+        return format_html('<a href="{}">{}</a>', reverse("admin:messaging_message_change", args=[obj.message_id]),
+                           obj.message.message_id)
