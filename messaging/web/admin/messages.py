@@ -14,8 +14,13 @@ from django.utils.html import format_html, format_html_join
 from messaging.errors import InvalidMessage
 from messaging.models import Delivery, Message
 from messaging.outbox.publishing import republish
-from messaging.web.admin import exports
 from messaging.web.admin.base import ReadOnlyAdmin, calendar
+from messaging.web.admin.exports import (
+    body_text,
+    csv_response,
+    json_response,
+    with_delivery_summary,
+)
 from messaging.web.admin.filters import (
     DeliveryStatusFilter,
     ExchangeFilter,
@@ -92,7 +97,7 @@ class MessageAdmin(ReadOnlyAdmin):
     def get_queryset(self, request):
         queryset = super().get_queryset(request)
         if request.resolver_match and request.resolver_match.url_name == "messaging_message_changelist":
-            queryset = exports.with_delivery_summary(queryset.defer("body", "headers", "properties", "last_error"))
+            queryset = with_delivery_summary(queryset.defer("body", "headers", "properties", "last_error"))
         return calendar(queryset)
 
     def get_search_results(self, request, queryset, search_term):
@@ -133,7 +138,7 @@ class MessageAdmin(ReadOnlyAdmin):
     @admin.display(description="body")
     def body_preview(self, obj):
         body = bytes(obj.body)
-        text, encoding = exports.body_text(body[:4096])
+        text, encoding = body_text(body[:4096])
         suffix = f" … ({len(body):,} bytes in all)" if len(body) > 4096 else ""
         return format_html("<pre>{}</pre>{}", text if encoding == "utf-8" else f"base64: {text}", suffix)
 
@@ -175,9 +180,9 @@ class MessageAdmin(ReadOnlyAdmin):
     @admin.action(description="Export the selected letters as CSV", permissions=["view"])
     def export_csv(self, request, queryset):
         logger.info("export format=csv by=%s", request.user.pk)
-        return exports.csv_response(queryset)
+        return csv_response(queryset)
 
     @admin.action(description="Export the selected letters as JSON (with their deliveries)", permissions=["view"])
     def export_json(self, request, queryset):
         logger.info("export format=json by=%s", request.user.pk)
-        return exports.json_response(queryset)
+        return json_response(queryset)
