@@ -1,11 +1,15 @@
-# Mailroom — `make run` runs the whole post office, `make test` runs the tests (SQLite, then PostgreSQL).
+# Mailroom — `make run` runs the whole post office, `make test` runs the tests (SQLite, then PostgreSQL);
+# `make test-unit` runs the unit tier alone (no broker, no database server; seconds).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PG_TEST_URL ?= postgres://postgres@127.0.0.1:5432/mailroom
 SQLITE_URL  := sqlite:///$(CURDIR)/db.sqlite3
+UNIT_DB_URL := sqlite:///$(CURDIR)/unit.sqlite3
+# Nothing listens there: the unit tier proves it needs no broker.
+CLOSED_RABBITMQ_URL := amqp://guest:guest@127.0.0.1:1/%2F
 
-.PHONY: setup run test test-sqlite test-postgres services check-python bench clean
+.PHONY: setup run test test-sqlite test-postgres test-unit services check-python bench clean
 
 check-python:
 	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 12) else "Mailroom needs Python >= 3.12 (Django 6); $(PYTHON) is %d.%d. Install one (e.g. pyenv install 3.12) or run make PYTHON=python3.12 ..." % v[:2])'
@@ -30,20 +34,39 @@ run: setup services
 	@echo "Mailroom: http://$${MAILROOM_BIND:-127.0.0.1:8000}/ (web, worker for the queue 'hello', relay). Ctrl-C stops them all."
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/honcho start || test $$? -eq 130  # 130: stopped by Ctrl-C
 
-# The tests, on SQLite and then on PostgreSQL, against the real RabbitMQ.
+# pytest with DATABASE_URL=$(1) and more environment $(2); a run that collected no tests (pytest's
+# exit code 5, e.g. a PYTEST_ARGS selection that matches nothing) fails, and says so.
+define pytest_run
+@echo "DATABASE_URL=$(1) $(2) $(PY) -m pytest $(3) $(PYTEST_ARGS)"
+@code=0; DATABASE_URL=$(1) $(2) $(PY) -m pytest $(3) $(PYTEST_ARGS) || code=$$?; \
+if [ $$code -eq 5 ]; then echo "pytest collected no tests (exit code 5): nothing was tested, which is a failure." >&2; fi; \
+exit $$code
+endef
+
+# The tests, on SQLite and then on PostgreSQL, against the real RabbitMQ: both suites run even when
+# the first fails; the exit code is non-zero when either failed.
 test: setup
 	@scripts/services.sh rabbitmq postgres management chromium
-	$(MAKE) --no-print-directory test-sqlite test-postgres
+	@sqlite=0; postgres=0; \
+	$(MAKE) --no-print-directory test-sqlite || sqlite=$$?; \
+	$(MAKE) --no-print-directory test-postgres || postgres=$$?; \
+	verdict() { [ "$$1" -eq 0 ] && echo passed || echo FAILED; }; \
+	echo "make test: SQLite $$(verdict $$sqlite), PostgreSQL $$(verdict $$postgres)"; \
+	[ $$sqlite -eq 0 ] && [ $$postgres -eq 0 ]
 
 test-sqlite:
-	DATABASE_URL=$(SQLITE_URL) $(PY) -m pytest $(PYTEST_ARGS)
+	$(call pytest_run,$(SQLITE_URL))
 
 test-postgres:
-	DATABASE_URL=$(PG_TEST_URL) $(PY) -m pytest $(PYTEST_ARGS)
+	$(call pytest_run,$(PG_TEST_URL))
+
+# The unit tier (tests/unit/): with RabbitMQ pointed at a closed port and SQLite in-process.
+test-unit: setup
+	$(call pytest_run,$(UNIT_DB_URL),RABBITMQ_URL=$(CLOSED_RABBITMQ_URL),-m unit)
 
 bench: setup
 	$(PY) bench/consume.py
 	$(PY) bench/publish.py
 
 clean:
-	rm -rf $(VENV) staticfiles db.sqlite3* test_db.sqlite3*
+	rm -rf $(VENV) staticfiles db.sqlite3* test_db.sqlite3* unit.sqlite3* test_unit.sqlite3*

@@ -1,17 +1,30 @@
 #!/usr/bin/env bash
 # Make sure the services Mailroom needs answer; start local ones that are installed but stopped.
-#   scripts/services.sh rabbitmq [postgres] [chromium]
+#   scripts/services.sh rabbitmq [management] [postgres] [chromium]
 # Exits non-zero, saying what to do, when a service cannot be had.
+# Where: RABBITMQ_URL (the broker), RABBITMQ_MANAGEMENT_URL (its management API, default
+# http://guest:guest@127.0.0.1:15672/), RABBITMQ_NODENAME (the node rabbitmqctl talks to), from the
+# environment, else from .env.
 set -uo pipefail
 
 say() { printf '%s\n' "$*" >&2; }
 
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
-# RABBITMQ_URL from the environment, else from .env (as Django and honcho read it), else the default.
-if [[ -z "${RABBITMQ_URL:-}" && -f .env ]]; then
-  RABBITMQ_URL="$(sed -n 's/^[[:space:]]*RABBITMQ_URL[[:space:]]*=[[:space:]]*//p' .env | tail -n1 | tr -d '"'"'"'')"
-fi
+# Each variable from the environment, else from .env (as Django and honcho read it), else its default.
+for name in RABBITMQ_URL RABBITMQ_MANAGEMENT_URL RABBITMQ_NODENAME; do
+  if [[ -z "${!name:-}" && -f .env ]]; then
+    value="$(sed -n "s/^[[:space:]]*${name}[[:space:]]*=[[:space:]]*//p" .env | tail -n1 | tr -d '"'"'"'')"
+    [[ -n "$value" ]] && printf -v "$name" '%s' "$value" && export "${name?}"
+  fi
+done
+
+# rabbitmqctl and rabbitmq-plugins talk to the node RABBITMQ_NODENAME names, when it is set.
+# (rabbitmq-plugins writes the file RABBITMQ_ENABLED_PLUGINS_FILE names, else the machine's, then tells the node.)
+NODE_ARGS=()
+[[ -n "${RABBITMQ_NODENAME:-}" ]] && NODE_ARGS=(-n "$RABBITMQ_NODENAME")
+
+is_local() { [[ "$1" == "localhost" || "$1" == "127.0.0.1" || "$1" == "::1" ]]; }
 
 # host and port of the first address in RABBITMQ_URL (default localhost:5672)
 rabbit_host_port() {
@@ -25,7 +38,7 @@ rabbit_host_port() {
 ensure_rabbitmq() {
   read -r host port < <(rabbit_host_port)
   if port_open "$host" "$port"; then return 0; fi
-  if [[ "$host" != "localhost" && "$host" != "127.0.0.1" ]]; then
+  if ! is_local "$host"; then
     say "RabbitMQ does not answer at $host:$port (RABBITMQ_URL). Start it there, or unset RABBITMQ_URL to use a local one."
     return 1
   fi
@@ -39,23 +52,49 @@ ensure_rabbitmq() {
       return 1
     fi
   fi
-  if timeout 20 rabbitmqctl -q status >/dev/null 2>&1; then
+  if timeout 20 rabbitmqctl "${NODE_ARGS[@]}" -q status >/dev/null 2>&1; then
     say "A local RabbitMQ node is running, but nothing answers at $host:$port: check the port in RABBITMQ_URL."
     return 1
   fi
   say "Starting rabbitmq-server ..."
   rabbitmq-server -detached >/dev/null 2>&1 || true
-  timeout 120 rabbitmqctl await_startup >/dev/null 2>&1 || { say "RabbitMQ did not start (see /var/log/rabbitmq)."; return 1; }
+  # -detached returns before the node can be reached: await_startup fails at once until it can.
+  local started=""
+  for _ in $(seq 1 30); do
+    if timeout 120 rabbitmqctl "${NODE_ARGS[@]}" -q await_startup >/dev/null 2>&1; then started=1; break; fi
+    sleep 2
+  done
+  [[ -n "$started" ]] || { say "RabbitMQ did not start (see /var/log/rabbitmq)."; return 1; }
   port_open "$host" "$port" || { say "RabbitMQ started but $host:$port does not answer."; return 1; }
 }
 
+# host and port of RABBITMQ_MANAGEMENT_URL (default 127.0.0.1:15672)
+management_host_port() {
+  local url="${RABBITMQ_MANAGEMENT_URL:-http://guest:guest@127.0.0.1:15672/}"
+  local scheme="${url%%://*}"
+  url="${url#*://}"; url="${url%%/*}"; url="${url##*@}"
+  local host="$url" port
+  if [[ "$url" == \[* ]]; then  # [IPv6]:port
+    host="${url%%]*}"; host="${host#[}"; port="${url##*]}"; port="${port#:}"
+  elif [[ "$url" == *:* ]]; then
+    host="${url%%:*}"; port="${url##*:}"
+  fi
+  if [[ -z "${port:-}" ]]; then [[ "$scheme" == https ]] && port=443 || port=80; fi
+  echo "$host $port"
+}
+
 ensure_management() {
-  # The management HTTP API (queue depths, rates, bindings) on 127.0.0.1:15672.
-  port_open 127.0.0.1 15672 && return 0
+  # The management HTTP API (queue depths, rates, bindings) where RABBITMQ_MANAGEMENT_URL says.
+  read -r host port < <(management_host_port)
+  port_open "$host" "$port" && return 0
+  if ! is_local "$host"; then
+    say "The RabbitMQ management API does not answer at $host:$port (RABBITMQ_MANAGEMENT_URL)."
+    return 1
+  fi
   command -v rabbitmq-plugins >/dev/null 2>&1 || return 0
-  rabbitmq-plugins enable rabbitmq_management >/dev/null 2>&1 || true
-  for _ in $(seq 1 30); do port_open 127.0.0.1 15672 && return 0; sleep 1; done
-  say "The RabbitMQ management plugin did not come up on 127.0.0.1:15672."
+  rabbitmq-plugins "${NODE_ARGS[@]}" enable rabbitmq_management >/dev/null 2>&1 || true
+  for _ in $(seq 1 30); do port_open "$host" "$port" && return 0; sleep 1; done
+  say "The RabbitMQ management plugin did not come up on $host:$port (RABBITMQ_MANAGEMENT_URL)."
   return 1
 }
 

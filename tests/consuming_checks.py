@@ -9,6 +9,7 @@ import pika
 from django.conf import settings
 
 from messaging.models import Delivery, Message
+from tests.conftest import rabbitmqctl_command
 
 
 def connect() -> pika.BlockingConnection:
@@ -41,7 +42,7 @@ def publish(queue: str, count: int, *, prefix: str = "", body: bytes | None = No
 
 
 def rabbitmqctl(*args: str, timeout: float = 60) -> str:
-    out = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(rabbitmqctl_command(*args), capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"rabbitmqctl {' '.join(args)}: {out.stderr}"
     return out.stdout
 

@@ -1,7 +1,6 @@
 """Past one machine: competing `consume` workers on one queue, a cluster URL with a dead first address."""
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import re
@@ -17,13 +16,12 @@ from django.db.models import Count
 
 from messaging.models import Delivery, Message, Worker
 from messaging.outbox.publishing import create_message
-from tests.conftest import queue_depth, subprocess_env, wait_for
+from tests.conftest import management_request, queue_depth, subprocess_env, wait_for
 
 logger = logging.getLogger(__name__)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-MANAGEMENT = "http://127.0.0.1:15672"
 BURST = 10_000
 WORKERS = 3
 
@@ -99,8 +97,6 @@ def test_a_dead_first_broker_address_is_skipped(settings, fresh_publisher, amqp,
 def queue_type(name: str) -> str:
     """The queue's type from the management HTTP API (plugin enabled by scripts/services.sh)."""
     with urllib.request.urlopen(
-        urllib.request.Request(f"{MANAGEMENT}/api/queues/%2F/{urllib.parse.quote(name, safe='')}",
-                               headers={"Authorization": "Basic " + base64.b64encode(b"guest:guest").decode()}),
-        timeout=10,
+        management_request(f"queues/%2F/{urllib.parse.quote(name, safe='')}"), timeout=10,
     ) as response:
         return json.load(response)["type"]

@@ -20,13 +20,6 @@ pytestmark = pytest.mark.django_db
 MANAGEMENT_URL = management_url()
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    """No broker answer or alarm kept from another test (they live in Django's cache for a moment)."""
-    cache.clear()
-    yield
-    cache.clear()
-
 
 def samples(response) -> dict[tuple[str, tuple], float]:
     found = {}

@@ -18,13 +18,24 @@ import pytest
 from django.conf import settings
 from django.urls import path
 
-from tests.conftest import ROOT, subprocess_env, wait_for
+from tests.conftest import (
+    ROOT,
+    management_url,
+    rabbitmq_host,
+    rabbitmq_url_with,
+    subprocess_env,
+    url_with,
+    wait_for,
+)
 
 logger = logging.getLogger(__name__)
 
 PASSWORD = "mq-Pw-4f9c2e"
 DB_PASSWORD = "db-Pw-7b1d0a"
-SECRET_URL = f"amqp://mailroom:{PASSWORD}@127.0.0.1:5672/%2F"
+# The broker's host and port with a user that does not exist there: a login the broker refuses.
+SECRET_URL = rabbitmq_url_with(user="mailroom", password=PASSWORD)
+# A second node that is never contacted (the masking of a cluster's addresses).
+OTHER_NODE_URL = f"amqp://mailroom:{PASSWORD}@rabbit-2.invalid/%2F"
 
 # The production environment documented in the README (docs/deployment.md).
 PRODUCTION_ENV = {
@@ -75,7 +86,7 @@ def test_debug_error_page_masks_the_broker_password(client, settings):
     settings.DEBUG = True
     settings.ROOT_URLCONF = __name__
     settings.RABBITMQ_URL = SECRET_URL
-    settings.RABBITMQ_MANAGEMENT_URL = f"http://mailroom:{PASSWORD}@127.0.0.1:15672/"
+    settings.RABBITMQ_MANAGEMENT_URL = url_with(management_url(), user="mailroom", password=PASSWORD)
     client.raise_request_exception = False
     response = client.get(
         "/boom/", RABBITMQ_URL=SECRET_URL, DATABASE_URL=f"postgres://mailroom:{DB_PASSWORD}@db/mailroom",
@@ -85,18 +96,19 @@ def test_debug_error_page_masks_the_broker_password(client, settings):
     assert "RuntimeError" in page and "RABBITMQ_URL" in page  # it is the technical 500 page
     assert PASSWORD not in page
     assert DB_PASSWORD not in page
-    assert "mailroom:***@127.0.0.1" in page
+    assert f"mailroom:***@{rabbitmq_host()}" in page
 
 
 def test_diffsettings_masks_secrets():
     env = subprocess_env(
-        RABBITMQ_URL=f"{SECRET_URL},amqp://mailroom:{PASSWORD}@10.0.0.2:5672/%2F",
+        RABBITMQ_URL=f"{SECRET_URL},{OTHER_NODE_URL}",
         DATABASE_URL=f"postgres://mailroom:{DB_PASSWORD}@127.0.0.1:5432/mailroom",
         DJANGO_SECRET_KEY="a-secret-key-that-must-not-show-0123456789-abcdefghij",
     )
     out = manage_py("diffsettings", "--all", env=env)
     assert out.returncode == 0, out.stderr
-    assert "RABBITMQ_URL = 'amqp://mailroom:***@127.0.0.1:5672/%2F,amqp://mailroom:***@10.0.0.2:5672/%2F'" in out.stdout
+    masked = f"{SECRET_URL},{OTHER_NODE_URL}".replace(f":{PASSWORD}@", ":***@")
+    assert f"RABBITMQ_URL = {masked!r}" in out.stdout
     for secret in (PASSWORD, DB_PASSWORD, "a-secret-key-that-must-not-show"):
         assert secret not in out.stdout
 
@@ -113,12 +125,12 @@ def test_logs_never_show_the_password():
     out = manage_py("shell", "-c", code, env=subprocess_env(RABBITMQ_URL=SECRET_URL))
     assert out.returncode == 0, out.stderr
     logged = out.stdout + out.stderr
-    assert "connecting to amqp://mailroom:***@127.0.0.1" in logged
+    assert f"connecting to amqp://mailroom:***@{rabbitmq_host()}" in logged
     assert "ConnectionError: amqp://mailroom:***@" in logged
     assert PASSWORD not in logged
 
     # A worker that cannot log in, stopped after it has said so.
-    env = subprocess_env(RABBITMQ_URL=f"amqp://mailroom:{PASSWORD}@127.0.0.1:5672/%2F")
+    env = subprocess_env(RABBITMQ_URL=SECRET_URL)
     worker = subprocess.Popen(
         [sys.executable, str(ROOT / "manage.py"), "consume", "t-never-used", "-v", "2"], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -17,13 +17,6 @@ pytestmark = pytest.mark.django_db
 MANAGEMENT_URL = management_url()
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    """No alarms kept from another test (every page keeps them in Django's cache for a moment)."""
-    cache.clear()
-    yield
-    cache.clear()
-
 
 @pytest.fixture
 def two_ready(queue_name, amqp):

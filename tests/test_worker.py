@@ -1,16 +1,14 @@
 """The `consume` worker's options, signals, the RabbitMQ tutorial patterns, and the worker registry."""
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import time
-import urllib.request
 from itertools import islice
 
 import pika
-from django.core.management import call_command
 import pytest
+from django.core.management import call_command
 
 from messaging.amqp.connection import handshake_error
 from messaging.backoff import backoff_delays
@@ -19,7 +17,13 @@ from messaging.consumer.registry import GC_THRESHOLDS
 from messaging.errors import ConnectionLost, FatalBrokerError
 from messaging.models import Delivery, Message, Worker
 from messaging.stopping import StopFlag
-from tests.conftest import delete_queue, subprocess_env, wait_for
+from tests.conftest import (
+    delete_queue,
+    management_api,
+    rabbitmq_url_with,
+    subprocess_env,
+    wait_for,
+)
 from tests.consuming_checks import (
     acked_count,
     assert_exactly_once,
@@ -42,11 +46,8 @@ def exchange_name(queue_name):
 
 
 def api(path: str):
-    """GET the management API (guest:guest, as in CI)."""
-    request = urllib.request.Request(f"http://127.0.0.1:15672/api/{path}",
-                                     headers={"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="})
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return json.load(response)
+    """GET the management API (RABBITMQ_MANAGEMENT_URL)."""
+    return management_api(path, timeout=5)
 
 
 def server_named_queues(exchange: str) -> list[str]:
@@ -234,12 +235,12 @@ def test_two_queues_in_one_worker_and_its_registry_row(queue_name, manage):
 
 
 # --- errors retrying cannot fix ------------------------------------------------------------------
-@pytest.mark.parametrize("url, said", [
-    ("amqp://guest:not-the-password@127.0.0.1:5672/%2F", "refused the login"),
-    ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "ProbableAccessDeniedError"),
+@pytest.mark.parametrize("wrong, said", [
+    pytest.param({"password": "not-the-password"}, "refused the login", id="password"),
+    pytest.param({"vhost": "no-such-vhost"}, "ProbableAccessDeniedError", id="vhost"),
 ])
-def test_wrong_credentials_or_vhost_exit_non_zero_without_a_reconnect_storm(queue_name, manage, url, said):
-    worker = manage("consume", queue_name, env=subprocess_env(RABBITMQ_URL=url))
+def test_wrong_credentials_or_vhost_exit_non_zero_without_a_reconnect_storm(queue_name, manage, wrong, said):
+    worker = manage("consume", queue_name, env=subprocess_env(RABBITMQ_URL=rabbitmq_url_with(**wrong)))
     assert worker.wait(timeout=20) == 1, worker.output
     assert "cannot consume" in worker.output and said in worker.output
     assert "reconnecting" not in worker.output
