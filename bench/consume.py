@@ -34,7 +34,7 @@ from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from django.db import connection  # noqa: E402
 
-from messaging import recording  # noqa: E402
+from messaging.consumer import recording  # noqa: E402
 from messaging.consumer.registry import fewer_gc_passes  # noqa: E402
 from messaging.consumer.worker import ConsumeOptions  # noqa: E402
 from messaging.consumer.worker import Consumer as Worker  # noqa: E402

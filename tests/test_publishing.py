@@ -21,6 +21,7 @@ from messaging.outbox.publishing import (
 )
 from messaging.outbox.routing import preview_route, topic_matches
 from messaging.outbox.validation import decode_body
+from tests.conftest import management_url, rabbitmq_url_with, rabbitmqctl_command
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -35,7 +36,7 @@ def send(**kwargs) -> Message:
 
 
 def rabbitmqctl(*args: str) -> str:
-    out = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(rabbitmqctl_command(*args), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, f"rabbitmqctl {' '.join(args)}: {out.stderr}"
     return out.stdout
 
@@ -160,7 +161,6 @@ def test_an_outcome_that_cannot_be_written_leaves_the_letter_pending(queue_name,
         raise OperationalError("the database went away")
 
     monkeypatch.setattr("messaging.outbox.publishing.record_outcome", database_gone)
-    monkeypatch.setattr("messaging.publishing._postgresql_outside_a_transaction", lambda db=None: False)
     with transaction.atomic():
         letter = create_message(routing_key=queue_name, body=b"x", declare=True)
     letter.refresh_from_db()
@@ -239,7 +239,7 @@ def test_a_declaration_the_broker_never_answers_is_given_up_after_the_timeout(
 
 def test_a_refused_login_leaves_the_letter_pending(settings, fresh_publisher, queue_name):
     """Wrong credentials are the deployment's fault, not the letter's: it waits for the relay."""
-    settings.RABBITMQ_URL = "amqp://guest:not-the-password@127.0.0.1:5672/%2F"
+    settings.RABBITMQ_URL = rabbitmq_url_with(password="not-the-password")
     letter = send(routing_key=queue_name, body=b"x", declare=True)
     assert letter.status == Message.Status.PENDING and "refused the login" in letter.last_error
     assert "not-the-password" not in letter.last_error
@@ -292,12 +292,41 @@ def test_publish_step_writes_one_update(queue_name):
         assert len(statements) == 1 and statements[0].startswith("UPDATE"), statements
 
 
+def test_an_outcomes_relaxed_commit_never_reaches_the_callers_transaction(queue_name):
+    """PostgreSQL: an outcome written on its own commits without waiting for the WAL flush, for that
+    transaction only; written inside the caller's transaction, it leaves the caller's durability alone."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("synchronous_commit is PostgreSQL's")
+
+    def synchronous_commit() -> str:
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW synchronous_commit")
+            return cursor.fetchone()[0]
+
+    send(routing_key=queue_name, body=b"warm", declare=True)
+    usual = synchronous_commit()
+    alone = Message.objects.create(routing_key=queue_name, body=b"x", status=Message.Status.PENDING)
+    for _ in range(6):  # past psycopg's prepare_threshold: the prepared statement behaves the same
+        publish_message(alone)
+    assert synchronous_commit() == usual
+    assert connection.connection.info.transaction_status == 0  # IDLE: nothing left open
+    with transaction.atomic():
+        inside = Message.objects.create(routing_key=queue_name, body=b"y", status=Message.Status.PENDING)
+        publish_message(inside)
+        assert synchronous_commit() == usual
+    for message in (alone, inside):
+        message.refresh_from_db()
+        assert message.status == Message.Status.PUBLISHED
+    assert (alone.attempts, inside.attempts) == (6, 1)
+
+
 def test_a_locked_letter_fails_its_outcome_cleanly_and_the_connection_goes_on(queue_name, amqp):
     """Another transaction holds the letter's row (an admin edit, a relay): the outcome cannot be
     written within lock_timeout. The error is Django's, no transaction is left open on the
     connection, and the letter stays pending for the relay. (No queue is bound: an `unroutable`
-    outcome, written before the step returns on both databases; PostgreSQL reads a `published`
-    one's answer later: test_outcome_in_flight.py.)"""
+    outcome; every outcome is written before the step returns.)"""
     from django.db import OperationalError, connection, connections
 
     with transaction.atomic():
@@ -385,7 +414,7 @@ def test_topic_matching_agrees_with_the_definition_and_takes_no_exponential_path
 
 
 def test_routing_preview_from_the_management_api(settings, amqp, queue_name):
-    settings.RABBITMQ_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672/"
+    settings.RABBITMQ_MANAGEMENT_URL = management_url()
     exchange = f"t-preview-{uuid.uuid4().hex[:8]}"
     amqp.exchange_declare(exchange, exchange_type="topic", auto_delete=False)
     try:

@@ -9,14 +9,13 @@ import pika
 import pytest
 from django.db import connection, transaction
 
-from messaging.consumer import recording
+from messaging.consumer import recording, writers
 from messaging.consumer.recording import (
     Received,
     record_batch,
     record_lost,
     record_settled,
 )
-from messaging.consumer import writers
 from messaging.consumer.writers import PostgreSQLWriter, SQLiteWriter, writer_for
 from messaging.models import Delivery, Message
 

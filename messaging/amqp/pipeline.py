@@ -19,15 +19,14 @@ from messaging.errors import BrokerError, FatalBrokerError, FrameTooLarge
 logger = logging.getLogger(__name__)
 
 
-# --- pipelined confirms (the relay) ---------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class Outcome:
-    """What the broker said about one letter of a batch."""
+    """What the broker said about one message of a batch."""
 
     PUBLISHED = "published"
     UNROUTABLE = "unroutable"
     RETRY = "retry"
-    REFUSED = "refused"  # the channel was closed with 403/404/406: publish it alone to learn which letter
+    REFUSED = "refused"  # the channel was closed with 403/404/406: publish it alone to learn which message
 
     status: str
     reason: str = ""
@@ -36,10 +35,10 @@ class Outcome:
 class PipelinedPublisher:
     """A long-lived `SelectConnection` that publishes a batch with confirms in flight (a window).
 
-    Confirms arrive asynchronously; the ioloop runs only inside `publish_batch`, in the calling
-    thread. A letter is `published` on ack, `unroutable` when the broker returned it before the ack,
+    Confirms arrive asynchronously; the ioloop runs only inside `send` and `collect`, in the calling
+    thread. A message is `published` on ack, `unroutable` when the broker returned it before the ack,
     `retry` on nack, lost connection, timeout or blocked broker, and `refused` when the channel was
-    closed by the broker (the caller then publishes those letters one by one to find the culprit).
+    closed by the broker (the caller then publishes those messages one by one to find the culprit).
     """
 
     def __init__(self, *, timeout: float, window: int = 1000, client_name: str = "mailroom-relay") -> None:
@@ -187,24 +186,16 @@ class PipelinedPublisher:
         connection.ioloop.stop()
 
     # publishing
-    def publish_batch(self, letters: list) -> list[Outcome]:
-        """Publish `letters` and wait for every confirm; one `Outcome` per letter, in order."""
-        outcomes: list[Outcome] = []
-        for start in range(0, len(letters), self.window):
-            self.send(letters[start:start + self.window])
-            outcomes.extend(self.collect())
-        return outcomes
+    def send(self, messages: list) -> None:
+        """Publish up to `window` messages without waiting for their confirms (`collect` waits).
 
-    def send(self, letters: list) -> None:
-        """Publish up to `window` letters without waiting for their confirms (`collect` waits).
-
-        Each letter has `message_id`, `exchange`, `routing_key`, `body` and `properties` (a ready
+        Each message has `message_id`, `exchange`, `routing_key`, `body` and `properties` (a ready
         `pika.BasicProperties`). The frames are flushed to the socket before this returns, so the
         broker works on them while the caller does something else (the relay claims the next batch).
         """
-        if len(letters) > self.window:
-            raise ValueError(f"at most {self.window} letters in flight")
-        self._outcomes = [None] * len(letters)
+        if len(messages) > self.window:
+            raise ValueError(f"at most {self.window} messages in flight")
+        self._outcomes = [None] * len(messages)
         self._pending = {}
         self._returned = {}
         self._by_message_id = {}
@@ -217,20 +208,20 @@ class PipelinedPublisher:
             try:
                 self._connect()
             except BrokerError as exc:  # a FatalBrokerError (login, vhost) goes to the caller: retrying cannot help
-                self._outcomes = [Outcome(status=Outcome.RETRY, reason=str(exc))] * len(letters)
+                self._outcomes = [Outcome(status=Outcome.RETRY, reason=str(exc))] * len(messages)
                 return
         channel = self._channel
         frame_max = self._connection.params.frame_max
         try:
-            for index, letter in enumerate(letters):
-                self._by_message_id[letter.message_id] = index
+            for index, message in enumerate(messages):
+                self._by_message_id[message.message_id] = index
                 try:
-                    check_frame_size(letter.properties, frame_max)
+                    check_frame_size(message.properties, frame_max)
                     channel.basic_publish(
-                        exchange=letter.exchange, routing_key=letter.routing_key, body=letter.body,
-                        properties=letter.properties, mandatory=True,
+                        exchange=message.exchange, routing_key=message.routing_key, body=message.body,
+                        properties=message.properties, mandatory=True,
                     )
-                except ENCODING_ERRORS as exc:  # nothing was sent for this letter
+                except ENCODING_ERRORS as exc:  # nothing was sent for this message
                     reason = str(exc) if isinstance(exc, FrameTooLarge) else exc.__class__.__name__
                     self._outcomes[index] = Outcome(status=Outcome.REFUSED, reason=reason)
                     continue
@@ -242,7 +233,7 @@ class PipelinedPublisher:
             self._run(timeout=0)  # one pass of the ioloop writes the frames out
 
     def collect(self) -> list[Outcome]:
-        """Wait (at most `timeout`) for the confirms of the letters of the last `send`."""
+        """Wait (at most `timeout`) for the confirms of the messages of the last `send`."""
         if self._pending:
             self._run(timeout=self.timeout)
         if self._pending:  # no confirm in time: the state of the channel is unknown, start afresh

@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 IDLE_CHECK_SECONDS = 1.0  # an idle connection is checked before publishing on it (see Publisher._ensure_connection)
 
 
-# --- publishing -----------------------------------------------------------------------------
 class Publisher:
     """A long-lived confirmed channel; reconnects on the next publish after any failure.
 
@@ -57,11 +56,9 @@ class Publisher:
     def _ensure_connection(self) -> None:
         """Connect if need be (each address bounded by the socket and handshake timeouts)."""
         if self._connection is not None and self._connection.is_open and time.monotonic() > self._check_after:
-            # An idle connection may have been closed by the broker (restart, heartbeat timeout,
-            # close_all_connections) since the last publish: notice it now, before publishing on it.
-            # (Within IDLE_CHECK_SECONDS of a confirm the check is skipped: it costs as much as a
-            # sixth of a publish, and a connection lost that recently fails the publish, which
-            # leaves the letter pending for the relay, as a connection lost mid-publish does.)
+            # The broker may have closed an idle connection (restart, heartbeat timeout): notice it
+            # before publishing on it; right after a confirm the check is not worth its I/O, since a
+            # publish on a connection lost that recently fails and leaves the message pending.
             try:
                 self._connection.process_data_events(time_limit=0)
             except (*CONNECTION_ERRORS, pe.AMQPError) as exc:
@@ -93,8 +90,8 @@ class Publisher:
         """Publish `message` with confirms and mandatory; raise `Unroutable`, `PublishRefused` or `BrokerError`.
 
         With `declare`, a destination this publisher declared before is not declared again. If it
-        was deleted since — the exchange answers 404, or the letter comes back from a queue that is
-        gone — it is declared again and the letter published once more (nothing was queued).
+        was deleted since — the exchange answers 404, or the message comes back from a queue that is
+        gone — it is declared again and the message published once more (nothing was queued).
         """
         key = _declaration_key(message)
         declared_before = declare and key in self._declared
@@ -163,7 +160,7 @@ class Publisher:
             if exc.reply_code in (403, 404, 406):
                 raise PublishRefused(describe(exc)) from exc
             raise BrokerError(describe(exc)) from exc
-        except FatalBrokerError as exc:  # the login or vhost, not the letter: it stays pending
+        except FatalBrokerError as exc:  # the login or vhost, not the message: it stays pending
             raise BrokerError(str(exc)) from exc
         except pe.ConnectionBlockedTimeout as exc:
             self.close()
@@ -184,7 +181,7 @@ class Publisher:
         destination = _Destination(exchange=exchange, routing_key=routing_key, exchange_type=exchange_type)
         if declare and exchange:
             # Declared again for each batch (one quick round trip): an exchange deleted since would
-            # otherwise close the pipelined channel, and with it every letter of the window.
+            # otherwise close the pipelined channel, and with it every message of the window.
             self._declared.discard(_declaration_key(destination))
         with self._outcomes():
             self._ensure_connection()
@@ -218,8 +215,8 @@ def _declaration_key(message) -> tuple[str, str]:
 
 
 def _gone(exc: Exception, message) -> bool:
-    """Whether `exc` says the letter's declared destination no longer exists: no such exchange
-    (404), or on the default exchange a letter returned because its queue is gone."""
+    """Whether `exc` says the message's declared destination no longer exists: no such exchange
+    (404), or on the default exchange a message returned because its queue is gone."""
     if isinstance(exc, Unroutable):
         return not message.exchange
     return getattr(exc.__cause__, "reply_code", None) == 404

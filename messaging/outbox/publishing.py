@@ -8,12 +8,11 @@ blocked, a nack) is published by the relay (`messaging.outbox.relay`).
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from datetime import timedelta
 from typing import Any
 
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from messaging import conf
@@ -54,7 +53,7 @@ def create_message(
     user=None,
     republished_from: Message | None = None,
 ) -> Message:
-    """Write a pending letter in the caller's transaction; it is published once that commits."""
+    """Write a pending message in the caller's transaction; it is published once that commits."""
     headers = headers or {}
     validate_message(exchange=exchange, routing_key=routing_key, body=body, headers=headers,
                     exchange_type=exchange_type if declare else "")
@@ -77,7 +76,7 @@ def create_message(
         properties=properties, origin=origin,
         published_by=user if getattr(user, "is_authenticated", False) else None,
         republished_from=republished_from, status=Message.Status.PENDING,
-        # The relay leaves the letter to this request for a while, so the two never race.
+        # The relay leaves the message to this request for a while, so the two never race.
         next_attempt_at=timezone.now() + timedelta(seconds=conf.get("MAILROOM_RELAY_GRACE_SECONDS")),
     )
     if message_id:
@@ -89,13 +88,13 @@ def create_message(
     except IntegrityError as exc:  # the same message_id, written by another request meanwhile
         raise InvalidMessage(f"A letter with message_id {message.message_id!r} already exists.") from exc
     # robust: an error writing the outcome (the database gone since the commit) is logged and the
-    # letter stays pending for the relay, instead of failing a request whose letter is saved.
+    # message stays pending for the relay, instead of failing a request whose message is saved.
     transaction.on_commit(lambda: publish_message(message), robust=True)
     return message
 
 
 def republish(original: Message, *, user=None) -> Message:
-    """A new letter with `original`'s content and destination, recording where it came from and who sent it."""
+    """A new message with `original`'s content and destination, recording where it came from and who sent it."""
     return create_message(
         exchange=original.exchange, exchange_type=original.exchange_type, declare=original.declare,
         routing_key=original.routing_key, body=bytes(original.body), content_type=original.content_type,
@@ -107,7 +106,7 @@ def republish(original: Message, *, user=None) -> Message:
 
 
 def retry_delay(attempts: int) -> timedelta:
-    """When the relay tries a pending letter again, after `attempts` attempts (see `backoff_delay`)."""
+    """When the relay tries a pending message again, after `attempts` attempts (see `backoff_delay`)."""
     return timedelta(seconds=backoff_delay(attempts - 1, base=RETRY_BASE_SECONDS, cap=RETRY_CAP_SECONDS))
 
 
@@ -150,35 +149,32 @@ def publish_message(message: Message) -> Message:
     return message
 
 
-def _outside_a_transaction() -> bool:
-    """PostgreSQL with none of the caller's transactions open: the outcome may be committed on its own."""
-    return connection.vendor == "postgresql" and not connection.in_atomic_block and connection.get_autocommit()
-
-
 def record_outcome(pk: int, fields: dict[str, Any]) -> None:
-    """`attempts + 1` and the outcome's columns in one UPDATE.
-
-    Plain SQL on the driver's own cursor: on this hot path the ORM's and the cursor wrapper's
-    overhead is as large as the write itself.
-    """
+    """`attempts + 1` and the outcome's columns in one UPDATE, on the driver's own cursor (on this hot
+    path the ORM's and the cursor wrapper's overhead is as large as the write itself)."""
     connection.ensure_connection()
-    sql = outcome_sql(tuple(fields), mark="?" if connection.vendor == "sqlite" else "%s")  # the driver's paramstyle
-    own_transaction = _outside_a_transaction()
-    if own_transaction:
-        # One round trip (client-side binding allows several statements), and a commit that does
-        # not wait for the WAL flush: see `relaxed_commit`.
-        sql = f"BEGIN; SET LOCAL synchronous_commit TO OFF; {sql}; COMMIT"
-    cursor = connection.connection.cursor()
-    try:
-        with connection.wrap_database_errors:  # Django's exceptions, and its note that the connection erred
-            cursor.execute(sql, [*outcome_params(connection, fields), pk])
-    except DatabaseError:
-        if own_transaction:  # a failed UPDATE skips the COMMIT: end the transaction it leaves open
-            with contextlib.suppress(DatabaseError), connection.wrap_database_errors:
-                connection.connection.rollback()
-        raise
-    finally:
-        cursor.close()
+    write = _write_on_postgresql if connection.vendor == "postgresql" else _write_on_sqlite
+    with connection.wrap_database_errors:  # Django's exceptions, and its note that the connection erred
+        write(tuple(fields), [*outcome_params(connection, fields), pk])
+
+
+def _write_on_sqlite(names: tuple[str, ...], params: list[Any]) -> None:
+    pk_column = connection.ops.quote_name(Message._meta.pk.column)
+    with contextlib.closing(connection.connection.cursor()) as cursor:
+        cursor.execute(f"{outcome_update(names, mark='?')} WHERE {pk_column} = ?", params)
+
+
+def _write_on_postgresql(names: tuple[str, ...], params: list[Any]) -> None:
+    import psycopg
+
+    sql = f"{outcome_update(names)} WHERE {connection.ops.quote_name(Message._meta.pk.column)} = %s"
+    if not connection.in_atomic_block and connection.get_autocommit():
+        # Its own transaction may commit without waiting for the WAL flush (an outcome lost in a
+        # PostgreSQL crash leaves the message pending for the relay); `true`: this transaction only.
+        sql += " AND set_config('synchronous_commit', 'off', true) IS NOT NULL"
+    # Bound server-side, so that psycopg prepares it after a few runs (the connection's prepare_threshold).
+    with psycopg.Cursor(connection.connection) as cursor:
+        cursor.execute(sql, params)
 
 
 def outcome_params(db, fields: dict[str, Any]) -> list[Any]:
@@ -187,35 +183,9 @@ def outcome_params(db, fields: dict[str, Any]) -> list[Any]:
     return [meta.get_field(name).get_db_prep_save(value, db) for name, value in fields.items()]
 
 
-@contextlib.contextmanager
-def relaxed_commit():
-    """A transaction whose commit does not wait for PostgreSQL's WAL flush (publish outcomes, the relay's leases).
-
-    Such a write is lost only if PostgreSQL itself crashes within a fraction of a second of the
-    commit (the WAL writer flushes every `wal_writer_delay`, 200 ms by default); the letter is then
-    still pending, the relay publishes it again and the consumer dedupes it by message_id: nothing
-    is lost, and the web request does not pay an fsync on top of the broker's. The letter's own
-    row is written in the caller's transaction, with the caller's durability. SQLite: a plain
-    transaction (WAL with synchronous=NORMAL does not fsync at commit anyway).
-    """
-    with transaction.atomic():
-        if connection.vendor == "postgresql":
-            with connection.cursor() as cursor:
-                cursor.execute("SET LOCAL synchronous_commit TO OFF")
-        yield
-
-
-@functools.lru_cache(maxsize=64)
-def outcome_sql(names: tuple[str, ...], *, mark: str = "%s", letters: int = 0) -> str:
-    """The UPDATE of an outcome: `attempts + 1` and the columns `names`, each a `mark` parameter.
-
-    Of the one letter whose pk follows the values (`letters` = 0), or of `letters` pks that follow
-    them and then the pending status: the relay writes only over letters still pending.
-    """
+def outcome_update(names: tuple[str, ...], *, mark: str = "%s") -> str:
+    """`UPDATE … SET attempts = attempts + 1, <name> = <mark>, …` of an outcome; the caller adds its WHERE."""
     meta, quote = Message._meta, connection.ops.quote_name
     attempts = quote(meta.get_field("attempts").column)
     sets = ", ".join(f"{quote(meta.get_field(name).column)} = {mark}" for name in names)
-    sql = f"UPDATE {quote(meta.db_table)} SET {attempts} = {attempts} + 1, {sets} WHERE {quote(meta.pk.column)}"
-    if not letters:
-        return f"{sql} = {mark}"
-    return f"{sql} IN ({', '.join([mark] * letters)}) AND {quote(meta.get_field('status').column)} = {mark}"
+    return f"UPDATE {quote(meta.db_table)} SET {attempts} = {attempts} + 1, {sets}"

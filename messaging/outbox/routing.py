@@ -9,7 +9,7 @@ from messaging.amqp import management
 
 @dataclass(frozen=True, kw_only=True)
 class RoutePreview:
-    """Where a letter would go, from the broker's bindings: the queues it reaches, or why none."""
+    """Where a message would go, from the broker's bindings: the queues it reaches, or why none."""
 
     known: bool  # False when the management API is not configured or does not answer
     queues: tuple[str, ...] = ()
@@ -25,7 +25,7 @@ class RoutePreview:
 
 
 def preview_route(*, exchange: str, routing_key: str, headers: dict[str, Any], declare: bool = False) -> RoutePreview:
-    """Which queues a letter would reach now, computed from the management API's bindings."""
+    """Which queues a message would reach now, computed from the management API's bindings."""
     if not management.configured():
         return RoutePreview(known=False)
     if not exchange:

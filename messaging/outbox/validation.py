@@ -40,7 +40,7 @@ def validate_message(
     """Refuse what the broker would refuse, before anything is written.
 
     Publishing to an existing `amq.*` exchange (amq.direct, amq.topic...) is fine; declaring one is
-    refused by RabbitMQ (403), so a letter that asks to declare one is refused here.
+    refused by RabbitMQ (403), so a message that asks to declare one is refused here.
     """
     check_short_string(exchange, field="The exchange name")
     check_short_string(routing_key, field="The routing key")
