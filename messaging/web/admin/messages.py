@@ -14,7 +14,7 @@ from django.utils.html import format_html, format_html_join
 from messaging.errors import InvalidMessage
 from messaging.models import Delivery, Message
 from messaging.outbox.publishing import republish
-from messaging.web.admin.base import ReadOnlyAdmin, calendar
+from messaging.web.admin.base import ReadOnly, ReadOnlyAdmin, calendar
 from messaging.web.admin.exports import (
     body_text,
     csv_response,
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 REPUBLISH_LIMIT = 100
 
 
-class DeliveryInline(admin.TabularInline):
+class DeliveryInline(ReadOnly, admin.TabularInline):
     """The message's latest `LATEST` deliveries (see `MessageAdmin.get_formset_kwargs`); all of them
     are in the Delivery list (search by the message's message_id)."""
 
@@ -50,15 +50,6 @@ class DeliveryInline(admin.TabularInline):
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("worker")
-
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 @admin.register(Message)
