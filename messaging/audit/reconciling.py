@@ -21,14 +21,14 @@ DEFAULT_LOOKBACK = timedelta(hours=24)
 def undelivered(*, minutes: int, lookback: timedelta = DEFAULT_LOOKBACK, limit: int | None = 50):
     """Letters published over `minutes` ago (within `lookback` before that) with no delivery recorded."""
     cutoff = timezone.now() - timedelta(minutes=minutes)
-    letters = (
+    messages = (
         Message.objects.filter(status=Message.Status.PUBLISHED, published_at__lte=cutoff,
                                published_at__gt=cutoff - lookback)
         .filter(~Exists(Delivery.objects.filter(message=OuterRef("pk"))))
         .defer("body", "headers", "properties")
         .order_by("-published_at", "-id")
     )
-    return letters[:limit] if limit else letters
+    return messages[:limit] if limit else messages
 
 
 @dataclass(frozen=True, kw_only=True)

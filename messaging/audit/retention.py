@@ -27,7 +27,7 @@ def parse_age(text: str) -> timedelta:
 
 @dataclass(frozen=True, kw_only=True)
 class PruneResult:
-    letters: int
+    messages: int
     deliveries: int
     batches: int
 
@@ -43,26 +43,26 @@ def prune(*, before: datetime, statuses: list[str], batch_size: int = DEFAULT_BA
     Oldest first, `batch_size` letters per transaction: locks are held for one batch only, so the
     consumer and the pages carry on while a large history is pruned.
     """
-    letters = prunable(before=before, statuses=statuses)
+    messages = prunable(before=before, statuses=statuses)
     if dry_run:
-        return PruneResult(letters=letters.count(), deliveries=Delivery.objects.filter(message__in=letters).count(),
+        return PruneResult(messages=messages.count(), deliveries=Delivery.objects.filter(message__in=messages).count(),
                            batches=0)
-    total_letters = total_deliveries = batches = 0
+    total_messages = total_deliveries = batches = 0
     while True:
         with transaction.atomic():
-            ids = list(letters.order_by("created_at", "id").values_list("pk", flat=True)[:batch_size])
+            ids = list(messages.order_by("created_at", "id").values_list("pk", flat=True)[:batch_size])
             if not ids:
                 break
             # Copies keep their content; only the link to a pruned original goes.
             Message.objects.filter(republished_from__in=ids).update(republished_from=None)
             deliveries = Delivery.objects.filter(message_id__in=ids)._raw_delete(Delivery.objects.db)
             removed = Message.objects.filter(pk__in=ids)._raw_delete(Message.objects.db)
-        total_letters += removed
+        total_messages += removed
         total_deliveries += deliveries
         batches += 1
-        logger.info("prune batch=%s letters=%s deliveries=%s", batches, removed, deliveries)
+        logger.info("prune batch=%s messages=%s deliveries=%s", batches, removed, deliveries)
         if len(ids) < batch_size:
             break
         if pause:
             time.sleep(pause)
-    return PruneResult(letters=total_letters, deliveries=total_deliveries, batches=batches)
+    return PruneResult(messages=total_messages, deliveries=total_deliveries, batches=batches)

@@ -36,7 +36,7 @@ class Command(BaseCommand):
                        dry_run=options["dry_run"], pause=options["pause"])
         verb = "Would delete" if options["dry_run"] else "Deleted"
         self.stdout.write(
-            f"{verb} {result.letters} letter(s) and {result.deliveries} delivery(ies) created before "
+            f"{verb} {result.messages} letter(s) and {result.deliveries} delivery(ies) created before "
             f"{before:%Y-%m-%d %H:%M:%S %Z} with status {', '.join(statuses)}"
             + ("" if options["dry_run"] else f" in {result.batches} batch(es)") + "."
         )

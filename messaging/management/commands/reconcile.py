@@ -24,14 +24,14 @@ class Command(BaseCommand):
         minutes, lookback = options["minutes"], timedelta(hours=options["lookback_hours"])
         if minutes < 0 or lookback <= timedelta(0):
             raise CommandError("--minutes must be >= 0 and --lookback-hours > 0")
-        letters = list(undelivered(minutes=minutes, lookback=lookback, limit=LISTED + 1))
-        if not letters:
+        messages = list(undelivered(minutes=minutes, lookback=lookback, limit=LISTED + 1))
+        if not messages:
             self.stdout.write(f"Every letter published {minutes}+ minutes ago (within {lookback}) was delivered.")
         else:
-            more = "+" if len(letters) > LISTED else ""
-            self.stdout.write(f"{min(len(letters), LISTED)}{more} letter(s) published {minutes}+ minutes ago "
+            more = "+" if len(messages) > LISTED else ""
+            self.stdout.write(f"{min(len(messages), LISTED)}{more} letter(s) published {minutes}+ minutes ago "
                               "were never delivered:")
-            for m in letters[:LISTED]:
+            for m in messages[:LISTED]:
                 self.stdout.write(f"  {m.message_id}  published {m.published_at:%Y-%m-%d %H:%M:%S}  to {m.destination}")
         mismatches = []
         for check in compare_queues(minutes=minutes, lookback=lookback):
