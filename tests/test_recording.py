@@ -9,7 +9,8 @@ import pika
 import pytest
 from django.db import connection, transaction
 
-from messaging.consumer import recording, writers
+from messaging import statements
+from messaging.consumer import recording
 from messaging.consumer.recording import (
     Received,
     record_batch,
@@ -332,7 +333,7 @@ def test_a_handler_error_with_a_nul_is_written_not_refused_by_the_database():
 
 
 def test_a_batch_over_one_statements_parameters_is_recorded_whole(monkeypatch):
-    monkeypatch.setattr(writers, "MAX_PARAMETERS", 30)  # a statement per letter or two, as 30,000 does for big batches
+    monkeypatch.setattr(statements, "MAX_PARAMETERS", 30)  # a statement per letter or two, as 30,000 does for big batches
     [first] = record_batch([received(1, message_id="many-0")], worker_id=None)
     batch = [received(tag, message_id=f"many-{tag - 2}") for tag in range(2, 42)]  # many-0 again: the general way
     settlements = record_batch(batch, worker_id=None)

@@ -18,6 +18,7 @@ from django.contrib.auth.models import Permission, User
 from django.db import connection, transaction
 from django.utils import timezone
 
+from messaging import statements
 from messaging.errors import FatalBrokerError
 from messaging.models import Delivery, Message
 from messaging.web.api import create_token
@@ -127,10 +128,9 @@ def test_relay_records_unroutable_and_failed_in_a_batch(amqp, queue_name):
 
 
 def test_outcomes_of_a_group_over_the_parameter_limit_are_written_in_parts(amqp, queue_name, monkeypatch):
-    from messaging.outbox import claims
     from messaging.outbox.relay import Relay, RelayOptions
 
-    monkeypatch.setattr(claims, "MAX_PARAMETERS", 3)  # SQLite, 7 messages: UPDATEs for 3, 3 and 1
+    monkeypatch.setattr(statements, "MAX_PARAMETERS", 3)  # SQLite, 7 messages: UPDATEs for 3, 3 and 1
     amqp.queue_declare(queue_name, durable=True)
     pending_letters(queue_name, 7)
     other = Message.objects.create(routing_key=queue_name, body=b"x", next_attempt_at=timezone.now() + timedelta(hours=1))

@@ -13,9 +13,9 @@ from itertools import chain
 
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
 
+from messaging import statements
 from messaging.models import Delivery, Message
-
-MAX_PARAMETERS = 30_000  # per statement: SQLite binds at most 32,766, PostgreSQL 65,535
+from messaging.statements import padded, parts, slots
 
 MESSAGE_COLUMNS = (
     "message_id", "origin", "status", "exchange", "exchange_type", "routing_key", "declare", "body", "body_size",
@@ -26,12 +26,6 @@ DELIVERY_COLUMNS = (
     "message_id", "queue", "consumer_tag", "delivery_tag", "redelivered", "attempt", "duplicate", "exchange",
     "routing_key", "status", "worker_id", "received_at", "settled_at", "error",
 )
-
-
-def parts(values: list, size: int | None = None) -> list[list]:
-    """`values` in lists of at most `size` (by default, one bound parameter each under MAX_PARAMETERS)."""
-    size = size or MAX_PARAMETERS
-    return [values[i:i + size] for i in range(0, len(values), size)]
 
 
 class Writer:
@@ -104,7 +98,7 @@ class SQLiteWriter(Writer):
         found: dict[str, int] = {}
         for part in parts(list(message_ids)):
             sql = f"SELECT message_id, id FROM {Message._meta.db_table} WHERE message_id IN ({_marks(len(part))})"
-            found.update(self.execute(sql, _padded(part))[0])
+            found.update(self.execute(sql, padded(part))[0])
         return found
 
     def insert_messages(self, rows: list[tuple]) -> dict[str, int]:
@@ -121,7 +115,7 @@ class SQLiteWriter(Writer):
         for part in parts(delivery_ids):
             sql = (f"UPDATE {Delivery._meta.db_table} SET status = ?, settled_at = ? "
                    f"WHERE id IN ({_marks(len(part))})")
-            self.execute(sql, [status, settled_at, *_padded(part)])
+            self.execute(sql, [status, settled_at, *padded(part)])
 
     def _insert(self, model, columns: tuple[str, ...], rows: list[tuple], *, or_ignore: bool) -> list[int]:
         """Insert `rows`; return the pks of the rows inserted, in order (fewer when some were ignored).
@@ -131,38 +125,23 @@ class SQLiteWriter(Writer):
         our write transaction a statement's rows take consecutive rowids ending at `lastrowid`.
         """
         pks: list[int] = []
-        per_statement = max(1, MAX_PARAMETERS // len(columns))
+        per_statement = max(1, statements.MAX_PARAMETERS // len(columns))
         for part in parts(rows, per_statement):
-            slots = _slots(len(part), per_statement)
+            shape = slots(len(part), per_statement)
             row = f"({', '.join(['?'] * len(columns))})"
             sql = (
                 f"INSERT {'OR IGNORE ' if or_ignore else ''}INTO {model._meta.db_table} ({', '.join(columns)}) "
-                f"SELECT * FROM (VALUES {', '.join([row] * slots)}) WHERE column1 IS NOT NULL"
+                f"SELECT * FROM (VALUES {', '.join([row] * shape)}) WHERE column1 IS NOT NULL"
             )
-            params = list(chain.from_iterable(part)) + [None] * (len(columns) * (slots - len(part)))
+            params = list(chain.from_iterable(part)) + [None] * (len(columns) * (shape - len(part)))
             _, count, last = self.execute(sql, params)
             pks += range(last - count + 1, last + 1) if count else []
         return pks
 
 
 def _marks(count: int) -> str:
-    """`?` placeholders for a statement written for `_slots(count)` values."""
-    return ", ".join(["?"] * _slots(count))
-
-
-def _padded(values: list) -> list:
-    """`values` filled with NULLs (which match nothing) to `_slots` values."""
-    return values + [None] * (_slots(len(values)) - len(values))
-
-
-def _slots(count: int, most: int | None = None) -> int:
-    """How many rows or values a SQLite statement is written for: `count` rounded up to a power of two.
-
-    sqlite3 keeps each connection's last 128 statements compiled, by their text: written for the
-    exact count, every batch size is a statement of its own, compiled afresh and kept, which grew
-    a worker's memory. Rounded, a connection needs a dozen shapes; the spare slots are NULL.
-    """
-    return min(1 << (count - 1).bit_length(), most or MAX_PARAMETERS) if count > 1 else 1
+    """`?` placeholders for a statement written for `slots(count)` values."""
+    return ", ".join(["?"] * slots(count))
 
 
 class PostgreSQLWriter(Writer):
@@ -190,7 +169,7 @@ class PostgreSQLWriter(Writer):
             except IntegrityError:
                 pass  # a competing worker wrote one of them meanwhile: insert skipping those
         found: dict[str, int] = {}
-        for part in parts(rows, MAX_PARAMETERS // len(MESSAGE_COLUMNS)):
+        for part in parts(rows, statements.MAX_PARAMETERS // len(MESSAGE_COLUMNS)):
             sql = self._insert_sql(Message, MESSAGE_COLUMNS, len(part))
             sql += " ON CONFLICT DO NOTHING RETURNING message_id, id"
             found.update(self._execute(sql, list(chain.from_iterable(part))))
@@ -200,7 +179,7 @@ class PostgreSQLWriter(Writer):
         if len(rows) >= self.copy_min_rows:
             return self._copy(Delivery, DELIVERY_COLUMNS, rows)
         pks: list[int] = []
-        for part in parts(rows, MAX_PARAMETERS // len(DELIVERY_COLUMNS)):
+        for part in parts(rows, statements.MAX_PARAMETERS // len(DELIVERY_COLUMNS)):
             sql = self._insert_sql(Delivery, DELIVERY_COLUMNS, len(part)) + " RETURNING id"
             pks += [pk for (pk,) in self._execute(sql, list(chain.from_iterable(part)))]
         return pks

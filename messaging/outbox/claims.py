@@ -28,6 +28,7 @@ from django.utils import timezone
 
 from messaging.models import Message
 from messaging.outbox.publishing import outcome_fields, outcome_params, outcome_update
+from messaging.statements import padded, parts
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,6 @@ COLUMNS = (
     "pk", "message_id", "exchange", "exchange_type", "routing_key", "declare", "body", "content_type",
     "content_encoding", "correlation_id", "delivery_mode", "headers", "properties", "attempts",
 )
-MAX_PARAMETERS = 30_000  # per SQLite statement, under its default limit of 32,766 bound values
 
 # (status, reason, attempts) -> the pks of the batch's messages with that outcome
 Outcomes = dict[tuple[str, str, int], list[int]]
@@ -193,7 +193,7 @@ class LeaseClaims(Claims):
             for (status, reason, attempts), pks in outcomes.items():
                 fields = outcome_fields(status, reason, attempts=attempts)
                 sql = outcome_update(tuple(fields))
-                for part in padded_parts(pks):
+                for part in map(padded, parts(pks)):
                     cursor.execute(f"{sql} WHERE {pk} IN ({', '.join(['%s'] * len(part))}) AND {status_column} = %s",
                                    [*outcome_params(connection, fields), *part, Message.Status.PENDING])
 
@@ -207,13 +207,6 @@ class LeaseClaims(Claims):
             Message.objects.filter(pk__in=pks, status=Message.Status.PENDING).update(next_attempt_at=timezone.now())
         except DatabaseError as exc:
             logger.warning("%s claimed messages stay claimed until their lease ends: %s", len(pks), exc)
-
-
-def padded_parts(values: list) -> list[list]:
-    """`values` in lists of at most MAX_PARAMETERS, each padded with NULLs (which match nothing) to a
-    power of two, so that SQLite's per-connection statement cache holds a few shapes, not one per size."""
-    parts = [values[i:i + MAX_PARAMETERS] for i in range(0, len(values), MAX_PARAMETERS)]
-    return [part + [None] * (min(1 << (len(part) - 1).bit_length(), MAX_PARAMETERS) - len(part)) for part in parts]
 
 
 def claims_for(db, *, lease_seconds: float) -> Claims:
