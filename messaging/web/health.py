@@ -93,19 +93,12 @@ class MailroomCollector:
     """Reads Mailroom's figures when Prometheus scrapes (bounded queries; see messaging.web.counting)."""
 
     def collect(self):
-        messages = GaugeMetricFamily(
-            "mailroom_letters", "Letters by status (exact up to 10,000, the planner's estimate beyond).",
-            labels=["status"])
-        for value, _ in Message.Status.choices:
-            messages.add_metric([value], capped_count(Message.objects.filter(status=value)).value)
-        yield messages
-
-        deliveries = GaugeMetricFamily(
-            "mailroom_deliveries", "Deliveries by status (exact up to 10,000, the planner's estimate beyond).",
-            labels=["status"])
-        for value, _ in Delivery.Status.choices:
-            deliveries.add_metric([value], capped_count(Delivery.objects.filter(status=value)).value)
-        yield deliveries
+        for name, noun, model in (("mailroom_letters", "Letters", Message), ("mailroom_deliveries", "Deliveries", Delivery)):
+            by_status = GaugeMetricFamily(
+                name, f"{noun} by status (exact up to 10,000, the planner's estimate beyond).", labels=["status"])
+            for value, _ in model.Status.choices:
+                by_status.add_metric([value], capped_count(model.objects.filter(status=value)).value)
+            yield by_status
 
         since = timezone.now() - timedelta(minutes=5)
         recent = GaugeMetricFamily("mailroom_letters_published_last_5m", "Letters published in the last 5 minutes.")
