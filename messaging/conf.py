@@ -5,7 +5,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from django.conf import settings
-from django.core.checks import Error, register
+from django.core.checks import Error, Tags, Warning, register
+from django.urls import NoReverseMatch, reverse
 from django.utils.module_loading import import_string
 
 DEFAULTS: dict[str, Any] = {
@@ -24,6 +25,11 @@ DEFAULTS: dict[str, Any] = {
     # Bearer token for /metrics; empty: only logged-in staff may read it.
     "MAILROOM_METRICS_TOKEN": "",
 }
+
+# URL names the pages link to that the project provides: Django's admin and auth views.
+PROJECT_URL_NAMES = ("login", "logout", "admin:index")
+# The context processor that shows the broker's alarm banner on every page.
+CONTEXT_PROCESSOR = "messaging.web.context_processors.broker_status"
 
 
 def get(name: str) -> Any:
@@ -55,3 +61,33 @@ def check_settings(app_configs=None, **kwargs) -> list[Error]:
                 errors.append(Error(f"MAILROOM_QUEUE_HANDLERS[{queue!r}]: cannot import {path!r} ({exc}).",
                                     id="messaging.E004"))
     return errors
+
+
+def reversible(name: str) -> bool:
+    """Whether the project's URLconf has a URL named `name`."""
+    try:
+        reverse(name)
+    except NoReverseMatch:
+        return False
+    return True
+
+
+@register(Tags.urls)
+def check_project_urls(app_configs=None, **kwargs) -> list[Warning]:
+    """When the project serves Mailroom's pages, the URLs and context they need from the project are there."""
+    if not getattr(settings, "ROOT_URLCONF", None) or not reversible("dashboard"):
+        return []  # the pages are not included (Django's own URL checks report a broken URLconf)
+    warnings = [
+        Warning(f"Mailroom's pages link to the URL named {name!r}, which the project does not define; "
+                "every page fails with NoReverseMatch.",
+                hint="Include admin.site.urls and django.contrib.auth's login and logout views (see the README).",
+                id="messaging.W001")
+        for name in PROJECT_URL_NAMES if not reversible(name)
+    ]
+    engines = [engine for engine in settings.TEMPLATES
+               if engine["BACKEND"] == "django.template.backends.django.DjangoTemplates"]
+    if not any(CONTEXT_PROCESSOR in engine.get("OPTIONS", {}).get("context_processors", []) for engine in engines):
+        warnings.append(Warning(f"{CONTEXT_PROCESSOR} is not in TEMPLATES' context_processors: "
+                                "Mailroom's pages do not show the broker's memory or disk alarm.",
+                                id="messaging.W002"))
+    return warnings

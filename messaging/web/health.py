@@ -14,7 +14,6 @@ import time
 from datetime import timedelta
 from http import HTTPStatus
 
-from django.conf import settings
 from django.core.cache import cache
 from django.db import DatabaseError, connection
 from django.http import HttpResponse, JsonResponse
@@ -138,7 +137,7 @@ class MailroomCollector:
 
 
 def metrics_allowed(request) -> bool:
-    token = getattr(settings, "MAILROOM_METRICS_TOKEN", "")
+    token = conf.get("MAILROOM_METRICS_TOKEN")
     if token:
         header = request.headers.get("Authorization", "")
         return header.startswith("Bearer ") and secrets.compare_digest(header[7:].encode(), token.encode())

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import pytest
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import include, path
 
 from messaging import conf
-from messaging.conf import DEFAULTS, check_settings
+from messaging.conf import CONTEXT_PROCESSOR, DEFAULTS, check_project_urls, check_settings
 
 
 def ids(errors) -> list[str]:
@@ -57,3 +60,50 @@ def test_queue_handlers_must_be_a_mapping_of_importable_paths(settings):
     settings.MAILROOM_QUEUE_HANDLERS = {"ok": "json.dumps", "broken": "messaging.no_such_module.handle"}
     errors = check_settings()
     assert ids(errors) == ["messaging.E004"] and "'broken'" in errors[0].msg and "no_such_module" in errors[0].msg
+
+
+class PagesAlone:
+    """A project that includes Mailroom's pages but neither the admin nor auth's views."""
+
+    urlpatterns = (path("mailroom/", include("messaging.web.urls")),)
+
+
+class PagesWithLogin:
+    urlpatterns = (
+        path("admin/", admin.site.urls),
+        path("login/", auth_views.LoginView.as_view(), name="login"),
+        path("mailroom/", include("messaging.web.urls")),
+    )
+
+
+class NoPages:
+    """A project that uses Mailroom's models, admin and commands, not its pages."""
+
+    urlpatterns = (path("admin/", admin.site.urls),)
+
+
+def test_the_test_settings_pass_the_url_checks():
+    assert check_project_urls() == []
+
+
+def test_pages_need_the_projects_login_logout_and_admin(settings):
+    settings.ROOT_URLCONF = PagesAlone
+    warnings = check_project_urls()
+    assert ids(warnings) == ["messaging.W001"] * 3
+    assert ["'login'" in w.msg for w in warnings] == [True, False, False]
+    settings.ROOT_URLCONF = PagesWithLogin
+    warnings = check_project_urls()
+    assert ids(warnings) == ["messaging.W001"] and "'logout'" in warnings[0].msg
+
+
+def test_a_project_without_the_pages_needs_nothing_for_them(settings):
+    settings.ROOT_URLCONF = NoPages
+    settings.TEMPLATES = [{**settings.TEMPLATES[0], "OPTIONS": {"context_processors": []}}]
+    assert check_project_urls() == []
+
+
+def test_pages_want_the_broker_status_context_processor(settings):
+    engine = settings.TEMPLATES[0]
+    processors = [p for p in engine["OPTIONS"]["context_processors"] if p != CONTEXT_PROCESSOR]
+    settings.TEMPLATES = [{**engine, "OPTIONS": {**engine["OPTIONS"], "context_processors": processors}}]
+    assert ids(check_project_urls()) == ["messaging.W002"]
