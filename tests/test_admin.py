@@ -284,3 +284,27 @@ def test_a_letter_delivered_again_and_again_shows_its_latest_deliveries(admin_cl
 
     change = admin_client.get(reverse("admin:messaging_message_change", args=[m.pk])).content.decode()
     assert 'name="deliveries-TOTAL_FORMS" value="3"' in change
+
+
+def test_times_show_seconds_and_zone_and_headers_are_indented_json(admin_client, trail):
+    from datetime import datetime
+    from datetime import timezone as tz
+
+    Message.objects.filter(pk=trail.pk).update(created_at=datetime(2026, 12, 7, 10, 41, 5, tzinfo=tz.utc))
+    Delivery.objects.filter(message=trail).update(received_at=datetime(2026, 12, 7, 10, 41, 6, tzinfo=tz.utc))
+    listing = admin_client.get(reverse(CHANGELIST)).content.decode()
+    assert 'class="field-created">2026-12-07 10:41:05 UTC<' in listing
+    assert 'class="field-last_delivered">2026-12-07 10:41:06 UTC<' in listing
+    deliveries = admin_client.get(reverse("admin:messaging_delivery_changelist")).content.decode()
+    assert "2026-12-07 10:41:06 UTC" in deliveries and "admin.css" in deliveries and 'rel="icon"' in deliveries
+    page = admin_client.get(reverse("admin:messaging_message_change", args=[trail.pk])).content.decode()
+    assert "2026-12-07 10:41:05 UTC" in page and "2026-12-07 10:41:06 UTC" in page  # the letter and its deliveries
+    assert '<pre class="json">{\n  &quot;k&quot;: &quot;v&quot;\n}</pre>' in page
+    for name in ("worker", "apitoken"):
+        assert admin_client.get(reverse(f"admin:messaging_{name}_changelist")).status_code == HTTPStatus.OK
+
+
+def test_the_delivery_list_shows_status_before_the_long_columns():
+    from messaging.web.admin.deliveries import DeliveryAdmin
+
+    assert DeliveryAdmin.list_display.index("status") <= 1 and len(DeliveryAdmin.list_display) <= 8

@@ -15,8 +15,9 @@ from django.contrib.auth.models import User
 from django.db import transaction
 from playwright.sync_api import expect, sync_playwright
 
-from messaging.models import Delivery, Message
+from messaging.models import Delivery, Message, Worker
 from messaging.outbox.publishing import create_message, publish_message
+from tests.audit_data import delivery, letter
 from tests.conftest import ROOT, queue_depth, wait_for
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ def page(browser, live_server):
     tab.on("dialog", lambda dialog: (tab.dialogs.append(dialog.message), dialog.dismiss()))
     tab.csp_violations = []
     tab.on("console", lambda msg: tab.csp_violations.append(msg.text) if "Content Security Policy" in msg.text else None)
+    tab.console_errors = []  # a missing favicon, a 404 stylesheet, a script error: each one a bug
+    tab.on("console", lambda msg: tab.console_errors.append(f"{tab.url}: {msg.text}") if msg.type == "error" else None)
+    tab.on("pageerror", lambda exc: tab.console_errors.append(f"{tab.url}: {exc}"))
     expect.set_options(timeout=20_000)
     yield tab
     context.close()
@@ -75,6 +79,21 @@ def log_in(page) -> User:
     page.click('button[type="submit"]')
     expect(page.locator("header nav")).to_contain_text("Log out ada")
     return user
+
+
+PHONE = {"width": 390, "height": 844}
+
+
+def page_width(page) -> int:
+    """How wide the page's content is: more than the viewport means the whole page scrolls sideways."""
+    return page.evaluate("document.scrollingElement.scrollWidth")
+
+
+def too_wide(page) -> list[str]:
+    """The elements that end right of the viewport (for the message of a failed width check)."""
+    return page.evaluate("""() => [...document.querySelectorAll("body *")]
+        .filter(e => e.getBoundingClientRect().right > window.innerWidth + 1)
+        .slice(0, 8).map(e => e.tagName + "." + e.className + " " + Math.round(e.getBoundingClientRect().right))""")
 
 
 def consumer_ready(name: str) -> bool:
@@ -145,7 +164,26 @@ def test_queue_letter_goes_pending_published_acked_without_reload(page, settings
     expect(page.locator("main")).to_contain_text(queue_name)  # its worker, alive
     expect(page.locator("main")).to_contain_text("published (21)")
     page.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
+
+    # The other pictures of the README, from the same traffic.
+    page.goto("/messages/")
+    expect(page.locator('[data-delivery="acked"]')).to_have_count(21)
+    page.screenshot(path=str(SCREENSHOTS / "messages.png"), full_page=True)
+    page.goto("/publish/")
+    page.check('input[name="mode"][value="queue"]')
+    page.fill('input[name="queue"]', queue_name)
+    page.fill('textarea[name="body"]', '{"order": 42, "total": "19.99"}')
+    page.screenshot(path=str(SCREENSHOTS / "publish.png"), full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 800})
+    page.goto("/admin/messaging/delivery/")
+    expect(page.locator("#result_list td.field-status").first).to_have_text("acked")
+    page.screenshot(path=str(SCREENSHOTS / "admin-deliveries.png"))
+    page.set_viewport_size(PHONE)
+    page.goto("/messages/")
+    assert page_width(page) <= PHONE["width"]
+    page.screenshot(path=str(SCREENSHOTS / "messages-phone.png"))
     assert page.csp_violations == [], page.csp_violations
+    assert page.console_errors == [], page.console_errors
     assert worker.proc.poll() is None, worker.output
 
 
@@ -175,3 +213,41 @@ def test_fanout_letter_is_delivered_and_shown_without_reload(page, manage, amqp)
         assert page.csp_violations == [], page.csp_violations
     finally:
         amqp.exchange_delete(exchange=exchange)
+
+
+def test_pages_fit_a_laptop_and_a_phone_and_log_no_errors(page):
+    """Long names and values never push the admin's status column off a 1280 px screen or widen a phone's page."""
+    log_in(page)
+    long = "x" * 120
+    for i in range(30):
+        m = letter(message_id=f"order-{i}-{uuid.uuid4().hex}-{uuid.uuid4().hex}", routing_key=f"orders.{long}",
+                   headers={"x-trace": long, "nested": {"path": ["a" * 60, "b" * 60]}}, correlation_id=long,
+                   body=("word " * 400).encode() if i % 2 else bytes(range(256)))
+        delivery(m, queue=f"q-{long}", status=Delivery.Status.REJECTED if i % 3 else Delivery.Status.ACKED,
+                 error=f"Traceback\nValueError: {long}")
+    Worker.objects.create(host=f"host-{long}", pid=4242, queues=[f"q-{long}", f"other-{long}"])
+
+    page.set_viewport_size({"width": 1280, "height": 800})
+    for path in ("/admin/messaging/message/", "/admin/messaging/delivery/", "/admin/messaging/worker/"):
+        page.goto(path)
+        header = page.locator("#result_list thead th.column-status")
+        expect(header).to_be_visible()
+        box = header.bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 1280, (path, box)
+        assert page_width(page) <= 1280, (path, page_width(page), too_wide(page))
+    for path in (f"/admin/messaging/message/{m.pk}/change/", f"/admin/messaging/delivery/{m.deliveries.get().pk}/change/"):
+        page.goto(path)
+        expect(page.locator("#content h2").first).to_be_visible()
+        assert page_width(page) <= 1280, (path, page_width(page), too_wide(page))
+    page.goto(f"/admin/messaging/message/{m.pk}/change/")
+    expect(page.locator(".field-headers_json pre.json")).to_contain_text('"x-trace": "xxx')
+
+    page.set_viewport_size(PHONE)
+    for path in ("/", "/messages/", f"/messages/{m.message_id}/", "/publish/", "/queues/"):
+        page.goto(path)
+        expect(page.locator("main h1")).to_be_visible()
+        assert page_width(page) <= PHONE["width"], (path, page_width(page), too_wide(page))
+        if path.startswith("/messages/order-"):
+            expect(page.locator("#letter-headers")).to_contain_text('"nested": {')
+    assert page.console_errors == [], page.console_errors
+    assert page.csp_violations == [], page.csp_violations

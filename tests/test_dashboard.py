@@ -5,6 +5,7 @@ from datetime import timedelta
 from http import HTTPStatus
 
 import pytest
+from django.db import connection
 from django.urls import reverse
 from django.utils import timezone
 
@@ -62,3 +63,26 @@ def test_capped_count_is_exact_below_the_cap():
     assert count.value >= 3
     assert capped_count(Message.objects.all(), cap=10).value == 3
     assert str(capped_count(Message.objects.all(), cap=10)) == "3"
+
+
+def test_the_estimate_note_shows_only_where_a_count_is_estimated(admin_client, monkeypatch):
+    """SQLite counts exactly; PostgreSQL estimates past the cap (here a cap of 2, for 3 letters)."""
+    for _ in range(3):
+        letter()
+    assert "estimate-note" not in admin_client.get(reverse("dashboard")).content.decode()  # below the cap
+    monkeypatch.setattr(dashboard, "capped_count", lambda queryset: capped_count(queryset, cap=2))
+    html = admin_client.get(reverse("dashboard")).content.decode()
+    assert ("estimate-note" in html) is (connection.vendor == "postgresql")
+    assert ("PostgreSQL's planner" in html) is (connection.vendor == "postgresql")
+
+
+def test_times_show_seconds_and_the_active_time_zone(admin_client):
+    from django.utils import timezone as tz
+
+    m = letter(status=Message.Status.FAILED, published_at=None, last_error="nope",
+               created_at=timezone.now().replace(hour=10, minute=41, second=5))
+    html = admin_client.get(reverse("dashboard")).content.decode()
+    assert f"{m.created_at:%Y-%m-%d} 10:41:05 UTC" in html
+    with tz.override("Europe/Paris"):
+        html = admin_client.get(reverse("message-list")).content.decode()
+    assert "11:41:05 CET" in html or "12:41:05 CEST" in html

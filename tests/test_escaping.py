@@ -45,6 +45,26 @@ def test_every_page_escapes_a_script(admin_client, hostile):
     assert "&lt;script&gt;alert(" in detail
     listing = admin_client.get(reverse("admin:messaging_message_changelist")).content.decode()
     assert "rk&lt;script&gt;" in listing
+    # The body's preview in the letter list, and the headers as indented JSON on the letter page.
+    letters = admin_client.get(reverse("message-list")).content.decode()
+    assert '<td class="preview">&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;</td>' in letters
+    page = admin_client.get(reverse("message-detail", args=[hostile.message_id])).content.decode()
+    assert "{\n  &quot;&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;&quot;: &quot;&lt;script&gt;" in page
+    assert "{\n  &quot;&lt;script&gt;" in detail  # the admin's headers too
+
+
+def test_previews_and_json_are_plain_text_whatever_the_bytes():
+    from messaging.web.display import body_preview, pretty_json
+
+    assert body_preview(b"\xff\x00\x01", size=3) == "binary, 3 bytes"
+    assert body_preview(b"a\x00b", size=3) == "binary, 3 bytes"
+    assert body_preview(b"", size=0) == "empty"
+    assert body_preview(b"line one\n  line two", size=19) == "line one line two"
+    long = ("é" * 100).encode()
+    assert body_preview(long[:321], size=len(long)) == "é" * 80 + "…"  # a character cut at the end is still text
+    assert body_preview(b"x" * 320, size=10_000_000) == "x" * 80 + "…"
+    assert pretty_json({"b": 1, "a": [1, 2]}) == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1\n}'
+    assert "<3 bytes: 00 3c 62>" in pretty_json({"raw": b"\x00<b"})
 
 
 def test_a_large_body_shows_its_first_64_kb_on_the_letter_page(admin_client):
@@ -56,6 +76,8 @@ def test_a_large_body_shows_its_first_64_kb_on_the_letter_page(admin_client):
     page = admin_client.get(reverse("message-detail", args=[m.message_id])).content.decode()
     assert f"the first {PAGE_BODY_BYTES - 1} bytes of {len(body)}" in page
     assert len(page) < PAGE_BODY_BYTES + 20_000 and "<b>" not in page
+    letters = admin_client.get(reverse("message-list")).content.decode()  # its first 80 characters in the list
+    assert '<td class="preview">' + "a" * 80 + "…</td>" in letters
     view = body_view(body)
     assert view["text"] == "a" * (PAGE_BODY_BYTES - 1) and view["truncated"] and not view["binary"]
     assert body_view(b"\xff" + body)["binary"] and body_view(b"ok")["text"] == "ok"

@@ -4,15 +4,20 @@ The history here is a few thousand rows (CI); bench/scale.py times the same page
 """
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 
 import pytest
 from django.contrib.auth.models import User
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from messaging.models import Delivery, Message
 from messaging.web.counting import RECENT_DELIVERIES
+from messaging.web.display import PREVIEW_BYTES
+from messaging.web.views import PAGE_SIZE
 from tests.audit_data import fast_passwords, seed  # noqa: F401 — autouse
 
 LETTERS = 3000
@@ -62,11 +67,12 @@ def pages() -> list[tuple[str, int]]:
         (delivery_list + "?queue=qc-b", 10),
         (delivery_list + f"?q={m.message_id}", 10),
         (reverse("admin:messaging_delivery_change", args=[m.deliveries.first().pk]), 8),
-        (reverse("message-list"), 6),
-        (reverse("message-list") + "?status=failed", 6),
-        (reverse("message-list") + "?queue=qc-a", 8),
-        (reverse("message-list") + f"?q={m.message_id}", 6),
-        (reverse("message-list") + "?page=5", 6),
+        # The list's one extra query: the latest delivery and a body preview of the page's letters.
+        (reverse("message-list"), 7),
+        (reverse("message-list") + "?status=failed", 7),
+        (reverse("message-list") + "?queue=qc-a", 9),
+        (reverse("message-list") + f"?q={m.message_id}", 7),
+        (reverse("message-list") + "?page=5", 7),
         (reverse("message-detail", args=[m.message_id]), 6),
         (reverse("dashboard"), 22),
         (reverse("queues"), 6),
@@ -94,3 +100,27 @@ def test_the_lists_show_the_seeded_history(staff):
     assert RECENT_DELIVERIES <= page.paginator.count <= 2 * RECENT_DELIVERIES
     newest = Message.objects.filter(deliveries__queue="qc-a").order_by("-created_at", "-id").first()
     assert page.object_list[0].message_id == newest.message_id
+
+
+@pytest.mark.django_db
+def test_the_letter_list_reads_delivery_states_and_previews_in_one_query_for_the_page(staff):
+    for url in (reverse("message-list"), reverse("message-list") + "?page=3", reverse("message-list") + "?status=failed"):
+        with CaptureQueriesContext(connection) as queries:
+            response = staff.get(url)
+        rows = response.context["rows"]
+        assert len(rows) == len(response.context["page"].object_list) > 0, url
+        on_deliveries = [q["sql"] for q in queries.captured_queries if "messaging_delivery" in q["sql"]]
+        assert len(on_deliveries) == 1, (url, on_deliveries)  # not one per letter
+        sql = on_deliveries[0]
+        # Only the page's letters, and only the first bytes of their bodies.
+        assert " IN (" in sql and sql.count(",") < 3 * PAGE_SIZE and "LIMIT 1" in sql, sql
+        assert f"1, {PREVIEW_BYTES})" in sql, sql
+        whole_body = [q["sql"] for q in queries.captured_queries
+                      if '"messaging_message"."body"' in re.sub(r'SUBSTR(ING)?\("messaging_message"\."body", 1, \d+\)',
+                                                                "", q["sql"])]
+        assert whole_body == [], url
+    html = staff.get(reverse("message-list")).content.decode()
+    assert 'data-delivery="acked"' in html and "letter 2999" in html
+    failed = staff.get(reverse("message-list") + "?status=failed")
+    assert {row["delivery"] for row in failed.context["rows"]} == {""}
+    assert "not delivered" in failed.content.decode()

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from messaging.audit import reconciling
 from messaging.models import Delivery, Message, Worker
-from messaging.web.counting import RowCount, capped_count
+from messaging.web.counting import COUNT_CAP, RowCount, capped_count
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +102,13 @@ def recent_failures(*, limit: int = 10) -> list[dict]:
 
 def summary() -> dict:
     """Everything the dashboard shows from the database."""
+    messages, deliveries = message_counts(), delivery_counts()
     return {
-        "message_counts": message_counts(),
-        "delivery_counts": delivery_counts(),
+        "message_counts": messages,
+        "delivery_counts": deliveries,
+        # The "≈" note only where a count is an estimate (PostgreSQL past the cap; SQLite always counts).
+        "counts_estimated": any(n.estimated for _, _, n in messages + deliveries),
+        "count_cap": f"{COUNT_CAP:,}",
         "chart": traffic_chart(),
         "workers": workers_alive(),
         "failures": recent_failures(),

@@ -6,11 +6,12 @@ import hashlib
 from django.contrib import messages as flash
 from django.contrib.auth.decorators import login_required, permission_required
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import BinaryField, OuterRef, Q, Subquery
+from django.db.models.functions import Substr
 from django.shortcuts import get_object_or_404, redirect, render
 
 from messaging.errors import InvalidMessage
-from messaging.models import Message
+from messaging.models import Delivery, Message
 from messaging.outbox import publishing
 from messaging.outbox.publishing import create_message
 from messaging.outbox.routing import preview_route
@@ -21,6 +22,7 @@ from messaging.web.counting import (
     CappedCountPaginator,
     recently_delivered,
 )
+from messaging.web.display import PREVIEW_BYTES, body_preview, pretty_json
 from messaging.web.forms import PublishForm
 
 PAGE_SIZE = 50
@@ -96,9 +98,32 @@ def message_list(request):
     if q:
         messages = messages.filter(Q(message_id=q) | Q(routing_key=q) | Q(correlation_id=q))
     page = CappedCountPaginator(messages.order_by("-created_at", "-id"), PAGE_SIZE).get_page(request.GET.get("page"))
+    rows = page_rows(list(page.object_list))
     return render(request, "messaging/message_list.html", {
-        "page": page, "status": status, "queue": queue, "q": q, "statuses": Message.Status.choices,
+        "page": page, "rows": rows, "status": status, "queue": queue, "q": q, "statuses": Message.Status.choices,
     })
+
+
+def page_rows(messages: list[Message]) -> list[dict]:
+    """Each message of a page with its latest delivery's status and a body preview: one query for the page's ids.
+
+    The database cuts each body to its first PREVIEW_BYTES (a large body is never read whole) and
+    finds each message's latest delivery (on any queue) through the index led by the message: one
+    short lookup per row of the page, never a join over the history.
+    """
+    if not messages:
+        return []
+    latest = Delivery.objects.filter(message=OuterRef("pk")).order_by("-received_at", "-id").values("status")[:1]
+    extra = {pk: (state, prefix) for pk, state, prefix in Message.objects.filter(pk__in=[m.pk for m in messages])
+             .order_by().annotate(state=Subquery(latest),
+                                  prefix=Substr("body", 1, PREVIEW_BYTES, output_field=BinaryField()))
+             .values_list("pk", "state", "prefix")}
+    rows = []
+    for m in messages:
+        state, prefix = extra.get(m.pk, (None, b""))
+        rows.append({"message": m, "delivery": state or "",
+                     "preview": body_preview(bytes(prefix or b""), size=m.body_size)})
+    return rows
 
 
 @login_required
@@ -120,6 +145,7 @@ def message_detail(request, message_id: str):
     return render(request, "messaging/message_detail.html", {
         "message": message, "deliveries": latest[:DELIVERIES_SHOWN][::-1], "earlier_deliveries": earlier,
         "body": body_view(bytes(message.body), sha256=message.body_sha256),
+        "headers": pretty_json(message.headers), "properties": pretty_json(message.properties),
     })
 
 

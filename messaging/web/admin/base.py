@@ -12,8 +12,10 @@ from django.db import models
 from django.db.models import Max, Min
 from django.http import HttpResponseRedirect
 from django.utils import timezone
+from django.utils.html import format_html
 
 from messaging.web.counting import CappedCountPaginator
+from messaging.web.display import pretty_json, shown_time
 
 logger = logging.getLogger(__name__)
 
@@ -96,3 +98,22 @@ class CalendarQuerySet(models.QuerySet):
 def calendar(queryset) -> CalendarQuerySet:
     """`queryset` as a CalendarQuerySet, for the admin lists with a date hierarchy."""
     return CalendarQuerySet(model=queryset.model, query=queryset.query, using=queryset._db, hints=queryset._hints)
+
+
+def timestamp(field: str, *, description: str = "", sortable: bool = False):
+    """An admin column/field showing `field` to the second with its time zone (Django's format has neither)."""
+
+    @admin.display(description=description or field.removesuffix("_at").replace("_", " "),
+                   ordering=field if sortable else None)
+    def show(self, obj):
+        return shown_time(getattr(obj, field))
+    return show
+
+
+def json_block(field: str, *, description: str = ""):
+    """An admin field showing the JSON of `field` indented and escaped (Django shows a one-line repr)."""
+
+    @admin.display(description=description or field)
+    def show(self, obj):
+        return format_html('<pre class="json">{}</pre>', pretty_json(getattr(obj, field)))
+    return show

@@ -14,7 +14,13 @@ from django.utils.html import format_html, format_html_join
 from messaging.errors import InvalidMessage
 from messaging.models import Delivery, Message
 from messaging.outbox.publishing import republish
-from messaging.web.admin.base import ReadOnly, ReadOnlyAdmin, calendar
+from messaging.web.admin.base import (
+    ReadOnly,
+    ReadOnlyAdmin,
+    calendar,
+    json_block,
+    timestamp,
+)
 from messaging.web.admin.exports import (
     body_text,
     csv_response,
@@ -26,6 +32,7 @@ from messaging.web.admin.filters import (
     ExchangeFilter,
     QueueFilter,
 )
+from messaging.web.display import shown_time
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +50,14 @@ class DeliveryInline(ReadOnly, admin.TabularInline):
     extra = 0
     can_delete = False
     fields = ["queue", "attempt", "redelivered", "duplicate", "status", "worker", "exchange", "routing_key",
-              "received_at", "handled_at", "settled_at", "error"]
+              "received", "handled", "settled", "error"]
     readonly_fields = fields
     show_change_link = True
     ordering = ["received_at", "id"]
+
+    received = timestamp("received_at")
+    handled = timestamp("handled_at")
+    settled = timestamp("settled_at")
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("worker")
@@ -55,27 +66,32 @@ class DeliveryInline(ReadOnly, admin.TabularInline):
 @admin.register(Message)
 class MessageAdmin(ReadOnlyAdmin):
     list_display = ["message_id", "status", "exchange_name", "routing_key", "origin", "deliveries",
-                    "last_delivery", "last_delivered", "published_by", "created_at"]
+                    "last_delivery", "last_delivered", "created"]
     list_filter = ["status", "origin", ExchangeFilter, QueueFilter, DeliveryStatusFilter]
     search_fields = ["message_id"]  # exact message_id, correlation_id or routing key: see get_search_results
     search_help_text = "Exact message_id, correlation_id or routing key."
     date_hierarchy = "created_at"
-    list_select_related = ["published_by"]
-    sortable_by = ["created_at"]
+    sortable_by = ["created"]
     ordering = ["-created_at", "-id"]
     inlines = [DeliveryInline]
     actions = ["republish_messages", "export_csv", "export_json"]
     readonly_fields = ["message_id", "status", "origin", "published_by", "last_error", "attempts",
-                       "next_attempt_at", "created_at", "published_at", "exchange", "exchange_type", "routing_key",
+                       "next_attempt", "created", "published", "exchange", "exchange_type", "routing_key",
                        "declare", "lineage", "content_type", "content_encoding", "correlation_id", "delivery_mode",
-                       "headers", "properties", "body_size", "body_sha256", "body_preview"]
+                       "headers_json", "properties_json", "body_size", "body_sha256", "body_preview"]
     fieldsets = [
-        ("Publish outcome", {"fields": ["message_id", "status", "origin", "published_by", "created_at",
-                                        "published_at", "attempts", "next_attempt_at", "last_error", "lineage"]}),
+        ("Publish outcome", {"fields": ["message_id", "status", "origin", "published_by", "created",
+                                        "published", "attempts", "next_attempt", "last_error", "lineage"]}),
         ("Destination", {"fields": ["exchange", "exchange_type", "routing_key", "declare"]}),
-        ("Content", {"fields": ["content_type", "content_encoding", "correlation_id", "delivery_mode", "headers",
-                                "properties", "body_size", "body_sha256", "body_preview"]}),
+        ("Content", {"fields": ["content_type", "content_encoding", "correlation_id", "delivery_mode", "headers_json",
+                                "properties_json", "body_size", "body_sha256", "body_preview"]}),
     ]
+
+    created = timestamp("created_at", sortable=True)
+    published = timestamp("published_at")
+    next_attempt = timestamp("next_attempt_at")
+    headers_json = json_block("headers", description="headers")
+    properties_json = json_block("properties", description="properties")
 
     def get_formset_kwargs(self, request, obj, inline, prefix):
         kwargs = super().get_formset_kwargs(request, obj, inline, prefix)
@@ -111,9 +127,9 @@ class MessageAdmin(ReadOnlyAdmin):
     def last_delivery(self, obj):
         return obj.last_delivery_status or "—"
 
-    @admin.display(description="last delivered at")
+    @admin.display(description="last delivered")
     def last_delivered(self, obj):
-        return obj.last_delivered_at
+        return shown_time(obj.last_delivered_at)
 
     @admin.display(description="lineage")
     def lineage(self, obj):
