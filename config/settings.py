@@ -2,9 +2,11 @@
 
 See `.env.example` for the variables and their defaults.
 """
+import logging
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 from django.utils.csp import CSP
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -176,17 +178,27 @@ MAILROOM_METRICS_TOKEN = env.str("MAILROOM_METRICS_TOKEN", default="")
 DATA_UPLOAD_MAX_MEMORY_SIZE = MAILROOM_MAX_BODY_BYTES * 3 + 1024 * 1024
 
 # --- Logging ----------------------------------------------------------------
+# text: one line a record for people; json: one JSON object a line for a log collector, with the
+# message_id and queue of the message a record is about.
+_LOG_FORMAT = env.str("MAILROOM_LOG_FORMAT", default="text").strip().lower()
+if _LOG_FORMAT not in ("text", "json"):
+    raise ImproperlyConfigured(f"MAILROOM_LOG_FORMAT must be text or json, not {_LOG_FORMAT!r}.")
+if _LOG_FORMAT == "json":
+    # Python's warnings (a deprecation, whitenoise's missing directory) become records of the
+    # py.warnings logger, so that stderr stays one JSON object a line.
+    logging.captureWarnings(True)
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "filters": {"mask_secrets": {"()": "messaging.logging.MaskSecretsFilter"}},
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "messaging.logging.SecretsJsonFormatter"},
     },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
-            "formatter": "plain",
+            "formatter": _LOG_FORMAT,
             "filters": ["mask_secrets"],
         },
     },

@@ -1,4 +1,4 @@
-"""Keep passwords out of logs, error pages and `diffsettings`.
+"""Keep passwords out of logs, error pages and `diffsettings`; the JSON log format.
 
 Django hides settings whose *name* looks secret (SECRET_KEY, PASSWORD, ...), but RABBITMQ_URL and
 DATABASE_URL carry their password inside the value: these helpers mask `scheme://user:password@`
@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from django.views.debug import ExceptionReporter, SafeExceptionReporterFilter
+from pythonjsonlogger.json import JsonFormatter
 
 # user:password@ in any URL-like text (amqp://, http://, postgres:// …).
 _CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]*)@")
@@ -33,6 +34,21 @@ class MaskSecretsFilter(logging.Filter):
             # The traceback text is formatted later by the handler: mask it here, once.
             record.exc_text = mask_credentials(logging.Formatter().formatException(record.exc_info))
         return True
+
+
+class SecretsJsonFormatter(JsonFormatter):
+    """One JSON object a line (MAILROOM_LOG_FORMAT=json): time, level, logger, message, and the
+    record's `extra` fields (`message_id`, `queue`), with URL passwords masked in all of them."""
+
+    def __init__(self, fmt: str = "%(levelname)s %(name)s %(message)s", **kwargs: Any) -> None:
+        kwargs.setdefault("timestamp", "time")
+        kwargs.setdefault("rename_fields", {"levelname": "level", "name": "logger"})
+        super().__init__(fmt, **kwargs)
+
+    def serialize_log_record(self, log_data: dict[str, Any]) -> str:
+        # The whole line: a traceback (formatted here, not from the filter's exc_text) or an
+        # extra field may carry a URL too.
+        return mask_credentials(super().serialize_log_record(log_data))
 
 
 class _MaskedRepr:

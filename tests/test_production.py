@@ -114,7 +114,8 @@ def test_diffsettings_masks_secrets():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_logs_never_show_the_password():
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_logs_never_show_the_password(log_format):
     # A record that quotes the URL, and a traceback that carries it, through the configured LOGGING.
     code = (
         "import logging; from django.conf import settings; log = logging.getLogger('messaging.test')\n"
@@ -122,7 +123,7 @@ def test_logs_never_show_the_password():
         "try:\n    raise ConnectionError(settings.RABBITMQ_URL)\n"
         "except ConnectionError:\n    log.exception('failed')\n"
     )
-    out = manage_py("shell", "-c", code, env=subprocess_env(RABBITMQ_URL=SECRET_URL))
+    out = manage_py("shell", "-c", code, env=subprocess_env(RABBITMQ_URL=SECRET_URL, MAILROOM_LOG_FORMAT=log_format))
     assert out.returncode == 0, out.stderr
     logged = out.stdout + out.stderr
     assert f"connecting to amqp://mailroom:***@{rabbitmq_host()}" in logged
@@ -130,7 +131,7 @@ def test_logs_never_show_the_password():
     assert PASSWORD not in logged
 
     # A worker that cannot log in, stopped after it has said so.
-    env = subprocess_env(RABBITMQ_URL=SECRET_URL)
+    env = subprocess_env(RABBITMQ_URL=SECRET_URL, MAILROOM_LOG_FORMAT=log_format)
     worker = subprocess.Popen(
         [sys.executable, str(ROOT / "manage.py"), "consume", "t-never-used", "-v", "2"], cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -101,7 +101,7 @@ class Publisher:
             if not (declared_before and _gone(exc, message)):
                 raise
             logger.info("message_id=%s its destination was deleted since it was declared; declaring it again",
-                        message.message_id)
+                        message.message_id, extra={"message_id": message.message_id})
             self._declared.discard(key)
             self._publish(message, declare=True)
 

@@ -33,12 +33,13 @@ def handler_paths(queues: Iterable[str], *, override: str = "") -> dict[str, str
 
 
 def run_handler(*, handler: Handler, message_pk: int, delivery_pk: int, attempt: int, max_retries: int,
-                transaction) -> tuple[str, str]:
+                transaction, message_id: str = "", queue: str = "") -> tuple[str, str]:
     """Run `handler` on the message and mark the delivery handled; return (action, error) for the broker.
 
     `transaction` (the writer's) wraps the handler and the mark, so that a failing handler's own
     writes are undone with it where the database allows. A failure requeues the message while
     `attempt` is within `max_retries`, and rejects it after that (to the queue's dead-letter exchange).
+    `message_id` and `queue` only go into the log record of a failure.
     """
     try:
         with transaction:
@@ -48,6 +49,6 @@ def run_handler(*, handler: Handler, message_pk: int, delivery_pk: int, attempt:
         error = json_safe_str(traceback.format_exc()[-10000:])  # PostgreSQL refuses NUL in text
         action = Delivery.Status.REQUEUED if attempt <= max_retries else Delivery.Status.REJECTED
         logger.warning("delivery=%s message=%s handler failed attempt=%s action=%s",
-                       delivery_pk, message_pk, attempt, action)
+                       delivery_pk, message_pk, attempt, action, extra={"message_id": message_id, "queue": queue})
         return action, error
     return Delivery.Status.ACKED, ""

@@ -55,7 +55,8 @@ def record_batch(
             record_settled(settled, writer=writer)
         deliveries = _insert(batch, prepared, writer=writer, worker_id=worker_id) if batch else []
     settlements = []
-    for r, d, (status, _) in zip(batch, deliveries, prepared.settlement if prepared else ()):
+    for r, message_id, d, (status, _) in zip(batch, prepared.ids if prepared else (), deliveries,
+                                             prepared.settlement if prepared else ()):
         handler = (handlers or {}).get(r.queue)
         if handler is None or d.duplicate:
             settlements.append(Settlement(
@@ -64,7 +65,8 @@ def record_batch(
             ))
         else:
             action, error = run_handler(handler=handler, message_pk=d.message_pk, delivery_pk=d.pk, attempt=d.attempt,
-                                        max_retries=max_retries, transaction=writer.handler_transaction())
+                                        max_retries=max_retries, transaction=writer.handler_transaction(),
+                                        message_id=message_id, queue=r.queue)
             settlements.append(Settlement(delivery_tag=r.delivery_tag, delivery_id=d.pk, message_id=d.message_pk,
                                           action=action, error=error))
     return settlements

@@ -317,7 +317,8 @@ class Consumer:
         except DatabaseError as again:
             logger.error("could not record a message the database refuses (%s)", again)
             return False
-        logger.error("delivery=%s message=%s rejected: %s", settlement.delivery_id, settlement.message_id, reason)
+        logger.error("delivery=%s message=%s rejected: %s", settlement.delivery_id, settlement.message_id, reason,
+                     extra={"message_id": r.properties.message_id, "queue": r.queue})
         self._acks.settle([settlement])
         return True
 

@@ -122,18 +122,28 @@ def outcome_fields(status: str, reason: str = "", *, attempts: int = 1) -> dict[
     return {"status": Message.Status.PENDING, "last_error": reason, "next_attempt_at": now + retry_delay(attempts)}
 
 
+def log_fields(message) -> dict[str, str]:
+    """A log record's `extra` about `message`: its message_id, and its queue when the default exchange
+    routes it (straight to the queue its routing key names); otherwise the broker's bindings decide."""
+    fields = {"message_id": message.message_id}
+    if not message.exchange:
+        fields["queue"] = message.routing_key
+    return fields
+
+
 def publish_once(message) -> tuple[str, str]:
     """Publish `message` on this thread's long-lived channel; return its outcome as (status, reason)."""
     try:
         publisher().publish(message, declare=message.declare)
     except Unroutable as exc:
-        logger.warning("message_id=%s unroutable reason=%s", message.message_id, exc)
+        logger.warning("message_id=%s unroutable reason=%s", message.message_id, exc, extra=log_fields(message))
         return Message.Status.UNROUTABLE, f"returned by the broker: {exc}"
     except PublishRefused as exc:
-        logger.warning("message_id=%s failed reason=%s", message.message_id, exc)
+        logger.warning("message_id=%s failed reason=%s", message.message_id, exc, extra=log_fields(message))
         return Message.Status.FAILED, str(exc)
     except BrokerError as exc:
-        logger.warning("message_id=%s still pending attempt=%s reason=%s", message.message_id, message.attempts + 1, exc)
+        logger.warning("message_id=%s still pending attempt=%s reason=%s", message.message_id, message.attempts + 1,
+                       exc, extra=log_fields(message))
         return Message.Status.PENDING, str(exc)
     return Message.Status.PUBLISHED, ""
 
