@@ -30,6 +30,8 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "drf_spectacular",  # the docs page's template
+    "drf_spectacular_sidecar",  # Swagger UI's files, served from this site (no CDN)
     "messaging",
 ]
 
@@ -154,6 +156,18 @@ SECURE_CSP = {
 # Error pages (DEBUG) hide URL passwords (RABBITMQ_URL, DATABASE_URL in the environment) too.
 DEFAULT_EXCEPTION_REPORTER_FILTER = "messaging.logging.SecretsExceptionReporterFilter"
 DEFAULT_EXCEPTION_REPORTER = "messaging.logging.SecretsExceptionReporter"
+
+# --- The HTTP API (messaging/web/api/ sets its own policies on its views) -------
+# drf-spectacular reads these from settings only: the schema's title and version, and Swagger UI
+# from drf-spectacular-sidecar's static files (a CDN would need the CSP widened).
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Mailroom API",
+    "VERSION": "1",
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    # Two `status` fields with different choices: name the letter's, as the delivery's is named.
+    "ENUM_NAME_OVERRIDES": {"MessageStatusEnum": "messaging.models.Message.Status"},
+}
 
 # --- RabbitMQ and Mailroom --------------------------------------------------
 # Several brokers (a cluster) may be given, separated by commas; pika tries them in turn.

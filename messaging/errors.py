@@ -10,6 +10,10 @@ class InvalidMessage(MailroomError, ValueError):
     """The message cannot be published as given; the text is a clear sentence for the user."""
 
 
+class DuplicateMessageId(InvalidMessage):
+    """Another message already has this message_id (the unique constraint decided)."""
+
+
 class FrameTooLarge(InvalidMessage):
     """The message's properties do not fit in one AMQP frame of the connection's frame_max."""
 

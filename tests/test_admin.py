@@ -264,8 +264,9 @@ def test_exports_read_each_letter_once(admin_client, django_assert_max_num_queri
 def test_a_letter_delivered_again_and_again_shows_its_latest_deliveries(admin_client, monkeypatch):
     """Another producer may send one message_id again and again: the letter's page, its API answer
     and its admin page list the latest deliveries, not all of them (each polled every second)."""
-    from messaging.web import api, views
+    from messaging.web import views
     from messaging.web.admin.messages import DeliveryInline
+    from messaging.web.api import views as api
 
     monkeypatch.setattr(views, "DELIVERIES_SHOWN", 3)
     monkeypatch.setattr(api, "API_DELIVERIES", 3)

@@ -130,11 +130,22 @@ def test_a_request_over_the_upload_limit_is_413_in_json(client, service, setting
     assert not Message.objects.exists()
 
 
-def test_duplicate_message_id_is_409(client, service, queue_name):
-    payload = {"routing_key": queue_name, "body": "x", "declare": True, "message_id": "api-dup"}
-    assert post(client, payload, key=service).status_code == 201
-    assert post(client, payload, key=service).status_code == 409
-    assert Message.objects.count() == 1
+def test_a_retry_with_the_same_content_answers_the_first_letter_and_other_content_is_409(client, service, queue_name):
+    payload = {"routing_key": queue_name, "body": "x", "declare": True, "message_id": "api-dup",
+               "headers": {"n": 1}, "properties": {"priority": 3}}
+    first = post(client, payload, key=service)
+    assert first.status_code == 201, first.content
+    again = post(client, payload, key=service)
+    assert again.status_code == 200 and again.json() == first.json()
+    assert again["Location"] == first["Location"]
+    for change in ({"body": "y"}, {"headers": {"n": True}}, {"properties": {"priority": 4}}, {"declare": False},
+                   {"routing_key": f"{queue_name}-other"}, {"delivery_mode": 1}, {"correlation_id": "c"}):
+        other = post(client, {**payload, **change}, key=service)
+        assert other.status_code == 409, change
+        assert other.json()["code"] == "conflict" and "already exists" in other.json()["detail"]
+    _, colleague = create_token(user=user_with("add_message", name="colleague"), name="other service")
+    assert post(client, payload, key=colleague).status_code == 409  # another sender's letter
+    assert Message.objects.count() == 1 and queue_depth(queue_name)[0] == 1
 
 
 def test_authentication_and_permissions(client, queue_name):
@@ -189,7 +200,7 @@ def test_session_post_as_a_form_is_415_in_json(queue_name):
     token = browser.cookies["csrftoken"].value
     response = browser.post("/api/messages/", {"routing_key": queue_name, "body": "x", "csrfmiddlewaretoken": token})
     assert response.status_code == 415, response.content[:300]
-    assert response.json() == {"detail": "Send the letter as application/json."}
+    assert response.json() == {"detail": "Send the letter as application/json.", "code": "unsupported_media_type"}
     assert not Message.objects.exists()
 
 

@@ -8,6 +8,7 @@ blocked, a nack) is published by the relay (`messaging.outbox.relay`).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from datetime import timedelta
 from typing import Any
@@ -19,7 +20,7 @@ from messaging import conf
 from messaging.amqp.codec import json_safe
 from messaging.amqp.publisher import publisher
 from messaging.backoff import backoff_delay
-from messaging.errors import BrokerError, InvalidMessage, PublishRefused, Unroutable
+from messaging.errors import BrokerError, DuplicateMessageId, InvalidMessage, PublishRefused, Unroutable
 from messaging.models import Message
 from messaging.outbox.validation import (
     PROPERTY_FIELDS,
@@ -35,7 +36,7 @@ RETRY_BASE_SECONDS = 1.0  # the relay's first retry of a pending message, doubli
 RETRY_CAP_SECONDS = 300.0
 
 
-def create_message(
+def new_message(
     *,
     routing_key: str,
     body: bytes,
@@ -53,7 +54,7 @@ def create_message(
     user=None,
     republished_from: Message | None = None,
 ) -> Message:
-    """Write a pending message in the caller's transaction; it is published once that commits."""
+    """A validated, unsaved pending message: the row `create_message` writes."""
     headers = headers or {}
     validate_message(exchange=exchange, routing_key=routing_key, body=body, headers=headers,
                     exchange_type=exchange_type if declare else "")
@@ -67,8 +68,6 @@ def create_message(
         check_exchange_type(exchange_type)
     if message_id:
         check_short_string(message_id, field="The message_id")
-        if Message.objects.filter(message_id=message_id).exists():
-            raise InvalidMessage(f"A letter with message_id {message_id!r} already exists.")
     message = Message(
         exchange=exchange, exchange_type=exchange_type, declare=declare,
         routing_key=routing_key, content_type=content_type, content_encoding=content_encoding,
@@ -82,15 +81,39 @@ def create_message(
     if message_id:
         message.message_id = message_id
     message.set_body(body)
+    return message
+
+
+def create_message(**fields: Any) -> Message:
+    """Write a pending message (`new_message`'s arguments) in the caller's transaction; published once that commits."""
+    message = new_message(**fields)
+    if fields.get("message_id") and Message.objects.filter(message_id=message.message_id).exists():
+        raise DuplicateMessageId(f"A letter with message_id {message.message_id!r} already exists.")
     try:
         with transaction.atomic():  # a savepoint: the caller's transaction goes on after a refusal
             message.save()
     except IntegrityError as exc:  # the same message_id, written by another request meanwhile
-        raise InvalidMessage(f"A letter with message_id {message.message_id!r} already exists.") from exc
+        raise DuplicateMessageId(f"A letter with message_id {message.message_id!r} already exists.") from exc
     # robust: an error writing the outcome (the database gone since the commit) is logged and the
     # message stays pending for the relay, instead of failing a request whose message is saved.
     transaction.on_commit(lambda: publish_message(message), robust=True)
     return message
+
+
+# What a retry must repeat to be the same message: the stored content, destination, origin and sender.
+CONTENT_FIELDS = ("exchange", "exchange_type", "declare", "routing_key", "body_size", "body_sha256", "content_type",
+                  "content_encoding", "correlation_id", "delivery_mode", "headers", "properties", "origin",
+                  "published_by_id")
+
+
+def same_content(stored: Message, candidate: Message) -> bool:
+    """Whether `candidate` (from `new_message`) repeats `stored` field for field (JSON compared canonically)."""
+    def canonical(message: Message, name: str):
+        value = getattr(message, name)
+        # true == 1 and 1 == 1.0 in Python, not in the JSON a consumer reads.
+        return json.dumps(value, sort_keys=True) if name in ("headers", "properties") else value
+
+    return all(canonical(stored, name) == canonical(candidate, name) for name in CONTENT_FIELDS)
 
 
 def republish(original: Message, *, user=None) -> Message:

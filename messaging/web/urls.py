@@ -1,7 +1,8 @@
 """The app's URLs: pages, the HTTP API, the broker view, health and metrics."""
 from django.urls import path, register_converter
 
-from messaging.web import api, health, queues, views
+from messaging.web import health, queues, views
+from messaging.web.api import views as api
 
 
 class MessageIdConverter:
@@ -26,8 +27,10 @@ urlpatterns = [
     # Not under messages/: a message_id may end in "/republish" (any characters, slashes too).
     path("republish/<message_id:message_id>/", views.republish, name="message-republish"),
     path("messages/<message_id:message_id>/", views.message_detail, name="message-detail"),
-    path("api/messages/", api.messages, name="api-messages"),
-    path("api/messages/<message_id:message_id>/", api.message, name="api-message"),
+    path("api/messages/", api.MessageList.as_view(), name="api-messages"),
+    path("api/messages/<message_id:message_id>/", api.MessageDetail.as_view(), name="api-message"),
+    path("api/openapi.json", api.SchemaView.as_view(), name="api-schema"),
+    path("api/docs/", api.DocsView.as_view(), name="api-docs"),
     path("queues/", queues.queues, name="queues"),
     path("healthz", health.healthz, name="healthz"),
     path("metrics", health.metrics, name="metrics"),

@@ -96,6 +96,8 @@ def test_the_body_limit_is_a_400_too(client, api_key, published, settings):
 @pytest.mark.django_db(transaction=True)
 def test_a_used_message_id_is_a_409_and_the_first_letter_is_kept(client, api_key, published):
     assert post_api(client, {"routing_key": "q", "message_id": "same"}, api_key).status_code == 201
+    retry = post_api(client, {"routing_key": "q", "message_id": "same"}, api_key)  # the same letter again
+    assert retry.status_code == 200 and retry.json()["status"] == "published"
     again = post_api(client, {"routing_key": "q", "message_id": "same", "body": "other"}, api_key)
     assert again.status_code == 409 and "already exists" in again.json()["detail"]
     assert list(Message.objects.values_list("message_id", flat=True)) == ["same"] and published == ["same"]
