@@ -5,7 +5,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from django.conf import settings
-from django.core.checks import Error, register
+from django.core.checks import Error, Tags, register
+from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import Error as DatabaseError
 from django.utils.module_loading import import_string
 
 DEFAULTS: dict[str, Any] = {
@@ -23,6 +25,10 @@ DEFAULTS: dict[str, Any] = {
     "MAILROOM_QUEUE_HANDLERS": {},
     # Bearer token for /metrics; empty: only logged-in staff may read it.
     "MAILROOM_METRICS_TOKEN": "",
+    # Queues and exchanges Mailroom declares because they are missing survive a broker restart; off,
+    # they are declared as the RabbitMQ tutorials declare theirs, so that the tutorials' code works
+    # beside Mailroom (`consume --durable` / `--queue-type quorum` ask for it per worker).
+    "MAILROOM_DURABLE": False,
 }
 
 
@@ -44,6 +50,8 @@ def check_settings(app_configs=None, **kwargs) -> list[Error]:
         value = get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             errors.append(Error(f"{name} must be a positive number.", id="messaging.E002"))
+    if not isinstance(get("MAILROOM_DURABLE"), bool):
+        errors.append(Error("MAILROOM_DURABLE must be True or False.", id="messaging.E005"))
     handlers = get("MAILROOM_QUEUE_HANDLERS")
     if not isinstance(handlers, dict):
         errors.append(Error("MAILROOM_QUEUE_HANDLERS must map queue names to dotted paths.", id="messaging.E003"))
@@ -55,3 +63,29 @@ def check_settings(app_configs=None, **kwargs) -> list[Error]:
                 errors.append(Error(f"MAILROOM_QUEUE_HANDLERS[{queue!r}]: cannot import {path!r} ({exc}).",
                                     id="messaging.E004"))
     return errors
+
+
+def unmigrated(*, using: str = DEFAULT_DB_ALIAS) -> str:
+    """Why the database `using` cannot hold Mailroom's records yet ('' when it can, or does not answer).
+
+    A database that does not answer is left to the processes' retries; one that answers without
+    Mailroom's tables (the `messaging` migrations, with their dependencies) will not get them by waiting.
+    """
+    from django.db.migrations.executor import MigrationExecutor
+
+    try:
+        executor = MigrationExecutor(connections[using])
+        plan = executor.migration_plan(executor.loader.graph.leaf_nodes("messaging"))
+    except DatabaseError:
+        return ""
+    if not plan:
+        return ""
+    names = [f"{migration.app_label}.{migration.name}" for migration, _backwards in plan]
+    return (f"the database {using!r} lacks Mailroom's tables ({len(names)} migrations not applied: "
+            f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); run `python manage.py migrate`")
+
+
+@register(Tags.database)
+def check_migrated(app_configs=None, databases=None, **kwargs) -> list[Error]:
+    """`manage.py check --database default` (and gunicorn.conf.py) refuse a database that was never migrated."""
+    return [Error(problem, id="messaging.E006") for alias in databases or () if (problem := unmigrated(using=alias))]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from messaging import conf
-from messaging.conf import DEFAULTS, check_settings
+from messaging.conf import DEFAULTS, check_migrated, check_settings
 
 
 def ids(errors) -> list[str]:
@@ -57,3 +57,18 @@ def test_queue_handlers_must_be_a_mapping_of_importable_paths(settings):
     settings.MAILROOM_QUEUE_HANDLERS = {"ok": "json.dumps", "broken": "messaging.no_such_module.handle"}
     errors = check_settings()
     assert ids(errors) == ["messaging.E004"] and "'broken'" in errors[0].msg and "no_such_module" in errors[0].msg
+
+
+@pytest.mark.parametrize("value", ["true", 1, None])
+def test_durable_must_be_a_boolean(settings, value):
+    settings.MAILROOM_DURABLE = value
+    assert ids(check_settings()) == ["messaging.E005"]
+
+
+def test_durable_defaults_to_the_tutorials_way(settings):
+    del settings.MAILROOM_DURABLE
+    assert conf.get("MAILROOM_DURABLE") is False
+
+
+def test_the_migration_check_needs_a_database_to_look_at():
+    assert check_migrated(databases=None) == []  # `manage.py check` without --database touches none
