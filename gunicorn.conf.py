@@ -1,8 +1,10 @@
-"""gunicorn's own settings, read from the working directory: its log lines in Mailroom's format.
+"""gunicorn's settings for Mailroom, read from the working directory (`gunicorn config.wsgi` in the Procfile
+and docs/deployment.md): the web process refuses to start on a database without Mailroom's tables, and
+with MAILROOM_LOG_FORMAT=json gunicorn's own lines are JSON objects too.
 
-With MAILROOM_LOG_FORMAT=json (from the environment or `.env`, as config/settings.py reads it),
-gunicorn's start-up, worker and access lines are JSON objects too, through the same password mask;
-Django's records already are. With text, gunicorn keeps its own format.
+With json (from the environment or `.env`, as config/settings.py reads it), gunicorn's start-up, worker
+and access lines go through the same formatter and password mask as Django's records; with text,
+gunicorn keeps its own format.
 """
 import os
 from pathlib import Path
@@ -10,6 +12,26 @@ from pathlib import Path
 import environ
 
 environ.Env.read_env(Path(__file__).resolve().parent / ".env", overwrite=False)
+
+
+def on_starting(server) -> None:
+    """Exit 1 before listening when the database answers but was never migrated (`messaging.conf.unmigrated`).
+
+    A database that does not answer is no reason to refuse: the pages and /healthz say so until it does.
+    """
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+    import django
+
+    django.setup()
+    from django.db import connections
+
+    from messaging.conf import unmigrated
+
+    problem = unmigrated()
+    connections.close_all()  # the workers are forked from this process: they open their own
+    if problem:
+        raise RuntimeError(f"Mailroom cannot serve: {problem}")  # gunicorn prints it and exits 1
+
 
 if os.environ.get("MAILROOM_LOG_FORMAT", "text").strip().lower() == "json":
     logconfig_dict = {

@@ -186,6 +186,9 @@ MAILROOM_RELAY_GRACE_SECONDS = env.float("MAILROOM_RELAY_GRACE_SECONDS", default
 MAILROOM_QUEUE_HANDLERS = env.json("MAILROOM_QUEUE_HANDLERS", default={})
 # Prometheus sends `Authorization: Bearer <token>` to /metrics; empty: only logged-in staff may read it.
 MAILROOM_METRICS_TOKEN = env.str("MAILROOM_METRICS_TOKEN", default="")
+# Queues and exchanges Mailroom declares because they are missing survive a broker restart (true in
+# production); false declares them as the RabbitMQ tutorials do, so that their code works beside Mailroom.
+MAILROOM_DURABLE = env.bool("MAILROOM_DURABLE", default=False)
 
 # Request bodies may carry a body of MAILROOM_MAX_BODY_BYTES plus the form's fields: the form's
 # percent-encoding and JSON's \\u escapes write a byte of UTF-8 as up to 3 (base64: 4 for 3).

@@ -6,6 +6,8 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.checks import Error, Tags, Warning, register
+from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import Error as DatabaseError
 from django.urls import NoReverseMatch, reverse
 from django.utils.module_loading import import_string
 
@@ -24,6 +26,10 @@ DEFAULTS: dict[str, Any] = {
     "MAILROOM_QUEUE_HANDLERS": {},
     # Bearer token for /metrics; empty: only logged-in staff may read it.
     "MAILROOM_METRICS_TOKEN": "",
+    # Queues and exchanges Mailroom declares because they are missing survive a broker restart; off,
+    # they are declared as the RabbitMQ tutorials declare theirs, so that the tutorials' code works
+    # beside Mailroom (`consume --durable` / `--queue-type quorum` ask for it per worker).
+    "MAILROOM_DURABLE": False,
 }
 
 # URL names the pages link to that the project provides: Django's admin and auth views.
@@ -50,6 +56,8 @@ def check_settings(app_configs=None, **kwargs) -> list[Error]:
         value = get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             errors.append(Error(f"{name} must be a positive number.", id="messaging.E002"))
+    if not isinstance(get("MAILROOM_DURABLE"), bool):
+        errors.append(Error("MAILROOM_DURABLE must be True or False.", id="messaging.E005"))
     handlers = get("MAILROOM_QUEUE_HANDLERS")
     if not isinstance(handlers, dict):
         errors.append(Error("MAILROOM_QUEUE_HANDLERS must map queue names to dotted paths.", id="messaging.E003"))
@@ -91,3 +99,29 @@ def check_project_urls(app_configs=None, **kwargs) -> list[Warning]:
                                 "Mailroom's pages do not show the broker's memory or disk alarm.",
                                 id="messaging.W002"))
     return warnings
+
+
+def unmigrated(*, using: str = DEFAULT_DB_ALIAS) -> str:
+    """Why the database `using` cannot hold Mailroom's records yet ('' when it can, or does not answer).
+
+    A database that does not answer is left to the processes' retries; one that answers without
+    Mailroom's tables (the `messaging` migrations, with their dependencies) will not get them by waiting.
+    """
+    from django.db.migrations.executor import MigrationExecutor
+
+    try:
+        executor = MigrationExecutor(connections[using])
+        plan = executor.migration_plan(executor.loader.graph.leaf_nodes("messaging"))
+    except DatabaseError:
+        return ""
+    if not plan:
+        return ""
+    names = [f"{migration.app_label}.{migration.name}" for migration, _backwards in plan]
+    return (f"the database {using!r} lacks Mailroom's tables ({len(names)} migrations not applied: "
+            f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); run `python manage.py migrate`")
+
+
+@register(Tags.database)
+def check_migrated(app_configs=None, databases=None, **kwargs) -> list[Error]:
+    """`manage.py check --database default` (and gunicorn.conf.py) refuse a database that was never migrated."""
+    return [Error(problem, id="messaging.E006") for alias in databases or () if (problem := unmigrated(using=alias))]

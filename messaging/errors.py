@@ -42,6 +42,10 @@ class FatalBrokerError(MailroomError):
     """Retrying cannot help: wrong credentials, a missing vhost or missing permissions."""
 
 
+class NotMigrated(MailroomError):
+    """The database answers but lacks Mailroom's tables: `python manage.py migrate` has not been run."""
+
+
 class ConnectionLost(MailroomError):
     """The connection or channel to the broker is gone; connect again (`reply_code` when the broker said why)."""
 

@@ -20,7 +20,7 @@ def publish(queue: str, count: int, *, prefix: str = "", body: bytes | None = No
             routing_key: str | None = None, declare: bool = False) -> list[str]:
     """Publish `count` persistent letters with message_ids (confirmed); return the ids.
 
-    `declare`: declare `queue` durable first (as `consume` would) so that nothing is dropped.
+    `declare`: declare `queue` durable first (as `consume --durable` would) so that nothing is dropped.
     """
     prefix = prefix or uuid.uuid4().hex[:8]
     ids = [f"{prefix}-{i}" for i in range(count)]

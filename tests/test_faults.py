@@ -119,10 +119,11 @@ def test_close_all_connections_three_times(queue_name, manage):
 
 @pytest.mark.node
 def test_broker_stop_app_and_start_app(queue_name, manage):
-    ids = publish(queue_name, N // 2, declare=True)
-    worker = manage("consume", queue_name, "--handler", "tests.handlers.pause", "--batch-size", "20",
+    ids = publish(queue_name, N // 2, declare=True)  # durable: the letters must outlive the restart
+    worker = manage("consume", queue_name, "--durable", "--handler", "tests.handlers.pause", "--batch-size", "20",
                     "--prefetch", "50")
     wait_for(lambda: acked_count(queue_name) >= 20, timeout=30, message="a first batch acked")
+    assert "does not survive a broker restart" not in worker.output
     try:
         rabbitmqctl("stop_app")
         time.sleep(3)

@@ -68,7 +68,7 @@ def publish_with_kombu(queue: str) -> None:
 
 
 def test_letters_from_aio_pika_and_kombu_are_recorded_intact(amqp, queue_name, manage):
-    amqp.queue_declare(queue=queue_name, durable=True)  # as `consume` declares it
+    amqp.queue_declare(queue=queue_name, durable=True)  # as `consume --durable` declares it
     asyncio.run(publish_with_aio_pika(queue_name))
     publish_with_kombu(queue_name)
 
@@ -141,7 +141,7 @@ def test_form_letter_reaches_a_plain_pika_consumer_intact(publisher_client, amqp
 
 def test_form_letter_reaches_a_fanout_subscriber_through_its_server_named_queue(publisher_client, amqp):
     exchange = f"t-interop-fanout-{uuid.uuid4().hex[:8]}"
-    amqp.exchange_declare(exchange=exchange, exchange_type="fanout", durable=True)  # as the form declares it
+    amqp.exchange_declare(exchange=exchange, exchange_type="fanout", durable=True)  # as the form does with MAILROOM_DURABLE
     try:
         own = amqp.queue_declare(queue="", exclusive=True).method.queue
         assert own.startswith("amq.gen-")

@@ -136,42 +136,85 @@ class QueueState:
     message_count: int
     consumer_count: int
     note: str = ""
+    survives_restart: bool = True  # durable, neither exclusive nor auto-delete
 
 
 def declare_queue(
-    connection: pika.BlockingConnection, channel, name: str, *, arguments: dict | None = None,
-    exclusive: bool = False,
+    connection: pika.BlockingConnection, channel, name: str, *, durable: bool | None = None,
+    queue_type: str = "", dead_letter_exchange: str = "", exclusive: bool = False,
 ):
-    """Declare a durable queue, or use an existing one as it is whatever its arguments.
+    """Declare a missing queue, or use an existing one as it is whatever its arguments.
 
-    Returns `(channel, QueueState)`: a mismatch closes the channel (406), so the caller must go on
-    with the channel returned here.
+    The one place a queue's arguments are chosen. `durable` None is MAILROOM_DURABLE (default
+    False: declared as the RabbitMQ tutorials declare it, so that their code works beside
+    Mailroom); a quorum queue is always durable; an exclusive queue is never. Returns
+    `(channel, QueueState)`: a mismatch closes the channel (406), so the caller must go on with the
+    channel returned here.
     """
+    if durable is None:
+        durable = conf.get("MAILROOM_DURABLE")
+    durable = (durable or queue_type == "quorum") and not exclusive
+    arguments = {}
+    if queue_type:
+        arguments["x-queue-type"] = queue_type
+    if dead_letter_exchange:
+        arguments["x-dead-letter-exchange"] = dead_letter_exchange
     try:
         ok = channel.queue_declare(
-            queue=name, durable=not exclusive, exclusive=exclusive, auto_delete=exclusive,
-            arguments=arguments or None,
+            queue=name, durable=durable, exclusive=exclusive, auto_delete=exclusive, arguments=arguments or None,
         )
         return channel, QueueState(
             name=ok.method.queue, message_count=ok.method.message_count, consumer_count=ok.method.consumer_count,
+            survives_restart=durable,
         )
     except pe.ChannelClosedByBroker as exc:
         if exc.reply_code != 406:
             raise
         note = exc.reply_text
+    survives_restart = _survives_restart(note, declared_durable=durable)
     channel = connection.channel()
+    if "'durable'" in note:
+        # Refused for its durability, before its arguments were compared: ask again with the
+        # queue's own durability to learn whether they differ too (its type, for the log).
+        try:
+            channel.queue_declare(queue=name, durable=not durable, exclusive=exclusive, auto_delete=exclusive,
+                                  arguments=arguments or None)
+        except pe.ChannelClosedByBroker as again:
+            if again.reply_code != 406:
+                raise
+            note = f"{note}; {again.reply_text}"
+            channel = connection.channel()
     ok = channel.queue_declare(queue=name, passive=True)
     kind = "quorum" if "'quorum'" in note else "stream" if "'stream'" in note else "classic"
     logger.info("queue=%s exists with other arguments; using it as it is (type=%s): %s", name, kind, note)
     return channel, QueueState(
         name=name, message_count=ok.method.message_count, consumer_count=ok.method.consumer_count, note=note,
+        survives_restart=survives_restart,
     )
 
 
-def declare_exchange(connection: pika.BlockingConnection, channel, name: str, *, exchange_type: str):
-    """Declare a durable exchange, or use an existing one as it is. Returns the usable channel."""
+def _survives_restart(note: str, *, declared_durable: bool) -> bool:
+    """Whether an existing queue survives a broker restart, from the 406 that refused our declaration.
+
+    RabbitMQ compares `durable`, then `auto_delete`, then the arguments, and names the first that
+    differs: so a queue refused for its arguments has the durability we asked for.
+    """
+    if "'durable'" in note:
+        return not declared_durable
+    if "'auto_delete'" in note:
+        return False  # we never ask for auto-delete on a named queue: this one has it
+    return declared_durable
+
+
+def declare_exchange(connection: pika.BlockingConnection, channel, name: str, *, exchange_type: str,
+                     durable: bool | None = None):
+    """Declare a missing exchange (`durable` None is MAILROOM_DURABLE), or use an existing one as it is.
+
+    Returns the usable channel.
+    """
+    durable = conf.get("MAILROOM_DURABLE") if durable is None else durable
     try:
-        channel.exchange_declare(exchange=name, exchange_type=exchange_type, durable=True)
+        channel.exchange_declare(exchange=name, exchange_type=exchange_type, durable=durable)
         return channel
     except pe.ChannelClosedByBroker as exc:
         if exc.reply_code != 406:

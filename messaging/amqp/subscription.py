@@ -9,6 +9,7 @@ from typing import Any
 
 from messaging.amqp.connection import (
     PIKA_ERRORS,
+    QueueState,
     connect,
     declare_exchange,
     declare_queue,
@@ -39,6 +40,7 @@ class Topology:
     """What to declare before consuming: the queues, their arguments, an exchange to bind them to."""
 
     queues: tuple[str, ...]  # an empty name: a server-named, exclusive queue
+    durable: bool | None = None  # None: MAILROOM_DURABLE (see `declare_queue`)
     queue_type: str = ""
     dead_letter_exchange: str = ""
     exchange: str = ""
@@ -55,8 +57,8 @@ class Subscription:
         self._channel = None
         self._consumers = 0
 
-    def declare(self, topology: Topology) -> list[tuple[str, int, int]]:
-        """Declare the queues (an existing one is used as it is); return (name, ready, consumers) of each."""
+    def declare(self, topology: Topology) -> list[QueueState]:
+        """Declare the queues (an existing one is used as it is); return the state of each."""
         with translated():
             channel = self._connection.channel()
             states = []
@@ -64,20 +66,21 @@ class Subscription:
             # with another: so everything is declared first, then QoS set and consumed on the last.
             for name in topology.queues or ("",):
                 channel, state = self._declare(channel, name, topology)
-                states.append((state.name, state.message_count, state.consumer_count))
+                states.append(state)
             self._channel = channel
         return states
 
     def _declare(self, channel, name: str, t: Topology):
-        arguments = {}
-        if t.queue_type:
-            arguments["x-queue-type"] = t.queue_type
         if t.dead_letter_exchange:
-            arguments["x-dead-letter-exchange"] = t.dead_letter_exchange
-            channel = declare_exchange(self._connection, channel, t.dead_letter_exchange, exchange_type="fanout")
-        channel, state = declare_queue(self._connection, channel, name, arguments=arguments, exclusive=not name)
+            channel = declare_exchange(self._connection, channel, t.dead_letter_exchange, exchange_type="fanout",
+                                       durable=t.durable)
+        channel, state = declare_queue(
+            self._connection, channel, name, durable=t.durable, queue_type=t.queue_type,
+            dead_letter_exchange=t.dead_letter_exchange, exclusive=not name,
+        )
         if t.exchange:
-            channel = declare_exchange(self._connection, channel, t.exchange, exchange_type=t.exchange_type)
+            channel = declare_exchange(self._connection, channel, t.exchange, exchange_type=t.exchange_type,
+                                       durable=t.durable)
             for key in t.binding_keys or ("",):
                 channel.queue_bind(queue=state.name, exchange=t.exchange, routing_key=key)
         return channel, state

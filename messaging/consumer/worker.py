@@ -23,34 +23,20 @@ from django.db import connection as db_connection
 from django.utils.module_loading import import_string
 
 from messaging.amqp.connection import FATAL_REPLY_CODES
-from messaging.amqp.subscription import Received, Subscription, Topology
+from messaging.amqp.subscription import Received, Subscription
 from messaging.backoff import backoff_delays
+from messaging.conf import unmigrated
 from messaging.consumer import recording, registry
 from messaging.consumer.acks import Acks, Counts
 from messaging.consumer.handlers import Handler, handler_paths
+from messaging.consumer.options import ConsumeOptions
 from messaging.consumer.recording import Settlement
 from messaging.consumer.threads import RECORDING_THREADS, DatabaseThreads
 from messaging.consumer.writers import writer_for
-from messaging.errors import ConnectionLost, FatalBrokerError
+from messaging.errors import ConnectionLost, FatalBrokerError, NotMigrated
 from messaging.stopping import StopFlag
 
 logger = logging.getLogger(__name__)
-
-@dataclass(frozen=True, kw_only=True)
-class ConsumeOptions:
-    queues: tuple[str, ...] = ()
-    prefetch: int = 2000  # what bench/consume.py shows best on both databases, with batch_size 500
-    batch_size: int = 500
-    max_messages: int | None = None
-    inactivity_timeout: float | None = None
-    handler: str = ""
-    max_retries: int = 5
-    dead_letter_exchange: str = ""
-    exchange: str = ""
-    exchange_type: str = "direct"
-    binding_keys: tuple[str, ...] = ()
-    queue_type: str = ""
-    heartbeat: int = 30
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,6 +77,7 @@ class Consumer:
         self._draining = False  # stopping: record nothing more, only finish the batch in hand
         self._database_down = False  # it failed while starting or stopping: do not wait for it again
         self._acks: Acks | None = None
+        self._warned: set[str] = set()  # queues (as named) already said not to survive a broker restart
 
     def request_stop(self) -> None:
         """Finish the delivery in hand, then stop (safe to call from a signal handler)."""
@@ -98,7 +85,12 @@ class Consumer:
 
     def run(self) -> int:
         """Consume until stopped, `max_messages` or `inactivity_timeout`; return the exit code."""
-        self._worker_id = self._register_until_done()
+        try:
+            self._worker_id = self._register_until_done()
+        except NotMigrated as exc:
+            logger.error("cannot consume: %s", exc)
+            self._threads.close()
+            return 1
         delays = backoff_delays()
         code = 0
         try:
@@ -164,17 +156,19 @@ class Consumer:
             logged_in_before=self._logged_in,
         )
         self._logged_in = True
-        topology = Topology(
-            queues=o.queues, queue_type=o.queue_type, dead_letter_exchange=o.dead_letter_exchange,
-            exchange=o.exchange, exchange_type=o.exchange_type, binding_keys=o.binding_keys,
-        )
         queues = []
-        for name, (queue, ready, consumers) in zip(o.queues or ("",), subscription.declare(topology)):
+        for name, state in zip(o.queues or ("",), subscription.declare(o.topology())):
             path = self._handler_paths.get(name)
             if path:
-                self._handlers[queue] = import_string(path)
-            logger.info("queue=%s ready=%s consumers=%s handler=%s", queue, ready, consumers, path or "-")
-            queues.append(queue)
+                self._handlers[state.name] = import_string(path)
+            logger.info("queue=%s ready=%s consumers=%s handler=%s", state.name, state.message_count,
+                        state.consumer_count, path or "-")
+            if not state.survives_restart and name not in self._warned:
+                self._warned.add(name)
+                logger.warning("queue=%s does not survive a broker restart (not durable, or exclusive/auto-delete): "
+                               "what it holds then is lost. In production consume a named queue declared with "
+                               "`--durable` or `--queue-type quorum` (or MAILROOM_DURABLE=true)", state.name)
+            queues.append(state.name)
         prefetch = o.prefetch if o.max_messages is None else max(1, min(o.prefetch, o.max_messages))
         subscription.consume(queues, prefetch=prefetch, on_delivery=self._on_delivery)
         if queues != list(o.queues):  # server-named queues: the registry shows their real names
@@ -386,6 +380,9 @@ class Consumer:
             try:
                 return self._db_call(registry.register, list(self.options.queues))
             except DatabaseError as exc:
+                problem = self._db_call(unmigrated)  # reachable but without our tables: waiting cannot help
+                if problem:
+                    raise NotMigrated(problem) from exc
                 delay = next(delays)
                 logger.error("database unavailable (%s); retrying in %.1fs", exc, delay)
                 self.stop_requested.wait(delay)

@@ -86,6 +86,10 @@ class Relay:
                     code = 1
                     break
                 except DatabaseError as exc:  # nothing claimed is lost: the messages stay pending
+                    if problem := conf.unmigrated():  # reachable but without our tables: waiting cannot help
+                        logger.error("cannot relay: %s", problem)
+                        code = 1
+                        break
                     if self.options.once:
                         logger.error("database unavailable (%s); the rest stays pending", exc)
                         code = 1

@@ -61,7 +61,7 @@ class PublishForm(forms.Form):
     routing_key = forms.CharField(required=False, max_length=1000, help_text="Exchange mode: the routing key.")
     declare = forms.BooleanField(
         required=False, initial=True, label="Declare the queue/exchange if missing",
-        help_text="Durable; an existing one is used as it is, whatever its arguments.",
+        help_text="Durable when MAILROOM_DURABLE is set; an existing one is used as it is, whatever its arguments.",
     )
     body = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 6}), strip=False, label="Payload")
     body_encoding = forms.ChoiceField(

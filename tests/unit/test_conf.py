@@ -7,7 +7,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 from messaging import conf
-from messaging.conf import CONTEXT_PROCESSOR, DEFAULTS, check_project_urls, check_settings
+from messaging.conf import CONTEXT_PROCESSOR, DEFAULTS, check_migrated, check_project_urls, check_settings
 
 
 def ids(errors) -> list[str]:
@@ -107,3 +107,18 @@ def test_pages_want_the_broker_status_context_processor(settings):
     processors = [p for p in engine["OPTIONS"]["context_processors"] if p != CONTEXT_PROCESSOR]
     settings.TEMPLATES = [{**engine, "OPTIONS": {**engine["OPTIONS"], "context_processors": processors}}]
     assert ids(check_project_urls()) == ["messaging.W002"]
+
+
+@pytest.mark.parametrize("value", ["true", 1, None])
+def test_durable_must_be_a_boolean(settings, value):
+    settings.MAILROOM_DURABLE = value
+    assert ids(check_settings()) == ["messaging.E005"]
+
+
+def test_durable_defaults_to_the_tutorials_way(settings):
+    del settings.MAILROOM_DURABLE
+    assert conf.get("MAILROOM_DURABLE") is False
+
+
+def test_the_migration_check_needs_a_database_to_look_at():
+    assert check_migrated(databases=None) == []  # `manage.py check` without --database touches none

@@ -3,6 +3,7 @@ errors are made here, and a connection is tried only to a port where nothing lis
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pika
 import pika.exceptions as pe
@@ -12,6 +13,8 @@ from messaging.amqp.connection import (
     broker_urls,
     connect,
     connection_parameters,
+    declare_exchange,
+    declare_queue,
     describe,
     handshake_error,
     translated,
@@ -112,3 +115,83 @@ def test_translated_turns_pika_errors_into_mailroom_errors(raised, expected, cod
 def test_translated_lets_other_errors_through():
     with pytest.raises(KeyError), translated():
         raise KeyError("not pika's")
+
+
+# --- declarations: one place chooses a queue's arguments ---------------------------------------------
+class FakeChannel:
+    """Notes each declaration; refuses the first active one with a 406 saying `refuse`, when given."""
+
+    def __init__(self, refuse: str = "") -> None:
+        self.declared: list[dict] = []
+        self.refuse = refuse
+
+    def queue_declare(self, queue, passive=False, **kwargs):
+        self.declared.append({"queue": queue, "passive": passive, **kwargs})
+        if self.refuse and not passive:
+            raise pe.ChannelClosedByBroker(406, self.refuse)
+        return SimpleNamespace(method=SimpleNamespace(queue=queue or "amq.gen-x", message_count=0, consumer_count=0))
+
+    def exchange_declare(self, exchange, passive=False, **kwargs):
+        self.declared.append({"exchange": exchange, "passive": passive, **kwargs})
+        if self.refuse and not passive:
+            raise pe.ChannelClosedByBroker(406, self.refuse)
+
+
+class FakeConnection:
+    def __init__(self) -> None:
+        self.opened = FakeChannel()
+
+    def channel(self):
+        return self.opened
+
+
+@pytest.mark.parametrize("kwargs, setting, durable, arguments", [
+    ({}, False, False, None),  # as the tutorials declare `hello`
+    ({}, True, True, None),  # MAILROOM_DURABLE in production
+    ({"durable": True}, False, True, None),  # consume --durable
+    ({"durable": False}, True, False, None),  # consume --no-durable
+    ({"queue_type": "quorum"}, False, True, {"x-queue-type": "quorum"}),  # quorum queues are always durable
+    ({"dead_letter_exchange": "dlx"}, False, False, {"x-dead-letter-exchange": "dlx"}),
+])
+def test_declare_queue_chooses_durability_and_arguments(settings, kwargs, setting, durable, arguments):
+    settings.MAILROOM_DURABLE = setting
+    channel = FakeChannel()
+    _, state = declare_queue(FakeConnection(), channel, "hello", **kwargs)
+    assert channel.declared == [{"queue": "hello", "passive": False, "durable": durable, "exclusive": False,
+                                 "auto_delete": False, "arguments": arguments}]
+    assert state.survives_restart is durable
+
+
+def test_a_server_named_queue_is_exclusive_and_never_durable(settings):
+    settings.MAILROOM_DURABLE = True
+    channel = FakeChannel()
+    _, state = declare_queue(FakeConnection(), channel, "", exclusive=True)
+    assert channel.declared[0] | {"arguments": None} == {
+        "queue": "", "passive": False, "durable": False, "exclusive": True, "auto_delete": True, "arguments": None}
+    assert state.name == "amq.gen-x" and not state.survives_restart
+
+
+@pytest.mark.parametrize("durable, refusal, survives", [
+    (False, "PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'q' in vhost '/': received 'false' but current is 'true'", True),
+    (True, "PRECONDITION_FAILED - inequivalent arg 'durable' for queue 'q' in vhost '/': received 'true' but current is 'false'", False),
+    (False, "PRECONDITION_FAILED - inequivalent arg 'auto_delete' for queue 'q' in vhost '/': received 'false' but current is 'true'", False),
+    (True, "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received none but current is the value 'quorum'", True),
+])
+def test_an_existing_queue_is_used_as_it_is_and_its_durability_told(durable, refusal, survives):
+    connection = FakeConnection()
+    channel, state = declare_queue(connection, FakeChannel(refuse=refusal), "q", durable=durable)
+    assert channel is connection.opened and connection.opened.declared[-1] == {"queue": "q", "passive": True}
+    assert state.note == refusal and state.survives_restart is survives
+    if "'durable'" in refusal:  # asked again as the queue is, to learn whether its arguments differ too
+        assert connection.opened.declared[0]["durable"] is not durable
+    else:
+        assert len(connection.opened.declared) == 1
+
+
+@pytest.mark.parametrize("setting, durable", [(False, None), (True, None), (False, True)])
+def test_declare_exchange_follows_the_same_rule(settings, setting, durable):
+    settings.MAILROOM_DURABLE = setting
+    channel = FakeChannel()
+    assert declare_exchange(FakeConnection(), channel, "logs", exchange_type="fanout", durable=durable) is channel
+    assert channel.declared == [{"exchange": "logs", "passive": False, "exchange_type": "fanout",
+                                 "durable": setting if durable is None else durable}]

@@ -11,6 +11,7 @@ import time
 import pika
 import pytest
 
+from messaging.amqp.connection import QueueState
 from messaging.amqp.subscription import Received
 from messaging.consumer import worker as worker_module
 from messaging.consumer.worker import ConsumeOptions, Consumer
@@ -35,7 +36,7 @@ class FakeSubscription:
         FakeSubscription.connections.append(self)
 
     def declare(self, topology):
-        return [(name, 0, 0) for name in topology.queues]
+        return [QueueState(name=name, message_count=0, consumer_count=0) for name in topology.queues]
 
     def consume(self, queues, *, prefetch, on_delivery):
         self.on_delivery = on_delivery

@@ -12,16 +12,30 @@ from messaging.models import Message
 from messaging.outbox.publishing import create_message
 from messaging.outbox.validation import decode_body
 
+# The exit code of each outcome (1 is an invalid letter, 2 a usage error): scripts can tell them apart.
+EXIT_CODES = {
+    Message.Status.PUBLISHED: 0,  # confirmed by the broker and routed to a queue
+    Message.Status.UNROUTABLE: 3,  # confirmed, but returned: no queue is bound for it (declared? --declare)
+    Message.Status.FAILED: 4,  # refused for good (no such exchange, access refused, too large)
+    Message.Status.PENDING: 5,  # no confirm (broker down or blocked): the relay publishes it later
+}
+
 
 class Command(BaseCommand):
-    help = "Publish BODY to QUEUE (default exchange) or with --exchange; prints the letter's message_id and status."
+    help = (
+        "Publish BODY to QUEUE (default exchange) or with --exchange; prints the letter's message_id and status. "
+        "Exit codes: 0 published (confirmed and routed), 1 invalid letter, 2 usage error, 3 unroutable "
+        "(no queue bound), 4 failed (refused), 5 pending (not confirmed yet: `manage.py relay` publishes it)."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("routing_key", help="Queue name on the default exchange, or the routing key with --exchange.")
         parser.add_argument("body", help="The body; '-' reads it from standard input (bytes, as is).")
         parser.add_argument("--exchange", default="")
         parser.add_argument("--exchange-type", default="", choices=["", "direct", "fanout", "topic", "headers"])
-        parser.add_argument("--declare", action="store_true", help="Declare the queue/exchange (durable) if missing.")
+        parser.add_argument("--declare", action="store_true",
+                            help="Declare the queue/exchange if missing (durable when MAILROOM_DURABLE is true; "
+                                 "an existing one is used as it is).")
         parser.add_argument("--content-type", default="text/plain")
         parser.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
                             help="A header (repeatable); VALUE is parsed as JSON when it can be.")
@@ -56,8 +70,10 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
         message.refresh_from_db()
         self.stdout.write(f"{message.message_id} {message.status}" + (f" ({message.last_error})" if message.last_error else ""))
-        if message.status == Message.Status.FAILED:
-            raise CommandError(f"not published: {message.last_error}")
+        code = EXIT_CODES.get(message.status, 4)
+        if code:
+            raise CommandError(f"not published ({message.status}): {message.last_error or 'no confirm yet'}",
+                               returncode=code)
 
 
 def pairs(items: list[str], *, option: str) -> dict:

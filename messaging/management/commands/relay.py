@@ -18,7 +18,8 @@ class Command(BaseCommand):
     help = (
         "Publish pending letters (crashed requests, broker down or blocked, nacks) in batches with pipelined "
         "confirms, with backoff. Several relays may run at once. SIGINT/SIGTERM finish the batch in hand. "
-        "Exits 1 when the broker refuses the login or vhost (the letters stay pending)."
+        "Exits 1 when the broker refuses the login or vhost (the letters stay pending), and at once on a database "
+        "without Mailroom's tables (run `python manage.py migrate`)."
     )
 
     def add_arguments(self, parser):
