@@ -119,9 +119,3 @@ def unmigrated(*, using: str = DEFAULT_DB_ALIAS) -> str:
     names = [f"{migration.app_label}.{migration.name}" for migration, _backwards in plan]
     return (f"the database {using!r} lacks Mailroom's tables ({len(names)} migrations not applied: "
             f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); run `python manage.py migrate`")
-
-
-@register(Tags.database)
-def check_migrated(app_configs=None, databases=None, **kwargs) -> list[Error]:
-    """`manage.py check --database default` (and gunicorn.conf.py) refuse a database that was never migrated."""
-    return [Error(problem, id="messaging.E006") for alias in databases or () if (problem := unmigrated(using=alias))]

@@ -7,7 +7,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 from messaging import conf
-from messaging.conf import CONTEXT_PROCESSOR, DEFAULTS, check_migrated, check_project_urls, check_settings
+from messaging.conf import CONTEXT_PROCESSOR, DEFAULTS, check_project_urls, check_settings
 
 
 def ids(errors) -> list[str]:
@@ -118,7 +118,3 @@ def test_durable_must_be_a_boolean(settings, value):
 def test_durable_defaults_to_the_tutorials_way(settings):
     del settings.MAILROOM_DURABLE
     assert conf.get("MAILROOM_DURABLE") is False
-
-
-def test_the_migration_check_needs_a_database_to_look_at():
-    assert check_migrated(databases=None) == []  # `manage.py check` without --database touches none
