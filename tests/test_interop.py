@@ -82,7 +82,7 @@ def test_letters_from_aio_pika_and_kombu_are_recorded_intact(amqp, queue_name, m
         "application/octet-stream", "binary", "corr-aio", 2,
     )
     assert aio.headers == {"x-client": "aio-pika", "count": 3, "flag": True, "tags": ["a", "b"],
-                           "nested": {"k": "v", "n": 2}, "raw": "bytes"}
+                           "nested": {"k": "v", "n": 2}, "raw": {"$bytes": "Ynl0ZXM="}}
     assert aio.properties["priority"] == 5
     assert aio.properties["reply_to"] == "replies-aio"
     assert aio.properties["expiration"] == "3600000"  # aio-pika sends seconds as milliseconds

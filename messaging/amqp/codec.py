@@ -1,7 +1,6 @@
 """Headers and properties between AMQP and the database: decoding, JSON-safe values, encoding checks."""
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import decimal
 import struct
@@ -11,6 +10,7 @@ from typing import Any
 import pika
 import pika.exceptions as pe
 
+from messaging.amqp.stored import PLAIN, FarTimestamp, NotDecoded, from_json, to_json
 from messaging.errors import FrameTooLarge
 
 EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
@@ -29,9 +29,9 @@ def _decode_value(encoded: bytes, offset: int, _pika_decode_value=pika.data.deco
 
     Two headers pika cannot decode make it drop the connection — again at every redelivery, a
     poison message no consumer gets past: a timestamp past the year 9999 (kept as its number of
-    seconds here), and tables nested a thousand deep, which one frame holds easily and which exhaust
+    seconds here, a `FarTimestamp`), and tables nested a thousand deep, which one frame holds easily and which exhaust
     Python's recursion (pika decodes them recursively). Below `MAX_DECODED_DEPTH` a table or array
-    is skipped (its length is in front of it) and stands as a short text saying so.
+    is skipped (its length is in front of it) and stands as a short text saying so (a `NotDecoded`).
     """
     kind = encoded[offset:offset + 1]
     if kind == b"d":
@@ -43,13 +43,14 @@ def _decode_value(encoded: bytes, offset: int, _pika_decode_value=pika.data.deco
         try:
             return dt.datetime.fromtimestamp(seconds, dt.timezone.utc), offset + 9
         except (OverflowError, ValueError, OSError):
-            return seconds, offset + 9
+            return FarTimestamp(seconds), offset + 9
     if kind not in (b"F", b"A"):
         return _pika_decode_value(encoded, offset)
     depth = getattr(_decoding, "depth", 0)
     if depth >= MAX_DECODED_DEPTH:
         size = struct.unpack_from(">I", encoded, offset + 1)[0]
-        return f"(not decoded: nested deeper than {MAX_DECODED_DEPTH} levels, {size} bytes)", offset + 5 + size
+        note = f"(not decoded: nested deeper than {MAX_DECODED_DEPTH} levels, {size} bytes)"
+        return NotDecoded(note), offset + 5 + size
     _decoding.depth = depth + 1
     try:
         return _pika_decode_value(encoded, offset)
@@ -57,50 +58,44 @@ def _decode_value(encoded: bytes, offset: int, _pika_decode_value=pika.data.deco
         _decoding.depth = depth
 
 
-def install_header_decoding() -> None:
-    """Make pika decode headers with `_decode_value` (called once from `MessagingConfig.ready`).
+def _encode_value(pieces: list, value, _pika_encode_value=pika.data.encode_value) -> int:
+    """pika's `encode_value`, which also writes a float as an AMQP double and a `FarTimestamp` as a timestamp.
 
-    pika's table decoders look `decode_value` up in `pika.data` at each call, so replacing that
-    module attribute is how nested values get the fix too.
+    pika 1.4 refuses floats; a letter's floats are published as decimals (`build_properties`), so a
+    float reaching pika is a copy of another producer's double, sent again as one.
+    """
+    kind = type(value)
+    if kind is float:
+        pieces.append(struct.pack(">cd", b"d", value))
+        return 9
+    if kind is FarTimestamp:
+        pieces.append(struct.pack(">cQ", b"T", value))
+        return 9
+    return _pika_encode_value(pieces, value)
+
+
+PIKA_DECODE_VALUE = pika.data.decode_value  # pika's own, as a plain pika consumer decodes
+
+
+def install_header_decoding() -> None:
+    """Make pika decode headers with `_decode_value` and encode them with `_encode_value` (once, from `MessagingConfig.ready`).
+
+    pika's table coders look `decode_value` and `encode_value` up in `pika.data` at each call, so
+    replacing those module attributes is how nested values get the fix too.
     """
     if pika.data.decode_value is not _decode_value:
         pika.data.decode_value = _decode_value
+    if pika.data.encode_value is not _encode_value:
+        pika.data.encode_value = _encode_value
 
 
 def json_safe(value: Any) -> Any:
-    """An AMQP table value as JSON (bytes as text or base64, datetimes ISO, decimals as strings).
-
-    PostgreSQL refuses NUL in JSON text, so NUL characters are escaped as the text '\\u0000'.
-    """
-    kind = type(value)  # the common types first, by exact type: the consumer reads every header
-    if kind is str:
-        return json_safe_str(value)
-    if kind in _JSON_SCALARS:
-        return value
-    if isinstance(value, dict):
-        return {json_safe_str(k if type(k) is str else str(k)): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, bytes):
-        try:
-            return json_safe_str(value.decode("utf-8"))
-        except UnicodeDecodeError:
-            return {"$base64": base64.b64encode(value).decode("ascii")}
-    if isinstance(value, (dt.datetime, dt.date)):
-        return value.isoformat()
-    if isinstance(value, decimal.Decimal):
-        return str(value)
-    if isinstance(value, str):
-        return json_safe_str(value)
-    if value is None or isinstance(value, (bool, int, float)):
-        return value
-    return json_safe_str(repr(value))
-
-
-_JSON_SCALARS = frozenset({int, bool, float, type(None)})
+    """A letter's headers as stored JSON (`stored.to_json`): its floats stay numbers, published as decimals."""
+    return to_json(value, floats=PLAIN)
 
 
 def json_safe_str(text: str) -> str:
+    """`text` without NUL, which PostgreSQL refuses in text: written as the six characters \\u0000."""
     return text.replace("\x00", "\\u0000") if "\x00" in text else text
 
 
@@ -120,32 +115,32 @@ PROPERTY_NAMES = ("priority", "reply_to", "expiration", "timestamp", "type", "us
 
 def build_properties(message) -> pika.BasicProperties:
     """The AMQP properties of a `Message` row."""
-    extra = {k: v for k, v in (message.properties or {}).items() if k in PROPERTY_NAMES and v not in (None, "")}
+    extra = {k: from_json(v) for k, v in (message.properties or {}).items() if k in PROPERTY_NAMES and v not in (None, "")}
     return pika.BasicProperties(
         message_id=message.message_id,
         content_type=message.content_type or None,
         content_encoding=message.content_encoding or None,
         correlation_id=message.correlation_id or None,
         delivery_mode=message.delivery_mode or None,
-        # pika cannot encode a float: fractions travel as AMQP decimals.
-        headers=(_floats_to_decimals(message.headers) if _has_float(message.headers) else message.headers) or None,
+        # The stored tags as pika's values; plain floats as AMQP decimals (pika encodes no float).
+        headers=from_json(message.headers) if message.headers else None,
         **extra,
     )
 
 
 def read_properties(properties) -> dict[str, Any]:
-    """Split received `BasicProperties` into `Message` fields (JSON-safe)."""
+    """Split received `BasicProperties` into `Message` fields (headers and properties as `stored.to_json`)."""
     extra = {}
     for name in PROPERTY_NAMES:
         value = getattr(properties, name, None)
         if value is not None:
-            extra[name] = json_safe(value)
+            extra[name] = to_json(value)
     return {
         "content_type": text_value(properties.content_type or ""),
         "content_encoding": text_value(properties.content_encoding or ""),
         "correlation_id": text_value(properties.correlation_id or "")[:255],
         "delivery_mode": properties.delivery_mode or 1,
-        "headers": json_safe(properties.headers or {}),
+        "headers": to_json(properties.headers) if properties.headers else {},
         "properties": extra,
     }
 
@@ -156,10 +151,10 @@ ENCODING_ERRORS = (
 )
 
 
-def header_encoding_error(headers: dict) -> str:
-    """Why `headers` cannot be sent as an AMQP table ('' when they can)."""
+def header_encoding_error(headers: dict, *, floats_as_decimals: bool = True) -> str:
+    """Why `headers` cannot be sent as an AMQP table ('' when they can); a letter's floats go as decimals."""
     try:
-        size = pika.data.encode_table([], _floats_to_decimals(headers))
+        size = pika.data.encode_table([], _floats_to_decimals(headers) if floats_as_decimals else headers)
     except ENCODING_ERRORS as exc:
         return f"headers cannot be encoded in AMQP ({exc.__class__.__name__}); numbers must fit 64 bits, " \
                "decimals at most 255 places"
@@ -193,16 +188,6 @@ def check_frame_size(properties: pika.BasicProperties, frame_max: int) -> None:
     if size > frame_max:
         raise FrameTooLarge(f"its properties take {size:,} bytes in their AMQP frame; the broker takes at most "
                             f"{frame_max:,} (frame_max)")
-
-
-def _has_float(value) -> bool:
-    if isinstance(value, float):
-        return True
-    if isinstance(value, dict):
-        return any(_has_float(v) for v in value.values())
-    if isinstance(value, list):
-        return any(_has_float(v) for v in value)
-    return False
 
 
 def _floats_to_decimals(value):

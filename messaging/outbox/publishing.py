@@ -17,13 +17,13 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from messaging import conf
-from messaging.amqp.codec import json_safe
+from messaging.amqp.codec import PROPERTY_NAMES, header_encoding_error, json_safe
+from messaging.amqp.stored import DOUBLES, NUL_TEXT, from_json, to_json
 from messaging.amqp.publisher import publisher
 from messaging.backoff import backoff_delay
 from messaging.errors import BrokerError, DuplicateMessageId, InvalidMessage, PublishRefused, Unroutable
 from messaging.models import Message
 from messaging.outbox.validation import (
-    PROPERTY_FIELDS,
     check_exchange_type,
     check_short_string,
     clean_properties,
@@ -89,6 +89,11 @@ def create_message(**fields: Any) -> Message:
     message = new_message(**fields)
     if fields.get("message_id") and Message.objects.filter(message_id=message.message_id).exists():
         raise DuplicateMessageId(f"A letter with message_id {message.message_id!r} already exists.")
+    return save_pending(message)
+
+
+def save_pending(message: Message) -> Message:
+    """Write a message from `new_message` in the caller's transaction; published once that commits."""
     try:
         with transaction.atomic():  # a savepoint: the caller's transaction goes on after a refusal
             message.save()
@@ -117,15 +122,53 @@ def same_content(stored: Message, candidate: Message) -> bool:
 
 
 def republish(original: Message, *, user=None) -> Message:
-    """A new message with `original`'s content and destination, recording where it came from and who sent it."""
-    return create_message(
+    """A new message with `original`'s content and destination, recording where it came from and who sent it.
+
+    Another producer's headers and properties are restored from their stored JSON (`stored.from_json`)
+    and the copy stores them so that it sends them again as they came: doubles as doubles, bytes as
+    bytes. A letter of Mailroom's own is stored as it will be sent, so its JSON is copied as it is.
+    """
+    headers, properties, _ = restored(original)
+    problem = header_encoding_error(headers, floats_as_decimals=original.origin != Message.Origin.EXTERNAL)
+    if problem:
+        raise InvalidMessage(problem[0].upper() + problem[1:] + ".")
+    message = new_message(
         exchange=original.exchange, exchange_type=original.exchange_type, declare=original.declare,
         routing_key=original.routing_key, body=bytes(original.body), content_type=original.content_type,
         content_encoding=original.content_encoding, correlation_id=original.correlation_id,
         delivery_mode=original.delivery_mode if original.delivery_mode in (1, 2) else 2,
-        headers=original.headers, origin=Message.Origin.REPUBLISH, user=user, republished_from=original,
-        properties={k: v for k, v in (original.properties or {}).items() if k in PROPERTY_FIELDS},
+        origin=Message.Origin.REPUBLISH, user=user, republished_from=original,
     )
+    if original.origin == Message.Origin.EXTERNAL:
+        message.headers, message.properties = to_json(headers, floats=DOUBLES), to_json(properties, floats=DOUBLES)
+    else:
+        message.headers = original.headers or {}
+        message.properties = {k: v for k, v in (original.properties or {}).items() if k in PROPERTY_NAMES}
+    return save_pending(message)
+
+
+def republish_notes(original: Message) -> list[str]:
+    """What a copy of `original` cannot send exactly as it was received (the confirmation pages name it)."""
+    return restored(original)[2]
+
+
+def restored(original: Message) -> tuple[dict, dict, list[str]]:
+    """`original`'s headers and properties as pika's values, and notes on what cannot be restored exactly."""
+    external, notes = original.origin == Message.Origin.EXTERNAL, []
+    headers = from_json(original.headers or {}, external=external, notes=notes, where="headers")
+    properties = {name: from_json(value, external=external, notes=notes, where=name)
+                  for name, value in (original.properties or {}).items()
+                  if name in PROPERTY_NAMES and value not in (None, "")}
+    if external:
+        for name in ("content_type", "content_encoding", "correlation_id"):
+            value = getattr(original, name)
+            if "\ufffd" in value or NUL_TEXT in value:
+                notes.append(f"{name} was recorded with its invalid bytes as U+FFFD or NUL as the text {NUL_TEXT}; "
+                             "the copy sends it as recorded")
+        if properties.get("user_id"):
+            notes.append(f"user_id {properties['user_id']!r} is sent again: RabbitMQ refuses the copy unless "
+                         "Mailroom connects as that user")
+    return headers, properties, notes
 
 
 def retry_delay(attempts: int) -> timedelta:

@@ -74,7 +74,9 @@ def republish(request, message_id: str):
             flash.error(request, f"Cannot republish: {exc}")
             return redirect("message-detail", message_id=original.message_id)
         return _after_publish(request, copy)
-    return render(request, "messaging/republish_confirm.html", {"message": original})
+    return render(request, "messaging/republish_confirm.html", {
+        "message": original, "notes": publishing.republish_notes(original),
+    })
 
 
 @login_required

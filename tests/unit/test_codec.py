@@ -42,7 +42,7 @@ def through_the_wire(properties: pika.BasicProperties) -> pika.BasicProperties:
 
 
 # --- json_safe / text_value -------------------------------------------------------------------
-def test_json_safe_turns_every_amqp_value_into_json():
+def test_json_safe_stores_every_amqp_value_as_json_with_tags():
     when = dt.datetime(2024, 5, 1, 12, 30, tzinfo=dt.UTC)
     value = {
         "text": "plain", "utf8": "é".encode(), "binary": b"\xff\x00\xfe", "when": when,
@@ -50,14 +50,15 @@ def test_json_safe_turns_every_amqp_value_into_json():
         "n": 7, "ok": True, "f": 1.5, "none": None, 3: "int key",
     }
     assert json_safe(value) == {
-        "text": "plain", "utf8": "é", "binary": {"$base64": "/wD+"}, "when": "2024-05-01T12:30:00+00:00",
-        "day": "2024-05-01", "amount": "12.50", "tuple": [1, "a"], "n": 7, "ok": True, "f": 1.5, "none": None,
-        "3": "int key",
+        "text": "plain", "utf8": {"$bytes": "w6k="}, "binary": {"$bytes": "/wD+"},
+        "when": {"$timestamp": "2024-05-01T12:30:00+00:00"}, "day": "2024-05-01", "amount": {"$decimal": "12.50"},
+        "tuple": [1, {"$bytes": "YQ=="}], "n": 7, "ok": True, "f": 1.5, "none": None, "$b64:Mw==": "int key",
     }
 
 
-def test_json_safe_escapes_nul_everywhere_postgresql_would_refuse_it():
-    assert json_safe({"k\x00ey": ["a\x00b", b"c\x00d"]}) == {"k\\u0000ey": ["a\\u0000b", "c\\u0000d"]}
+def test_json_safe_stores_nul_everywhere_without_the_character_postgresql_refuses():
+    assert json_safe({"k\x00ey": ["a\x00b", b"c\x00d"]}) == {
+        "$b64:awBleQ==": [{"$nul_joined": ["a", "b"]}, {"$bytes": "YwBk"}]}
 
 
 def test_json_safe_writes_an_unknown_object_as_its_repr():
@@ -65,7 +66,7 @@ def test_json_safe_writes_an_unknown_object_as_its_repr():
         def __repr__(self) -> str:
             return "<odd\x00>"
 
-    assert json_safe(Odd()) == "<odd\\u0000>"
+    assert json_safe(Odd()) == {"$nul_joined": ["<odd", ">"]}
 
 
 def test_text_value_decodes_invalid_utf8_with_replacement_and_escapes_nul():
@@ -93,10 +94,11 @@ def test_properties_round_trip_through_pika_encoding():
     }
 
 
-def test_float_headers_travel_as_decimals_and_are_stored_as_text():
+def test_float_headers_travel_as_decimals_and_are_stored_as_decimals():
     sent = build_properties(row(headers={"rate": 2.5, "deep": [{"x": 0.1}]}))
     assert sent.headers == {"rate": decimal.Decimal("2.5"), "deep": [{"x": decimal.Decimal("0.1")}]}
-    assert read_properties(through_the_wire(sent))["headers"] == {"rate": "2.5", "deep": [{"x": "0.1"}]}
+    assert read_properties(through_the_wire(sent))["headers"] == {
+        "rate": {"$decimal": "2.5"}, "deep": [{"x": {"$decimal": "0.1"}}]}
 
 
 def test_read_properties_defaults_for_a_bare_message():

@@ -13,7 +13,7 @@ from django.utils.html import format_html, format_html_join
 
 from messaging.errors import InvalidMessage
 from messaging.models import Delivery, Message
-from messaging.outbox.publishing import republish
+from messaging.outbox.publishing import republish, republish_notes
 from messaging.web.admin.base import (
     ReadOnly,
     ReadOnlyAdmin,
@@ -160,6 +160,8 @@ class MessageAdmin(ReadOnlyAdmin):
             self.message_user(request, f"Select at most {REPUBLISH_LIMIT} letters to republish at once.", flash.ERROR)
             return None
         if request.POST.get("confirmed") != "yes":
+            for message in selected:  # what each copy cannot send exactly as it was received
+                message.republish_notes = republish_notes(message)
             return TemplateResponse(request, "admin/messaging/message/republish_confirmation.html", {
                 **self.admin_site.each_context(request), "title": "Republish these letters?", "selected": selected,
                 "opts": self.model._meta, "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
