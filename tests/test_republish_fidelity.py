@@ -62,6 +62,8 @@ def test_a_copy_of_another_producers_letter_has_the_same_headers_and_properties(
     original = Message.objects.get(message_id=message_id)
     assert original.origin == Message.Origin.EXTERNAL
 
+    letter_page = publisher_client.get(reverse("message-detail", args=[message_id])).content.decode()
+    assert "&quot;$bytes&quot;: &quot;AP8=&quot;" in letter_page  # the stored tags, shown as escaped JSON
     page = publisher_client.get(reverse("message-republish", args=[message_id])).content.decode()
     assert "cannot send everything exactly" not in page  # nothing this consumer recorded is lost
     response = publisher_client.post(reverse("message-republish", args=[message_id]))

@@ -7,12 +7,13 @@ one key naming its kind, and `from_json` gives back exactly what pika decoded:
     {"$bytes": "<base64>"}          a byte array, or a long string that is not UTF-8
     {"$decimal": "1.23"}            an AMQP decimal
     {"$timestamp": "<ISO 8601>"}    an AMQP timestamp (past the year 9999: its number of seconds)
-    {"$double": "1e+300"}           a float JSON would not give back as one (the others are plain numbers)
+    {"$double": "1e+300"}           an AMQP double JSON would not give back as a float, and every double of a copy
     {"$nul_joined": ["a", "b"]}     text holding NUL (or the six characters \\u0000): its parts between NULs
     {"$not_decoded": "..."}         what the consumer left undecoded (tables nested too deep): a note
     {"$table": {...}}               a table that looks like one of these (a producer's {"$bytes": "x"})
 
-A header name that is not UTF-8, holds NUL or the text \\u0000, or starts with "$b64:" is stored as
+A plain float is a received AMQP double, or in a letter Mailroom publishes an AMQP decimal (pika
+sends no float). A header name that is not UTF-8, holds NUL or the text \\u0000, or starts with "$b64:" is stored as
 "$b64:<base64 of its bytes>". Rows recorded before this encoding (NUL as the text \\u0000, bytes
 as {"$base64": ...}) are read with `external=True`, which says what it could not restore exactly.
 """
@@ -47,16 +48,23 @@ class NotDecoded(str):
 
 def to_json(value: Any, *, floats: str = RECEIVED) -> Any:
     """A value pika decoded (a header table, a property) as JSON that `from_json` turns back into it."""
+    if type(value) is dict and _plain(value):  # checked once, at the top: a subtree is never scanned twice
+        return value
+    return _stored(value, floats)
+
+
+def _stored(value: Any, floats: str) -> Any:
     kind = type(value)  # the common types first, by exact type: the consumer stores every header
     if kind is str:
         return value if "\x00" not in value and NUL_TEXT not in value else {"$nul_joined": value.split("\x00")}
     if kind is int or kind is bool or value is None:
         return value
     if kind is dict:
-        table = {_key(k): to_json(v, floats=floats) for k, v in value.items()}
+        table = {k if type(k) is str and "\x00" not in k and k[:1] != "$" and NUL_TEXT not in k else _key(k):
+                 _stored(v, floats) for k, v in value.items()}
         return {"$table": table} if len(table) == 1 and next(iter(table)) in TAGS else table
     if kind is list or kind is tuple:
-        return [to_json(v, floats=floats) for v in value]
+        return [_stored(v, floats) for v in value]
     if kind is float:
         if floats == PLAIN or (floats == RECEIVED and value - value == 0 and "e+" not in repr(value)):
             return value
@@ -75,8 +83,30 @@ def to_json(value: Any, *, floats: str = RECEIVED) -> Any:
         return value.isoformat()
     for plain in (str, int, float, dict, list):  # a subclass (an OrderedDict, say) as the plain type
         if isinstance(value, plain):
-            return to_json(plain(value), floats=floats)
-    return to_json(repr(value))
+            return _stored(plain(value), floats)
+    return _stored(repr(value), floats)
+
+
+def _plain(table: dict) -> bool:
+    """Whether `table` is stored as it is: text, whole numbers and tables or lists of them, under names
+    no tag or escape touches (the common case, checked without building a copy)."""
+    for key, value in table.items():
+        if type(key) is not str or "\x00" in key or "\\" in key or key[:1] == "$" or not _plain_value(value):
+            return False
+    return True
+
+
+def _plain_value(value) -> bool:
+    kind = type(value)
+    if kind is str:
+        return "\x00" not in value and "\\" not in value
+    if kind is int or kind is bool or value is None:
+        return True
+    if kind is dict:
+        return _plain(value)  # a table that looks like a tag has a name starting with "$": not plain
+    if kind is list:
+        return all(_plain_value(item) for item in value)
+    return False
 
 
 def _key(key) -> str:
