@@ -29,8 +29,8 @@ def _decode_value(encoded: bytes, offset: int, _pika_decode_value=pika.data.deco
 
     Two headers pika cannot decode make it drop the connection — again at every redelivery, a
     poison message no consumer gets past: a timestamp past the year 9999 (kept as its number of
-    seconds here, a `FarTimestamp`), and tables nested a thousand deep, which one frame holds easily and which exhaust
-    Python's recursion (pika decodes them recursively). Below `MAX_DECODED_DEPTH` a table or array
+    seconds here, a `FarTimestamp`), and tables nested a thousand deep, which one frame holds easily
+    and which exhaust Python's recursion (pika decodes them recursively). Below `MAX_DECODED_DEPTH` a table or array
     is skipped (its length is in front of it) and stands as a short text saying so (a `NotDecoded`).
     """
     kind = encoded[offset:offset + 1]
@@ -78,7 +78,7 @@ PIKA_DECODE_VALUE = pika.data.decode_value  # pika's own, as a plain pika consum
 
 
 def install_header_decoding() -> None:
-    """Make pika decode headers with `_decode_value` and encode them with `_encode_value` (once, from `MessagingConfig.ready`).
+    """Make pika decode and encode headers with `_decode_value` and `_encode_value` (from `MessagingConfig.ready`).
 
     pika's table coders look `decode_value` and `encode_value` up in `pika.data` at each call, so
     replacing those module attributes is how nested values get the fix too.
@@ -115,7 +115,8 @@ PROPERTY_NAMES = ("priority", "reply_to", "expiration", "timestamp", "type", "us
 
 def build_properties(message) -> pika.BasicProperties:
     """The AMQP properties of a `Message` row."""
-    extra = {k: from_json(v) for k, v in (message.properties or {}).items() if k in PROPERTY_NAMES and v not in (None, "")}
+    extra = {k: from_json(v) for k, v in (message.properties or {}).items()
+             if k in PROPERTY_NAMES and v not in (None, "")}
     return pika.BasicProperties(
         message_id=message.message_id,
         content_type=message.content_type or None,

@@ -18,10 +18,16 @@ from django.utils import timezone
 
 from messaging import conf
 from messaging.amqp.codec import PROPERTY_NAMES, header_encoding_error, json_safe
-from messaging.amqp.stored import DOUBLES, NUL_TEXT, from_json, to_json
 from messaging.amqp.publisher import publisher
+from messaging.amqp.stored import DOUBLES, NUL_TEXT, from_json, to_json
 from messaging.backoff import backoff_delay
-from messaging.errors import BrokerError, DuplicateMessageId, InvalidMessage, PublishRefused, Unroutable
+from messaging.errors import (
+    BrokerError,
+    DuplicateMessageId,
+    InvalidMessage,
+    PublishRefused,
+    Unroutable,
+)
 from messaging.models import Message
 from messaging.outbox.validation import (
     check_exchange_type,

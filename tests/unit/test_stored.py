@@ -104,7 +104,8 @@ def test_a_value_left_undecoded_is_named_and_sent_as_its_note():
     notes: list[str] = []
     stored = to_json({"t": NotDecoded("(not decoded: nested deeper than 64 levels, 9 bytes)")})
     assert stored == {"t": {"$not_decoded": "(not decoded: nested deeper than 64 levels, 9 bytes)"}}
-    assert from_json(stored, notes=notes, where="headers") == {"t": "(not decoded: nested deeper than 64 levels, 9 bytes)"}
+    assert from_json(stored, notes=notes, where="headers") == {
+        "t": "(not decoded: nested deeper than 64 levels, 9 bytes)"}
     assert notes and notes[0].startswith("headers['t'] was not decoded")
 
 
