@@ -12,7 +12,7 @@ from django.contrib.auth.models import Permission, User
 from django.urls import reverse
 
 from messaging.amqp.codec import ID_DIGEST_MARK, stored_message_id
-from messaging.consumer.recording import Received, record_batch
+from messaging.consumer.recording import Received, record_batch, record_refused
 from messaging.models import Delivery, Message
 from messaging.web.api import create_token
 from tests.conftest import delete_queue, wait_for
@@ -85,8 +85,7 @@ def test_another_body_under_a_letters_message_id_on_another_queue_is_marked_and_
 
     # The letter's page: a clear warning on that delivery, the forged body escaped.
     page = admin_client.get(reverse("message-detail", args=["order-4711"])).content.decode()
-    assert "Body differs from the letter's: %d bytes, sha256 <code>%s</code>" % (
-        len(FORGED), forged.body_sha256) in page
+    assert f"Body differs from the letter's: {len(FORGED)} bytes, sha256 <code>{forged.body_sha256}</code>" in page
     assert "Not routed here by the letter's publish" in page and f"<code>{queue_b}</code>" in page
     assert "&lt;script&gt;alert(&#x27;forged&#x27;)&lt;/script&gt;" in page and "<script>alert" not in page
 
@@ -160,7 +159,7 @@ def test_ids_stored_exactly_stay_as_they_are_and_others_stay_apart():
     for exact in ("order-4711", "café ☕", "x" * 255, "coll-\ufffd"):
         assert stored_message_id(exact) == (exact, None)
     for first, second in COLLIDING:
-        (a, raw_a), (b, raw_b) = stored_message_id(first), stored_message_id(second)
+        (a, raw_a), (b, _) = stored_message_id(first), stored_message_id(second)
         assert a != b and len(a) <= 255 and len(b) <= 255 and "\x00" not in a + b
         raw = first if isinstance(first, bytes) else first.encode()
         assert raw_a == raw and a.endswith(ID_DIGEST_MARK + hashlib.sha256(raw).hexdigest())
@@ -181,3 +180,16 @@ def test_colliding_raw_message_ids_are_two_letters_each(amqp, queue_name, manage
         assert bytes(letter.body) == b"body %d" % n and letter.deliveries.get().anomaly == ""
         assert admin_client.get(reverse("message-detail", args=[letter.message_id])).status_code == 200
     assert {m.message_id[:6] for m in letters.values()} == {"coll-\ufffd", "\\u0000"}
+
+
+def test_a_refused_delivery_is_compared_with_its_letter_too():
+    letter = Message(message_id="ours-refused", routing_key="q", status=Message.Status.PUBLISHED)
+    letter.set_body(b"ok")
+    letter.save()
+    s = record_refused(received("ours-refused", queue="q", body=b"not ok"), worker_id=None, reason="refused")
+    delivery = Delivery.objects.get(pk=s.delivery_id)
+    assert delivery.anomaly == Delivery.Anomaly.BODY and bytes(delivery.body) == b"not ok"
+    assert (delivery.body_size, delivery.body_sha256) == (6, hashlib.sha256(b"not ok").hexdigest())
+    s = record_refused(received(b"refused-\xff", queue="q"), worker_id=None, reason="refused")
+    refused = Message.objects.get(pk=s.message_id)
+    assert bytes(refused.raw_message_id) == b"refused-\xff" and refused.deliveries.get().anomaly == ""
