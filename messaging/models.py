@@ -45,6 +45,11 @@ class Message(models.Model):
         max_length=255, default=new_message_id,
         help_text="The AMQP message_id property; a UUID when the producer gave none.",
     )
+    raw_message_id = models.BinaryField(
+        null=True, blank=True, editable=False,
+        help_text="The producer's message_id as it came, kept when it could not be stored as text exactly (not "
+                  "UTF-8, a NUL, too long): message_id then ends with ~sha256: and these bytes' digest.",
+    )
     origin = models.CharField(max_length=16, choices=Origin.choices, default=Origin.FORM)
     exchange = models.CharField(max_length=255, blank=True, help_text="'' is the default exchange.")
     exchange_type = models.CharField(
@@ -133,6 +138,14 @@ class DeliveryQuerySet(models.QuerySet):
     def settled(self) -> DeliveryQuerySet:
         return self.exclude(status=Delivery.Status.RECEIVED)
 
+    def anomalous(self) -> DeliveryQuerySet:
+        """Deliveries marked: another body under the letter's message_id, or a queue it was never routed to."""
+        return self.exclude(anomaly=Delivery.Anomaly.NONE)
+
+    def trusted(self) -> DeliveryQuerySet:
+        """Deliveries that are the letter's own: its body, on a route its publish took."""
+        return self.filter(anomaly=Delivery.Anomaly.NONE)
+
     def newest_first(self) -> DeliveryQuerySet:
         """The order in which a letter's latest deliveries are taken (its pages show the latest only)."""
         return self.order_by("-received_at", "-id")
@@ -146,6 +159,12 @@ class Delivery(models.Model):
         ACKED = "acked", "acked"
         REQUEUED = "requeued", "requeued"
         REJECTED = "rejected", "rejected"
+
+    class Anomaly(models.TextChoices):
+        NONE = "", "none"
+        BODY = "body", "body differs from the letter's"
+        ROUTE = "route", "not routed here by the letter's publish"
+        BODY_AND_ROUTE = "body+route", "body differs and not routed here"
 
     # Indexed by delivery_message_queue_idx (message first), not on its own.
     message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="deliveries", db_index=False)
@@ -177,6 +196,17 @@ class Delivery(models.Model):
                   "following the commit).",
     )
     error = models.TextField(blank=True, help_text="The handler's traceback, or why the delivery was not acked.")
+    body_size = models.PositiveBigIntegerField(default=0, help_text="Size of the body delivered.")
+    body_sha256 = models.CharField(max_length=64, blank=True, help_text="sha256 of the body delivered.")
+    body = models.BinaryField(
+        null=True, blank=True, editable=False,
+        help_text="The bytes delivered, kept only when they differ from the letter's body.",
+    )
+    anomaly = models.CharField(
+        max_length=16, choices=Anomaly.choices, default=Anomaly.NONE, blank=True,
+        help_text="Why this delivery may not be the letter's: its body differs (another body under the same "
+                  "message_id), or the letter's publish never routed it here. Reconciliation ignores it.",
+    )
 
     objects = DeliveryQuerySet.as_manager()
 
@@ -192,10 +222,28 @@ class Delivery(models.Model):
                 fields=["status", "received_at", "message"], name="delivery_unacked_recent_idx",
                 condition=~models.Q(status="acked"),
             ),
+            # Tiny (only marked deliveries): the admin's "forged or misrouted" filter, newest first.
+            models.Index(fields=["received_at"], name="delivery_anomaly_idx", condition=~models.Q(anomaly="")),
         ]
 
     def __str__(self) -> str:
         return f"{self.message_id} on {self.queue} ({self.status})"
+
+    @property
+    def body_matches(self) -> bool:
+        """The body delivered is the letter's (same sha256)."""
+        return self.anomaly not in BODY_ANOMALIES
+
+    @property
+    def routed(self) -> bool:
+        """The letter's publish routed it to where it was delivered."""
+        return self.anomaly not in ROUTE_ANOMALIES
+
+
+BODY_ANOMALIES = (Delivery.Anomaly.BODY, Delivery.Anomaly.BODY_AND_ROUTE)
+
+
+ROUTE_ANOMALIES = (Delivery.Anomaly.ROUTE, Delivery.Anomaly.BODY_AND_ROUTE)
 
 
 class Worker(models.Model):

@@ -141,7 +141,7 @@ def test_small_batches_statement_is_prepared_on_postgresql_unless_turned_off(thr
             record_batch([received(tag, message_id=f"prep-{tag}")], worker_id=None)
         with connection.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s",
-                           ["SELECT message_id, id FROM messaging_message WHERE message_id = ANY%"])
+                           ["SELECT message_id, id, body_sha256, % FROM messaging_message WHERE message_id = ANY%"])
             prepared = cursor.fetchone()[0]
     finally:
         connection.connection.prepare_threshold = before
@@ -441,3 +441,31 @@ def test_insert_skipping_a_conflict_returns_the_new_letters_ids():
         ids = writer_for(connection.vendor).insert_messages(rows)
     assert ids["dup-b"] == Message.objects.get(message_id="dup-b").pk
     assert ids.get("dup-a", first.message_id) == first.message_id  # skipped: left out, or its own id
+
+
+@pytest.mark.parametrize("size", [3, 60], ids=["insert", "copy"])
+def test_each_delivery_records_its_bodys_digest_and_keeps_a_body_that_differs(size):
+    """Both ways a writer writes (a multi-row INSERT, and COPY from 50 rows on PostgreSQL) fill the
+    delivery's digest, size and mark, the bytes of a body that differs, and a message's raw id."""
+    batch = [received(i, message_id=f"d-{i}", body=b"body %d" % i) for i in range(size - 2)]
+    batch += [received(100, message_id="d-0", body=b"another body"),  # filed under d-0, which has another
+              received(101, message_id=b"raw-\xff", body=b"raw")]
+    settlements = record_batch(batch, worker_id=None)
+    rows = {d.pk: d for d in Delivery.objects.all()}
+    for s, r in zip(settlements, batch):
+        d = rows[s.delivery_id]
+        assert (d.body_size, d.body_sha256) == (len(r.body), hashlib.sha256(r.body).hexdigest())
+        if r.delivery_tag == 100:
+            assert d.anomaly == Delivery.Anomaly.BODY and bytes(d.body) == b"another body"
+        else:
+            assert d.anomaly == Delivery.Anomaly.NONE and d.body is None
+    assert bytes(Message.objects.get(message_id="d-0").body) == b"body 0"
+    raw = Message.objects.get(raw_message_id__isnull=False)
+    assert bytes(raw.raw_message_id) == b"raw-\xff" and raw.message_id.startswith("raw-\ufffd~sha256:")
+    assert Message.objects.filter(raw_message_id__isnull=True).count() == size - 2
+    # Known messages are compared too (read with their look-up): the same body again is not marked.
+    [again, other] = record_batch([received(200, message_id="d-0", body=b"body 0"),
+                                   received(201, message_id=b"raw-\xff", body=b"not raw")], worker_id=None)
+    assert Delivery.objects.get(pk=again.delivery_id).anomaly == Delivery.Anomaly.NONE
+    assert Delivery.objects.get(pk=other.delivery_id).anomaly == Delivery.Anomaly.BODY
+    assert Message.objects.count() == size - 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import hashlib
 import struct
 import threading
 from typing import Any
@@ -108,6 +109,25 @@ def text_value(value) -> str:
     if type(value) is not str:
         value = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
     return json_safe_str(value)
+
+
+MAX_MESSAGE_ID_CHARS = 255  # `Message.message_id`'s column
+ID_DIGEST_MARK = "~sha256:"  # between a changed message_id's readable text and its raw bytes' digest
+
+
+def stored_message_id(value) -> tuple[str, bytes | None]:
+    """A received message_id as `Message.message_id` stores it, and its raw bytes when that text is not them.
+
+    Text that is valid UTF-8, without NUL and within the column is kept exactly. Anything else
+    (pika's bytes for invalid UTF-8, NUL, too long) would lose what told two ids apart once decoded,
+    escaped and cut: its readable form gets the full sha256 of the raw bytes appended, so two
+    different raw ids stay two letters (a truncated digest could be collided on purpose).
+    """
+    if type(value) is str and len(value) <= MAX_MESSAGE_ID_CHARS and "\x00" not in value:
+        return value, None
+    raw = value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogatepass")
+    digest = ID_DIGEST_MARK + hashlib.sha256(raw).hexdigest()
+    return text_value(raw)[:MAX_MESSAGE_ID_CHARS - len(digest)] + digest, raw
 
 
 PROPERTY_NAMES = ("priority", "reply_to", "expiration", "timestamp", "type", "user_id", "app_id", "cluster_id")

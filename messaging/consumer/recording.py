@@ -18,10 +18,16 @@ from datetime import UTC, datetime
 from django.db import connection, transaction
 from django.utils import timezone
 
-from messaging.amqp.codec import json_safe_str, read_properties, text_value
+from messaging.amqp.codec import (
+    json_safe_str,
+    read_properties,
+    stored_message_id,
+    text_value,
+)
 from messaging.amqp.subscription import Received
 from messaging.consumer.handlers import Handler, run_handler
-from messaging.consumer.writers import Writer, writer_for
+from messaging.consumer.trail import BODY_MARKS, EXTERNAL, Filed, anomaly
+from messaging.consumer.writers import MESSAGE_COLUMNS, Writer, writer_for
 from messaging.models import Delivery, Message
 
 
@@ -94,23 +100,28 @@ def record_refused(r: Received, *, worker_id: int | None, reason: str) -> Settle
     one such message never holds up the queue, and its body stays in the audit trail.
     """
     body = bytes(r.body)
+    sha256 = hashlib.sha256(body).hexdigest()
     now = timezone.now()
     reason = json_safe_str(reason)
     exchange, routing_key = _stored_name(r.exchange), _stored_name(r.routing_key)
+    message_id, raw_id = _message_id(r, has_handler=False)
     with transaction.atomic():
         message, _ = Message.objects.get_or_create(
-            message_id=_message_id(r, has_handler=False),
+            message_id=message_id,
             defaults={
                 "origin": Message.Origin.EXTERNAL, "status": Message.Status.EXTERNAL, "body": body,
-                "body_size": len(body), "body_sha256": hashlib.sha256(body).hexdigest(),
+                "body_size": len(body), "body_sha256": sha256, "raw_message_id": raw_id,
                 "exchange": exchange, "routing_key": routing_key, "last_error": reason,
             },
         )
+        mark = anomaly(filed=(message.pk, message.body_sha256, message.exchange, message.routing_key, message.origin),
+                       sha256=sha256, exchange=exchange, routing_key=routing_key, headers=r.properties.headers)
         attempt = Delivery.objects.filter(message=message, queue=r.queue).count() + 1
         delivery = Delivery.objects.create(
             message=message, queue=r.queue, consumer_tag=r.consumer_tag, delivery_tag=r.delivery_tag,
             redelivered=r.redelivered, attempt=attempt, exchange=exchange, routing_key=routing_key,
             status=Delivery.Status.REJECTED, worker_id=worker_id, settled_at=now, error=reason,
+            body_size=len(body), body_sha256=sha256, body=body if mark in BODY_MARKS else None, anomaly=mark,
         )
     return Settlement(delivery_tag=r.delivery_tag, delivery_id=delivery.pk, message_id=message.pk,
                       action=Delivery.Status.REJECTED, error=reason, recorded=True)
@@ -141,12 +152,13 @@ class Recorded:
 
 @dataclass(slots=True)
 class Prepared:
-    """A batch turned into database values, before the transaction: message_ids, receipt times, a
-    `Message` row (MESSAGE_COLUMNS) per distinct message in case it is new, and each delivery's
-    status and settled_at as written ('acked' when its queue has no handler)."""
+    """A batch turned into database values, before the transaction: message_ids, receipt times, each
+    body's sha256, a `Message` row (MESSAGE_COLUMNS) per distinct message in case it is new, and each
+    delivery's status and settled_at as written ('acked' when its queue has no handler)."""
 
     ids: list[str]
     received: list
+    digests: list[str]
     messages: dict[str, tuple]
     settlement: list[tuple]  # (status, settled_at) per delivery
 
@@ -155,14 +167,21 @@ def _prepare(batch: list[Received], handlers: dict[str, Handler] | None) -> Prep
     for r in batch:
         r.exchange, r.routing_key = _stored_name(r.exchange), _stored_name(r.routing_key)
     received = [_adapted(datetime.fromtimestamp(r.received_at, UTC)) for r in batch]
-    ids = [_message_id(r, has_handler=bool(handlers) and r.queue in handlers) for r in batch]
+    ids, raw_ids = [], {}
+    for r in batch:
+        message_id, raw_id = _message_id(r, has_handler=bool(handlers) and r.queue in handlers)
+        ids.append(message_id)
+        if raw_id is not None:
+            raw_ids[message_id] = raw_id
+    digests = [hashlib.sha256(r.body).hexdigest() for r in batch]  # each delivery's, and its new message's
     messages: dict[str, tuple] = {}
-    for r, message_id, received_at in zip(batch, ids, received):
+    for r, message_id, received_at, sha256 in zip(batch, ids, received, digests):
         if message_id not in messages:
-            messages[message_id] = _external_message_row(r, message_id, received_at)
+            messages[message_id] = _external_message_row(r, message_id, received_at, sha256=sha256,
+                                                         raw_id=raw_ids.get(message_id))
     acked_now = (ACKED, _adapted(timezone.now()))
     settlement = [(RECEIVED, None) if handlers and r.queue in handlers else acked_now for r in batch]
-    return Prepared(ids=ids, received=received, messages=messages, settlement=settlement)
+    return Prepared(ids=ids, received=received, digests=digests, messages=messages, settlement=settlement)
 
 
 def _adapted(moment: datetime):
@@ -171,26 +190,32 @@ def _adapted(moment: datetime):
 
 
 def _insert(batch: list[Received], prepared: Prepared, *, writer: Writer, worker_id: int | None) -> list[Recorded]:
-    """Write the batch's new messages and every delivery, with attempt numbers and duplicate marks."""
-    known = writer.message_pks(list(prepared.messages))
+    """Write the batch's new messages and every delivery, with attempt numbers, duplicate and anomaly marks."""
+    known: dict[str, Filed] = writer.message_pks(list(prepared.messages))
     new = [row for message_id, row in prepared.messages.items() if message_id not in known]
-    if new:
-        known.update(writer.insert_messages(new))
+    inserted = writer.insert_messages(new) if new else {}
+    for row in new:
+        if row[0] in inserted:
+            known[row[0]] = (inserted[row[0]], row[BODY_SHA256], row[EXCHANGE], row[ROUTING_KEY], EXTERNAL)
     missing = [m for m in prepared.messages if m not in known]
     if missing:  # written by a competing worker at the same moment
         known.update(writer.message_pks(missing))
 
-    history = _history(batch, prepared.ids, known, fresh={row[0] for row in new})
+    history = _history(batch, prepared.ids, known, fresh=set(inserted))
     rows, recorded = [], []
-    for r, message_id, received_at, (status, settled_at) in zip(batch, prepared.ids, prepared.received,
-                                                                 prepared.settlement):
-        message_pk = known[message_id]
+    for r, message_id, received_at, sha256, (status, settled_at) in zip(
+            batch, prepared.ids, prepared.received, prepared.digests, prepared.settlement):
+        filed = known[message_id]
+        message_pk = filed[0]
         previous = history.setdefault((message_pk, r.queue), [])
         attempt, duplicate = _attempt(r, previous), bool(previous) and _handled(previous)
         previous.append((ACKED, True))  # a later copy in this batch is a duplicate
+        mark = anomaly(filed=filed, sha256=sha256, exchange=r.exchange, routing_key=r.routing_key,
+                       headers=r.properties.headers)
         rows.append((
             message_pk, r.queue, r.consumer_tag, r.delivery_tag, r.redelivered, attempt, duplicate, r.exchange,
-            r.routing_key, status, worker_id, received_at, settled_at, "",
+            r.routing_key, status, worker_id, received_at, settled_at, "", len(r.body), sha256,
+            bytes(r.body) if mark in BODY_MARKS else None, mark,
         ))
         recorded.append(Recorded(pk=0, message_pk=message_pk, attempt=attempt, duplicate=duplicate))
     for item, pk in zip(recorded, writer.insert_deliveries(rows), strict=True):
@@ -206,16 +231,17 @@ def _stored_name(value) -> str:
     return text_value(value)[:255]
 
 
-def _message_id(r: Received, *, has_handler: bool) -> str:
+def _message_id(r: Received, *, has_handler: bool) -> tuple[str, bytes | None]:
+    """The message_id to file the delivery under, and the raw id when that text is not exactly it."""
     message_id = r.properties.message_id
     if message_id:
-        return text_value(message_id)[:255]
+        return stored_message_id(message_id)
     if r.redelivered:
         # A message without message_id recorded before the consumer died: find it by its content.
         found = _match_by_content(r, has_handler=has_handler)
         if found:
-            return found
-    return str(uuid.uuid4())
+            return found, None
+    return str(uuid.uuid4()), None
 
 
 def _match_by_content(r: Received, *, has_handler: bool) -> str | None:
@@ -244,10 +270,11 @@ def _match_by_content(r: Received, *, has_handler: bool) -> str | None:
     return message_id
 
 
-def _external_message_row(r: Received, message_id: str, received_at) -> tuple:
+def _external_message_row(r: Received, message_id: str, received_at, *, sha256: str = "",
+                          raw_id: bytes | None = None) -> tuple:
     """A `Message` row (MESSAGE_COLUMNS) for a message Mailroom did not publish.
 
-    `received_at` is already adapted for the database. The JSON columns are given as JSON text,
+    `received_at` is already adapted for the database; `sha256` is the body's, when already known. The JSON columns are given as JSON text,
     as Django's adapter writes them on SQLite (json.dumps, no encoder); PostgreSQL reads that text
     as jsonb, in COPY and in a statement's literals alike. psycopg's Jsonb wrapper would cost
     ~12 µs more a row in COPY.
@@ -256,11 +283,15 @@ def _external_message_row(r: Received, message_id: str, received_at) -> tuple:
     body = bytes(r.body)
     return (
         message_id, EXTERNAL_ORIGIN, EXTERNAL_STATUS, r.exchange, "", r.routing_key,
-        False, body, len(body), hashlib.sha256(body).hexdigest(), p["content_type"][:255],
+        False, body, len(body), sha256 or hashlib.sha256(body).hexdigest(), p["content_type"][:255],
         p["content_encoding"][:255], p["correlation_id"], p["delivery_mode"],
         json.dumps(p["headers"]) if p["headers"] else "{}",
-        json.dumps(p["properties"]) if p["properties"] else "{}", "", 0, received_at,
+        json.dumps(p["properties"]) if p["properties"] else "{}", "", 0, received_at, raw_id,
     )
+
+
+# Positions in a `Message` row (MESSAGE_COLUMNS) of what a delivery is compared with.
+EXCHANGE, ROUTING_KEY, BODY_SHA256 = (MESSAGE_COLUMNS.index(name) for name in ("exchange", "routing_key", "body_sha256"))
 
 
 EXTERNAL_ORIGIN = Message.Origin.EXTERNAL.value
@@ -280,7 +311,7 @@ UNACKED_OR_ACKED_AT_INSERT = (RECEIVED, ACKED)
 
 def _history(batch, ids, known, *, fresh: set[str]) -> dict[tuple[int, str], list]:
     """Earlier deliveries ([status, handled]) per (message, queue), oldest first, for attempts and duplicates."""
-    old = {known[i] for i in ids if i not in fresh}
+    old = {known[i][0] for i in ids if i not in fresh}
     history: dict[tuple[int, str], list[tuple[str, bool]]] = {}
     if not old:
         return history
@@ -301,7 +332,7 @@ def _history(batch, ids, known, *, fresh: set[str]) -> dict[tuple[int, str], lis
     # acked: the broker requeued it. (A copy that is not redelivered proves neither: the same
     # message_id published twice may be in another worker's handler right now.)
     stale = []
-    for key in {(known[i], r.queue) for r, i in zip(batch, ids) if r.redelivered}:
+    for key in {(known[i][0], r.queue) for r, i in zip(batch, ids) if r.redelivered}:
         stale += unsettled.get(key, ())
         status, pk = latest.get(key, ("", 0))
         if status == Delivery.Status.ACKED:

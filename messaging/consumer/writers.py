@@ -20,12 +20,15 @@ from messaging.statements import padded, parts, slots
 MESSAGE_COLUMNS = (
     "message_id", "origin", "status", "exchange", "exchange_type", "routing_key", "declare", "body", "body_size",
     "body_sha256", "content_type", "content_encoding", "correlation_id", "delivery_mode", "headers",
-    "properties", "last_error", "attempts", "created_at",
+    "properties", "last_error", "attempts", "created_at", "raw_message_id",
 )
 DELIVERY_COLUMNS = (
     "message_id", "queue", "consumer_tag", "delivery_tag", "redelivered", "attempt", "duplicate", "exchange",
-    "routing_key", "status", "worker_id", "received_at", "settled_at", "error",
+    "routing_key", "status", "worker_id", "received_at", "settled_at", "error", "body_size", "body_sha256", "body",
+    "anomaly",
 )
+# What a delivery is compared with (`messaging.consumer.trail.Filed`), read with the look-up by message_id.
+FILED_COLUMNS = "message_id, id, body_sha256, exchange, routing_key, origin"
 
 
 class Writer:
@@ -39,8 +42,9 @@ class Writer:
         """Around a handler and its `handled_at`: rolled back together when the handler fails."""
         return transaction.atomic()
 
-    def message_pks(self, message_ids: list[str]) -> dict[str, int]:
-        """The pks of the messages among `message_ids` that have a row."""
+    def message_pks(self, message_ids: list[str]) -> dict[str, tuple]:
+        """The messages among `message_ids` that have a row: {message_id: (pk, body_sha256, exchange,
+        routing_key, origin)}, what their deliveries are compared with."""
         raise NotImplementedError
 
     def insert_messages(self, rows: list[tuple]) -> dict[str, int]:
@@ -94,19 +98,21 @@ class SQLiteWriter(Writer):
         # idempotent anyway, delivery being at-least-once).
         return nullcontext()
 
-    def message_pks(self, message_ids: list[str]) -> dict[str, int]:
-        found: dict[str, int] = {}
+    def message_pks(self, message_ids: list[str]) -> dict[str, tuple]:
+        found: dict[str, tuple] = {}
         for part in parts(list(message_ids)):
-            sql = f"SELECT message_id, id FROM {Message._meta.db_table} WHERE message_id IN ({_marks(len(part))})"
-            found.update(self.execute(sql, padded(part))[0])
+            sql = f"SELECT {FILED_COLUMNS} FROM {Message._meta.db_table} WHERE message_id IN ({_marks(len(part))})"
+            found.update((row[0], row[1:]) for row in self.execute(sql, padded(part))[0])
         return found
 
     def insert_messages(self, rows: list[tuple]) -> dict[str, int]:
         inserted = self._insert(Message, MESSAGE_COLUMNS, rows, or_ignore=True)
         if len(inserted) == len(rows):
             return {row[0]: pk for row, pk in zip(rows, inserted)}
-        # Some were written by a competing worker meanwhile: ours are the ones without an older pk.
-        return self.message_pks([row[0] for row in rows])
+        # Some were written by a competing worker meanwhile: ours are the pks this statement took.
+        ours = set(inserted)
+        return {message_id: filed[0] for message_id, filed in self.message_pks([row[0] for row in rows]).items()
+                if filed[0] in ours}
 
     def insert_deliveries(self, rows: list[tuple]) -> list[int]:
         return self._insert(Delivery, DELIVERY_COLUMNS, rows, or_ignore=False)
@@ -156,9 +162,9 @@ class PostgreSQLWriter(Writer):
     def __init__(self) -> None:
         self._sequences: dict[str, str] = {}  # table -> its id sequence, looked up once
 
-    def message_pks(self, message_ids: list[str]) -> dict[str, int]:
-        sql = f"SELECT message_id, id FROM {Message._meta.db_table} WHERE message_id = ANY(%s)"
-        return dict(self._execute(sql, [list(message_ids)]))
+    def message_pks(self, message_ids: list[str]) -> dict[str, tuple]:
+        sql = f"SELECT {FILED_COLUMNS} FROM {Message._meta.db_table} WHERE message_id = ANY(%s)"
+        return {row[0]: row[1:] for row in self._execute(sql, [list(message_ids)])}
 
     def insert_messages(self, rows: list[tuple]) -> dict[str, int]:
         if len(rows) >= self.copy_min_rows:

@@ -138,7 +138,12 @@ def message_detail(request, message_id: str):
     )
     # The latest deliveries only: another producer may send one message_id again and again, and the
     # page reloads itself every second while a delivery is unsettled.
-    latest = list(message.deliveries.select_related("worker").newest_first()[:DELIVERIES_SHOWN + 1])
+    # A delivered body is kept only when it differs from the letter's: its first bytes, never all of it.
+    latest = list(message.deliveries.select_related("worker").defer("body").annotate(
+        body_prefix=Substr("body", 1, PREVIEW_BYTES, output_field=BinaryField()),
+    ).newest_first()[:DELIVERIES_SHOWN + 1])
+    for d in latest:
+        d.body_shown = body_preview(bytes(d.body_prefix), size=d.body_size) if d.body_prefix is not None else ""
     earlier = 0
     if len(latest) > DELIVERIES_SHOWN:  # those before the oldest shown (not a count of all: more may come meanwhile)
         oldest = latest[DELIVERIES_SHOWN - 1]

@@ -7,14 +7,15 @@ from django.utils.html import format_html
 
 from messaging.models import Delivery, Message
 from messaging.web.admin.base import ReadOnlyAdmin, calendar, timestamp
-from messaging.web.admin.filters import DeliveryQueueFilter
+from messaging.web.admin.exports import body_text
+from messaging.web.admin.filters import AnomalyFilter, DeliveryQueueFilter
 
 
 @admin.register(Delivery)
 class DeliveryAdmin(ReadOnlyAdmin):
     # Status second: it stays on a 1280 px screen beside the filters; long names are cut by admin.css.
     list_display = ["received", "status", "message_link", "queue", "attempt", "redelivered", "worker", "settled"]
-    list_filter = ["status", DeliveryQueueFilter, "redelivered"]
+    list_filter = ["status", DeliveryQueueFilter, "redelivered", AnomalyFilter]
     search_fields = ["queue"]  # exact message_id or queue: see get_search_results
     search_help_text = "Exact message_id of the letter, or queue name."
     date_hierarchy = "received_at"
@@ -22,7 +23,8 @@ class DeliveryAdmin(ReadOnlyAdmin):
     sortable_by = ["received"]
     ordering = ["-received_at", "-id"]
     readonly_fields = ["message_link", "queue", "consumer_tag", "delivery_tag", "redelivered", "attempt", "duplicate",
-                       "exchange", "routing_key", "status", "worker", "received", "handled", "settled", "error"]
+                       "exchange", "routing_key", "status", "worker", "received", "handled", "settled", "error",
+                       "anomaly", "body_size", "body_sha256", "delivered_body"]
     fields = readonly_fields
 
     received = timestamp("received_at", sortable=True)
@@ -33,7 +35,7 @@ class DeliveryAdmin(ReadOnlyAdmin):
         queryset = super().get_queryset(request)
         if request.resolver_match and request.resolver_match.url_name == "messaging_delivery_changelist":
             queryset = queryset.defer("message__body", "message__headers", "message__properties",
-                                      "message__last_error", "error")
+                                      "message__last_error", "error", "body")
         return calendar(queryset)
 
     def get_search_results(self, request, queryset, search_term):
@@ -49,3 +51,12 @@ class DeliveryAdmin(ReadOnlyAdmin):
     def message_link(self, obj):
         return format_html('<a href="{}">{}</a>', reverse("admin:messaging_message_change", args=[obj.message_id]),
                            obj.message.message_id)
+
+    @admin.display(description="body delivered")
+    def delivered_body(self, obj):
+        if obj.body is None:
+            return "the letter's body" if obj.body_sha256 else "—"
+        body = bytes(obj.body)
+        text, encoding = body_text(body[:4096])
+        suffix = f" … ({len(body):,} bytes in all)" if len(body) > 4096 else ""
+        return format_html("<pre>{}</pre>{}", text if encoding == "utf-8" else f"base64: {text}", suffix)

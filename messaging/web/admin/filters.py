@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 
-from messaging.models import Delivery
+from messaging.models import BODY_ANOMALIES, ROUTE_ANOMALIES, Delivery
 from messaging.web.counting import RECENT_DELIVERIES, recently_delivered
 
 
@@ -70,3 +70,22 @@ class DeliveryStatusFilter(admin.SimpleListFilter):
         if self.value() not in Delivery.Status.values:
             return queryset
         return queryset.filter(pk__in=recently_delivered(status=self.value()))
+
+
+class AnomalyFilter(admin.SimpleListFilter):
+    """Deliveries that may not be their letter's: another body under its message_id, or an unrouted queue."""
+
+    title = "forged or mismatched"
+    parameter_name = "anomaly"
+
+    def lookups(self, request, model_admin):
+        return [("any", "forged/mismatched (any)"), ("body", "body differs from the letter's"),
+                ("route", "not routed here by the letter's publish")]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        if value == "any":
+            return queryset.exclude(anomaly=Delivery.Anomaly.NONE)
+        if value in ("body", "route"):
+            return queryset.filter(anomaly__in=BODY_ANOMALIES if value == "body" else ROUTE_ANOMALIES)
+        return queryset

@@ -6,7 +6,7 @@ from typing import Any
 from rest_framework import serializers
 
 from messaging.errors import InvalidMessage
-from messaging.models import Delivery, Message
+from messaging.models import BODY_ANOMALIES, ROUTE_ANOMALIES, Delivery, Message
 from messaging.outbox.validation import EXCHANGE_TYPES, decode_body
 
 TEXT_FIELDS = ("exchange", "exchange_type", "routing_key", "content_type", "content_encoding", "correlation_id",
@@ -160,6 +160,23 @@ class DeliverySerializer(serializers.Serializer):
     attempt = serializers.IntegerField(help_text="This letter's nth delivery on this queue.")
     received_at = IsoDateTimeField()
     settled_at = IsoDateTimeField(allow_null=True)
+    body_size = serializers.IntegerField(help_text="Size of the body delivered.")
+    body_sha256 = serializers.CharField(help_text="sha256 of the body delivered ('' when not recorded).")
+    body_matches = serializers.BooleanField(
+        help_text="False when the body delivered differs from the letter's: another body under its message_id.")
+    routed = serializers.BooleanField(
+        help_text="False when the letter's publish did not route it here (same exchange and routing key, or an "
+                  "x-death naming them); reconciliation does not count such a delivery.")
+
+
+DELIVERY_FIELDS = ("queue", "status", "redelivered", "attempt", "received_at", "settled_at", "body_size",
+                   "body_sha256", "anomaly")
+
+
+def delivery_row(values: dict[str, Any]) -> dict[str, Any]:
+    """The fields of `DeliverySerializer` from a delivery's `DELIVERY_FIELDS` values."""
+    anomaly = values.pop("anomaly")
+    return {**values, "body_matches": anomaly not in BODY_ANOMALIES, "routed": anomaly not in ROUTE_ANOMALIES}
 
 
 class MessageDetailSerializer(MessageRowSerializer):

@@ -21,12 +21,14 @@ from messaging.outbox.publishing import create_message, new_message, same_conten
 from messaging.web.api.errors import ERRORS, Conflict, InvalidLetter, error_response, handle_error
 from messaging.web.api.policies import AUTHENTICATION, ApiView
 from messaging.web.api.serializers import (
+    DELIVERY_FIELDS,
     ROW_FIELDS,
     MessageDetailSerializer,
     MessageFilterSerializer,
     MessageRequestSerializer,
     MessageRowSerializer,
     MessageSummarySerializer,
+    delivery_row,
     message_kwargs,
     message_row,
     message_summary,
@@ -145,9 +147,8 @@ class MessageDetail(ApiView):
         if found is None:
             raise exceptions.NotFound("No letter with this message_id.")
         # The latest API_DELIVERIES (another producer may send one message_id again and again).
-        deliveries = list(found.deliveries.newest_first().values(
-            "queue", "status", "redelivered", "attempt", "received_at", "settled_at",
-        )[:API_DELIVERIES + 1])
+        deliveries = [delivery_row(d) for d in found.deliveries.newest_first().values(
+            *DELIVERY_FIELDS)[:API_DELIVERIES + 1]]
         republished_from = (Message.objects.filter(pk=found.republished_from_id)
                             .values_list("message_id", flat=True).first() if found.republished_from_id else None)
         return Response(MessageDetailSerializer({
