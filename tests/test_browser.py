@@ -14,7 +14,9 @@ import pika
 import pytest
 from django.contrib.auth.models import User
 from django.db import transaction
+from django.test import override_settings
 from playwright.sync_api import expect, sync_playwright
+from pytest_django.live_server_helper import LiveServer
 
 from messaging.models import Delivery, Message, Worker
 from messaging.outbox.publishing import create_message, publish_message
@@ -35,6 +37,17 @@ CHROMIUM_ARGS = [
 # in test-artifacts/ (ignored by git), so a test run leaves the work tree clean.
 SCREENSHOTS = ROOT / ("docs" if os.environ.get("MAILROOM_UPDATE_SCREENSHOTS") == "1" else "test-artifacts") / "screenshots"
 XSS_BODY = '<script>window.__xss = 1; alert("xss")</script><img src=x onerror="window.__xss = 2">'
+
+
+@pytest.fixture(scope="session")
+def live_server(request):
+    """pytest-django's live server, started while MEDIA_URL is set: with none, Django's test server first
+    serves every path as a media file, and a path with ".." segments (a letter's message_id) is a 500."""
+    addr = request.config.getvalue("liveserver") or os.environ.get("DJANGO_LIVE_TEST_SERVER_ADDRESS") or "localhost"
+    with override_settings(MEDIA_URL="/media/"):
+        server = LiveServer(addr)
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
