@@ -26,10 +26,8 @@ class LetterParser(BaseParser):
     media_type = "application/json"
 
     def parse(self, stream, media_type=None, parser_context=None):
-        # Django's request, not DRF's: a session's CSRF check parses the body while DRF is still
-        # authenticating (its `user` would recurse); DRF gives Django's request the user it authenticates.
         request = parser_context["request"]
-        limit = upload_limit(getattr(request, "_request", request).user)
+        limit = upload_limit(django_request(request).user)
         if limit is not None and declared_length(request) > limit:  # refused before reading any of it
             raise self.too_large(limit)
         raw = stream.read() if limit is None else stream.read(limit + 1)
@@ -48,6 +46,13 @@ class LetterParser(BaseParser):
         """413: the request is over `limit`."""
         return PayloadTooLarge(f"The request is over {limit} bytes; a body may have at most "
                                f"{conf.get('MAILROOM_MAX_BODY_BYTES')} bytes.")
+
+
+def django_request(request):
+    """The HttpRequest under DRF's `request` (DRF sets its `user` to the user DRF authenticated)."""
+    # Not DRF's `user`: a session's CSRF check parses the body while DRF is still authenticating, and
+    # DRF's `user` would authenticate again (tests/test_uploads.py posts through a session).
+    return request._request
 
 
 class AlwaysJSON(DefaultContentNegotiation):
