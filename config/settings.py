@@ -190,9 +190,8 @@ MAILROOM_METRICS_TOKEN = env.str("MAILROOM_METRICS_TOKEN", default="")
 # production); false declares them as the RabbitMQ tutorials do, so that their code works beside Mailroom.
 MAILROOM_DURABLE = env.bool("MAILROOM_DURABLE", default=False)
 
-# Request bodies may carry a body of MAILROOM_MAX_BODY_BYTES plus the form's fields: the form's
-# percent-encoding and JSON's \\u escapes write a byte of UTF-8 as up to 3 (base64: 4 for 3).
-DATA_UPLOAD_MAX_MEMORY_SIZE = MAILROOM_MAX_BODY_BYTES * 3 + 1024 * 1024
+# DATA_UPLOAD_MAX_MEMORY_SIZE stays Django's: the publish form and the API read a letter's worth
+# from a user who may publish, and only from one (messaging/web/uploads.py).
 
 # --- Logging ----------------------------------------------------------------
 # text: one line a record for people; json: one JSON object a line for a log collector, with the

@@ -49,7 +49,8 @@ def post(client, body, key, content_type="application/json"):
     ("plain-1", "/api/messages/plain-1/"),
     ("a/b", "/api/messages/a%2Fb/"),
     ("../etc", "/api/messages/..%2Fetc/"),
-    ("..", "/api/messages/%2E%2E/"),
+    ("..", "/api/messages/%252E%252E/"),  # a browser resolves %2E%2E (messaging/web/links.py)
+    (".", "/api/messages/%252E/"),
     ("sp ace?q=1#frag%", "/api/messages/sp%20ace%3Fq%3D1%23frag%25/"),
     ("two\nlines", "/api/messages/two%0Alines/"),
     ("é", "/api/messages/%C3%A9/"),
@@ -133,8 +134,8 @@ def test_errors_elsewhere_have_the_same_shape(client, key, settings):
     put = client.put("/api/messages/", "{}", content_type="application/json", **auth)
     assert put.status_code == 405
     assert put.json() == {"detail": 'Method "PUT" not allowed.', "code": "method_not_allowed"}
-    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 100
-    large = post(client, {"routing_key": "q", "body": "x" * 200}, key)
+    settings.MAILROOM_MAX_BODY_BYTES = 100  # the request's limit is then Django's DATA_UPLOAD_MAX_MEMORY_SIZE
+    large = post(client, {"routing_key": "q", "body": "x" * settings.DATA_UPLOAD_MAX_MEMORY_SIZE}, key)
     assert large.status_code == 413 and large.json()["code"] == "too_large"
     nul = client.get("/api/messages/", {"queue": "a\x00b"}, **auth)  # answered before any view
     assert nul.status_code == 400 and nul.json() == {"detail": "A query parameter holds a NUL character.",

@@ -8,15 +8,19 @@ import logging
 import os
 import uuid
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pika
 import pytest
 from django.contrib.auth.models import User
 from django.db import transaction
+from django.test import override_settings
 from playwright.sync_api import expect, sync_playwright
+from pytest_django.live_server_helper import LiveServer
 
 from messaging.models import Delivery, Message, Worker
 from messaging.outbox.publishing import create_message, publish_message
+from messaging.web.links import message_url
 from tests.audit_data import delivery, letter
 from tests.conftest import ROOT, queue_depth, wait_for
 
@@ -33,6 +37,17 @@ CHROMIUM_ARGS = [
 # in test-artifacts/ (ignored by git), so a test run leaves the work tree clean.
 SCREENSHOTS = ROOT / ("docs" if os.environ.get("MAILROOM_UPDATE_SCREENSHOTS") == "1" else "test-artifacts") / "screenshots"
 XSS_BODY = '<script>window.__xss = 1; alert("xss")</script><img src=x onerror="window.__xss = 2">'
+
+
+@pytest.fixture(scope="session")
+def live_server(request):
+    """pytest-django's live server, started while MEDIA_URL is set: with none, Django's test server first
+    serves every path as a media file, and a path with ".." segments (a letter's message_id) is a 500."""
+    addr = request.config.getvalue("liveserver") or os.environ.get("DJANGO_LIVE_TEST_SERVER_ADDRESS") or "localhost"
+    with override_settings(MEDIA_URL="/media/"):
+        server = LiveServer(addr)
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +275,36 @@ def test_the_api_docs_page_runs_under_the_csp(page):
     paths = page.locator(".opblock-summary-path").all_inner_texts()
     assert any(p.strip().startswith("/api/messages/") for p in paths), paths
     assert page.csp_violations == []
+
+
+ODD_IDS = ["..", "../../accounts/logout/", " spaced ", "a/b", "%2F", "."]
+
+
+def test_links_and_redirects_reach_letters_with_odd_ids(page, queue_name):
+    """A browser resolves "." and ".." in a path before it asks: every link to a letter still reaches it."""
+    log_in(page)
+    for message_id in ODD_IDS:
+        letter(message_id=message_id, routing_key=queue_name)
+    for message_id in ODD_IDS:
+        page.goto("/messages/?" + urlencode({"q": message_id}))
+        page.locator("table a").filter(has_text=message_id.strip()).first.click()
+        code = page.locator("main h1 code")
+        expect(code).to_be_visible()
+        assert code.text_content() == message_id, (message_id, page.url)
+        assert page.url.endswith(message_url("message-detail", message_id)), page.url
+        expect(page.locator("header nav")).to_contain_text("Log out ada")  # not sent to the logout page
+
+    # A form publish and a republish redirect to the letter they wrote; the copy links its original.
+    page.goto("/publish/")
+    page.check('input[name="mode"][value="queue"]')
+    page.fill('input[name="queue"]', queue_name)
+    page.fill('input[name="message_id"]', "../../accounts/logout/x")
+    page.get_by_role("button", name="Publish", exact=True).click()
+    expect(page.locator("main h1 code")).to_have_text("../../accounts/logout/x")
+    page.get_by_role("link", name="Republish a copy…").click()
+    expect(page.locator("main h1 code")).to_have_text("../../accounts/logout/x")
+    page.get_by_role("button", name="Republish").click()
+    page.locator("dd a").filter(has_text="../../accounts/logout/x").click()
+    expect(page.locator("main h1 code")).to_have_text("../../accounts/logout/x")
+    assert Message.objects.filter(republished_from__message_id="../../accounts/logout/x").count() == 1
+    assert page.console_errors == [], page.console_errors

@@ -3,16 +3,18 @@ from django.urls import path, register_converter
 
 from messaging.web import health, queues, views
 from messaging.web.api import views as api
+from messaging.web.links import message_id_from_path
 
 
 class MessageIdConverter:
     """A message_id in a path: any characters, slashes and newlines too (other producers choose
     them), but NUL, which no stored message_id holds (PostgreSQL refuses it in a query)."""
 
+    # Links are made by messaging.web.links.message_url, which writes the id as one segment.
     regex = r"[^\x00]+"
 
     def to_python(self, value: str) -> str:
-        return value
+        return message_id_from_path(value)
 
     def to_url(self, value: str) -> str:
         return value

@@ -24,10 +24,13 @@ from messaging.web.counting import (
 )
 from messaging.web.display import PREVIEW_BYTES, body_preview, pretty_json
 from messaging.web.forms import PublishForm
+from messaging.web.links import message_url
+from messaging.web.uploads import letter_form
 
 PAGE_SIZE = 50
 
 
+@letter_form
 @login_required
 @permission_required("messaging.add_message", raise_exception=True)
 def publish(request):
@@ -58,7 +61,7 @@ def _after_publish(request, message: Message):
         flash.error(request, f"{message.get_status_display()}: {message.last_error}")
     else:
         flash.success(request, "Published.")
-    return redirect("message-detail", message_id=message.message_id)
+    return redirect(message_url("message-detail", message.message_id))
 
 
 @login_required
@@ -72,7 +75,7 @@ def republish(request, message_id: str):
                 copy = publishing.republish(original, user=request.user)
         except InvalidMessage as exc:
             flash.error(request, f"Cannot republish: {exc}")
-            return redirect("message-detail", message_id=original.message_id)
+            return redirect(message_url("message-detail", original.message_id))
         return _after_publish(request, copy)
     return render(request, "messaging/republish_confirm.html", {
         "message": original, "notes": publishing.republish_notes(original),
@@ -87,7 +90,7 @@ def message_list(request):
     )
     status = request.GET.get("status", "")
     queue = request.GET.get("queue", "").strip()
-    q = request.GET.get("q", "").strip()
+    q = request.GET.get("q", "")
     if status in Message.Status.values:
         messages = messages.filter(status=status)
     if queue:
@@ -97,13 +100,20 @@ def message_list(request):
                   .values_list("pk", flat=True)[:RECENT_DELIVERIES])
         ids.update(row["message_id"] for row in recently_delivered(queue=queue))
         messages = messages.filter(pk__in=ids)
-    if q:
-        messages = messages.filter(Q(message_id=q) | Q(routing_key=q) | Q(correlation_id=q))
+    if q.strip():
+        messages = messages.filter(searched(q))
     page = CappedCountPaginator(messages.order_by("-created_at", "-id"), PAGE_SIZE).get_page(request.GET.get("page"))
     rows = page_rows(list(page.object_list))
     return render(request, "messaging/message_list.html", {
         "page": page, "rows": rows, "status": status, "queue": queue, "q": q, "statuses": Message.Status.choices,
     })
+
+
+def searched(term: str) -> Q:
+    """Letters whose message_id, routing key or correlation_id is `term` as typed or without its outer spaces
+    (another producer's id may have spaces at its ends; a pasted one may have gained some)."""
+    values = {term, term.strip()}
+    return Q(message_id__in=values) | Q(routing_key__in=values) | Q(correlation_id__in=values)
 
 
 def page_rows(messages: list[Message]) -> list[dict]:

@@ -109,11 +109,11 @@ class MessageAdmin(ReadOnlyAdmin):
 
     def get_search_results(self, request, queryset, search_term):
         """Exact matches only, each on its own index (admin's `=` would be a case-insensitive scan)."""
-        term = search_term.strip()
-        if not term:
+        if not search_term.strip():
             return queryset, False
-        return queryset.filter(message_id=term) | queryset.filter(correlation_id=term) | queryset.filter(
-            routing_key=term), False
+        terms = {search_term, search_term.strip()}  # as typed too: an id may have spaces at its ends
+        return queryset.filter(message_id__in=terms) | queryset.filter(correlation_id__in=terms) | queryset.filter(
+            routing_key__in=terms), False
 
     @admin.display(description="exchange")
     def exchange_name(self, obj):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-from django.conf import settings
 from drf_spectacular.openapi import AutoSchema
 from rest_framework import exceptions, generics
 from rest_framework.authentication import SessionAuthentication
@@ -16,6 +15,7 @@ from messaging import conf
 from messaging.models import Message
 from messaging.web.api.auth import BearerTokenAuthentication, MessagePermissions
 from messaging.web.api.errors import PayloadTooLarge, handle_error
+from messaging.web.uploads import declared_length, upload_limit
 
 AUTHENTICATION = (BearerTokenAuthentication, SessionAuthentication)  # the first one names the 401's WWW-Authenticate
 
@@ -26,11 +26,13 @@ class LetterParser(BaseParser):
     media_type = "application/json"
 
     def parse(self, stream, media_type=None, parser_context=None):
-        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        request = parser_context["request"]
+        limit = upload_limit(django_request(request).user)
+        if limit is not None and declared_length(request) > limit:  # refused before reading any of it
+            raise self.too_large(limit)
         raw = stream.read() if limit is None else stream.read(limit + 1)
         if limit is not None and len(raw) > limit:
-            raise PayloadTooLarge(f"The request is over {limit} bytes; a body may have at most "
-                                  f"{conf.get('MAILROOM_MAX_BODY_BYTES')} bytes.")
+            raise self.too_large(limit)
         try:
             payload = json.loads(raw or b"{}")  # NaN is read, and refused by the checks as not finite
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
@@ -38,6 +40,19 @@ class LetterParser(BaseParser):
         if not isinstance(payload, dict):
             raise exceptions.ParseError("The request body must be a JSON object.")
         return payload
+
+    @staticmethod
+    def too_large(limit: int) -> PayloadTooLarge:
+        """413: the request is over `limit`."""
+        return PayloadTooLarge(f"The request is over {limit} bytes; a body may have at most "
+                               f"{conf.get('MAILROOM_MAX_BODY_BYTES')} bytes.")
+
+
+def django_request(request):
+    """The HttpRequest under DRF's `request` (DRF sets its `user` to the user DRF authenticated)."""
+    # Not DRF's `user`: a session's CSRF check parses the body while DRF is still authenticating, and
+    # DRF's `user` would authenticate again (tests/test_uploads.py posts through a session).
+    return request._request
 
 
 class AlwaysJSON(DefaultContentNegotiation):

@@ -1,11 +1,8 @@
 """The API's views: list and publish letters, read one letter's trail; the OpenAPI schema and its docs page."""
 from __future__ import annotations
 
-from urllib.parse import quote
-
 from django.db import transaction
 from django.db.models import Exists, OuterRef
-from django.urls import reverse
 from django.utils.decorators import method_decorator
 from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.types import OpenApiTypes
@@ -33,17 +30,14 @@ from messaging.web.api.serializers import (
     message_row,
     message_summary,
 )
+from messaging.web.links import message_url
 
 API_DELIVERIES = 1000  # the latest deliveries a letter's answer lists ("deliveries_truncated": there were more)
 
 
 def location(request, message_id: str) -> str:
     """The absolute URL of GET /api/messages/<message_id>/, the message_id one escaped path segment."""
-    segment = quote(message_id, safe="")  # "/" too, so that no client reads "a/../b" as a path
-    if segment in (".", ".."):
-        segment = segment.replace(".", "%2E")
-    # The letter's URL is the list's plus one segment (messaging/web/urls.py).
-    return request.build_absolute_uri(reverse("api-messages") + segment + "/")
+    return request.build_absolute_uri(message_url("api-message", message_id))
 
 
 def require_json(request) -> None:
@@ -134,7 +128,8 @@ def filtered(messages, *, status=None, queue=None, exchange=None, routing_key=No
         200: MessageDetailSerializer, **ERRORS, 404: error_response("No letter with this message_id."),
     },
     parameters=[OpenApiParameter("message_id", str, OpenApiParameter.PATH,
-                                 description="Any characters but NUL, percent-encoded.")],
+                                 description="Any characters but NUL, percent-encoded as one segment; "
+                                             "`.` and `..` as `%252E` and `%252E%252E` (the Location header's form).")],
     description="The letter and its latest deliveries, oldest first. Needs messaging.view_message.",
 )
 class MessageDetail(ApiView):

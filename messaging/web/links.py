@@ -1,0 +1,41 @@
+"""A message's URLs: its message_id as one path segment that browsers and the URL resolver read back exactly."""
+from __future__ import annotations
+
+import re
+from urllib.parse import quote
+
+from django.urls import reverse
+
+# What a message_id of "." or ".." is written as in a path, and ids that look like that written form
+# (they get one more "%25" so that no two ids share a URL): a browser resolves "." and ".." segments,
+# "%2E" and "%2E%2E" among them, before it sends the request.
+DOTS = {".": "%2E", "..": "%2E%2E"}
+LOOKS_ESCAPED = re.compile(r"%(?:25)*2E(?:%2E)?")
+PLACEHOLDER = "-"
+
+
+def path_segment(message_id: str) -> str:
+    """`message_id` as one percent-encoded path segment: "/" is "%2F", and no segment is "." or ".."."""
+    if message_id in DOTS:
+        message_id = DOTS[message_id]
+    elif LOOKS_ESCAPED.fullmatch(message_id):
+        message_id = "%25" + message_id[1:]
+    return quote(message_id, safe="")
+
+
+def message_id_from_path(value: str) -> str:
+    """The message_id of a path segment once the server has decoded it (the inverse of `path_segment`)."""
+    for message_id, written in DOTS.items():
+        if value == written:
+            return message_id
+    if LOOKS_ESCAPED.fullmatch(value):
+        return "%" + value[3:]
+    return value
+
+
+def message_url(name: str, message_id: str) -> str:
+    """The path of URL `name` (a route ending in <message_id:message_id>/) for `message_id`."""
+    # Not reverse(name, args=[message_id]): reverse leaves "/" and "." as they are, and a browser
+    # reads "a/../b" as a path to walk.
+    url = reverse(name, kwargs={"message_id": PLACEHOLDER})
+    return url[:-len(PLACEHOLDER) - 1] + path_segment(message_id) + "/"
