@@ -89,8 +89,8 @@ class SecretsExceptionReporterFilter(SafeExceptionReporterFilter):
 
     def cleanse_setting(self, key, value):
         cleansed = super().cleanse_setting(key, value)
-        if isinstance(cleansed, str):
-            return mask_credentials(cleansed)
+        if isinstance(cleansed, str):  # a lazy string too (django-axes' settings): str() evaluates it
+            return mask_credentials(str(cleansed))
         return cleansed
 
     def get_traceback_frame_variables(self, request, tb_frame):

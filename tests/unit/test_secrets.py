@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from django.utils.functional import SimpleLazyObject
+
 from messaging.logging import (
     MaskSecretsFilter,
     SecretsExceptionReporterFilter,
@@ -117,6 +119,8 @@ def test_settings_whose_names_say_secret_are_hidden_and_urls_masked_inside_struc
     databases = {"default": {"PASSWORD": "pw", "NAME": "mailroom", "HOST": "db"}}
     assert reporter.cleanse_setting("DATABASES", databases)["default"] == {"PASSWORD": hidden, "NAME": "mailroom",
                                                                           "HOST": "db"}
+    lazy = SimpleLazyObject(lambda: "amqp://u:Br@kerPw@h/")  # as django-axes sets some of its settings
+    assert reporter.cleanse_setting("AXES_SOMETHING", lazy) == "amqp://u:***@h/"
     nodes = [f"amqp://u:{p}@h/" for p in HARD_PASSWORDS]
     assert reporter.cleanse_setting("BROKERS", nodes) == ["amqp://u:***@h/"] * len(HARD_PASSWORDS)
 
