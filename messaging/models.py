@@ -234,7 +234,30 @@ class ApiToken(models.Model):
     name = models.CharField(max_length=100, help_text="What the token is for, e.g. the calling service.")
     key_sha256 = models.CharField(max_length=64, unique=True, editable=False)
     created_at = models.DateTimeField(default=timezone.now)
-    last_used_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True,
+                                        help_text="When the token was last used, to the minute.")
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Refused from then on; empty: never expires.")
+    revoked_at = models.DateTimeField(null=True, blank=True, help_text="When an admin revoked it; refused since.")
+    password_sha256 = models.CharField(
+        max_length=64, blank=True, editable=False,
+        help_text="The sha256 of the user's password hash when the token was made: a new password revokes it.",
+    )
 
     def __str__(self) -> str:
         return f"{self.name} ({self.user})"
+
+    @staticmethod
+    def password_fingerprint(user) -> str:
+        """What `password_sha256` holds for `user`'s current password (without SECRET_KEY, so rotating it keeps tokens)."""
+        return hashlib.sha256(user.password.encode("utf-8")).hexdigest()
+
+    def refusal(self, *, now=None) -> str | None:
+        """Why the token may not be used any more (a sentence for the caller), or None while it may."""
+        now = now or timezone.now()
+        if self.revoked_at is not None:
+            return "This API token was revoked."
+        if self.expires_at is not None and self.expires_at <= now:
+            return "This API token has expired."
+        if self.password_sha256 != self.password_fingerprint(self.user):
+            return "This API token was revoked: its user's password changed."
+        return None
