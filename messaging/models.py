@@ -248,7 +248,7 @@ class ApiToken(models.Model):
 
     @staticmethod
     def password_fingerprint(user) -> str:
-        """What `password_sha256` holds for `user`'s current password (without SECRET_KEY, so rotating it keeps tokens)."""
+        """What `password_sha256` holds for `user`'s password now (no SECRET_KEY in it: rotating that keeps tokens)."""
         return hashlib.sha256(user.password.encode("utf-8")).hexdigest()
 
     def refusal(self, *, now=None) -> str | None:

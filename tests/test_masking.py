@@ -1,4 +1,4 @@
-"""Passwords written as people write them stay masked in `diffsettings`, log lines and the DEBUG page, even during a database outage."""
+"""Passwords as people write them stay masked in `diffsettings`, logs and the DEBUG page, in a database outage too."""
 from __future__ import annotations
 
 import socket

@@ -1,4 +1,4 @@
-"""API tokens: they expire, are revoked by an admin or by their user's new password, and note their use once a minute."""
+"""API tokens expire, are revoked by an admin or by their user's new password, and note their use once a minute."""
 from __future__ import annotations
 
 import subprocess

@@ -68,7 +68,7 @@ def test_mask_credentials_hides_passwords_however_they_are_written():
         for url, masked in [
             (f"amqp://user:{password}@host/", "amqp://user:***@host/"),
             (f"amqps://user:{password}@mq.example:5671/%2F", "amqps://user:***@mq.example:5671/%2F"),
-            (f"postgres://mailroom:{password}@db.example:5432/mailroom", "postgres://mailroom:***@db.example:5432/mailroom"),
+            (f"postgres://mailroom:{password}@db:5432/mailroom", "postgres://mailroom:***@db:5432/mailroom"),
             (f"amqp://user:{password}@[::1]:5672", "amqp://user:***@[::1]:5672"),
             (f"amqp://user:{password}@host", "amqp://user:***@host"),
         ]:
