@@ -251,13 +251,20 @@ class ApiToken(models.Model):
         """What `password_sha256` holds for `user`'s password now (no SECRET_KEY in it: rotating that keeps tokens)."""
         return hashlib.sha256(user.password.encode("utf-8")).hexdigest()
 
-    def refusal(self, *, now=None) -> str | None:
-        """Why the token may not be used any more (a sentence for the caller), or None while it may."""
+    # Why a token that is no longer active is refused, by its state: the API's 401 says this.
+    REFUSALS = {
+        "revoked": "This API token was revoked.",
+        "expired": "This API token has expired.",
+        "password changed": "This API token was revoked: its user's password changed.",
+    }
+
+    def state(self, *, now=None) -> str:
+        """'active', or why the token may not be used any more: 'revoked', 'expired' or 'password changed'."""
         now = now or timezone.now()
         if self.revoked_at is not None:
-            return "This API token was revoked."
+            return "revoked"
         if self.expires_at is not None and self.expires_at <= now:
-            return "This API token has expired."
+            return "expired"
         if self.password_sha256 != self.password_fingerprint(self.user):
-            return "This API token was revoked: its user's password changed."
-        return None
+            return "password changed"
+        return "active"

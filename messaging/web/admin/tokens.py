@@ -50,10 +50,7 @@ class ApiTokenAdmin(SelectionChecked, admin.ModelAdmin):
 
     @admin.display(description="state")
     def state(self, obj: ApiToken) -> str:
-        refusal = obj.refusal()
-        if refusal is None:
-            return "active"
-        return "expired" if "expired" in refusal else "password changed" if "password" in refusal else "revoked"
+        return obj.state()
 
     @admin.action(description="Revoke the selected tokens (they stay listed)", permissions=["delete"])
     def revoke(self, request, queryset):

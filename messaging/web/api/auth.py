@@ -59,9 +59,9 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
         if token is None or not token.user.is_active:
             raise exceptions.AuthenticationFailed("Invalid or unknown API token.")
         now = timezone.now()
-        refusal = token.refusal(now=now)
-        if refusal:
-            raise exceptions.AuthenticationFailed(refusal)
+        state = token.state(now=now)
+        if state != "active":
+            raise exceptions.AuthenticationFailed(ApiToken.REFUSALS[state])
         note_use(token, now=now)
         return token.user, token
 
