@@ -124,3 +124,29 @@ def test_create_api_token_expires_in(reader):
         assert refused.returncode == 1 and "--expires-in takes a number and a unit" in refused.stderr, refused.stderr
         assert "Traceback" not in refused.stderr
     assert not ApiToken.objects.filter(name__startswith="bad").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_migration_binds_existing_tokens_to_the_current_password(reader):
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    # Found by its name's end, so that renumbering the migration leaves this test as it is.
+    [after] = [key for key in executor.loader.graph.nodes if key[1].endswith("_secrets_apitoken_expiry")]
+    [before] = executor.loader.graph.node_map[after].parents
+    before = before.key
+    executor.migrate([before])
+    try:
+        old_token = executor.loader.project_state([before]).apps.get_model("messaging", "ApiToken")
+        old_token.objects.create(user_id=reader.pk, name="made before", key_sha256="0" * 64)
+    finally:
+        executor = MigrationExecutor(connection)
+        executor.loader.build_graph()
+        executor.migrate(executor.loader.graph.leaf_nodes())
+    token = ApiToken.objects.get(name="made before")
+    assert token.password_sha256 == ApiToken.password_fingerprint(reader) and token.state() == "active"
+    reader.set_password("second-Pw-5e7f")
+    reader.save()
+    token.refresh_from_db()
+    assert token.state() == "password changed"
+    assert after in MigrationExecutor(connection).loader.applied_migrations
