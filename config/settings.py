@@ -3,6 +3,7 @@
 See `.env.example` for the variables and their defaults.
 """
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -32,6 +33,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "drf_spectacular",  # the docs page's template
     "drf_spectacular_sidecar",  # Swagger UI's files, served from this site (no CDN)
+    "axes",  # login throttling; its AccessAttempt and AccessFailureLog show in the admin
     "messaging",
 ]
 
@@ -46,6 +48,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: turns a refused login into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -109,6 +113,17 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# Logins (the admin's and /accounts/login/) are throttled by django-axes: after AXES_FAILURE_LIMIT
+# failures for one username, or from one address, within AXES_COOLOFF_TIME, further attempts, right
+# password or not, get the lockout page (429) until the cool-off has passed or `manage.py axes_reset`.
+AUTHENTICATION_BACKENDS = ["config.auth.LoginThrottle", "django.contrib.auth.backends.ModelBackend"]
+AXES_FAILURE_LIMIT = env.int("MAILROOM_LOGIN_FAILURE_LIMIT", default=10)
+AXES_COOLOFF_TIME = timedelta(minutes=env.int("MAILROOM_LOGIN_COOLOFF_MINUTES", default=15))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]  # each on its own, not the pair
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False  # locked for the cool-off, not for as long as attempts go on
+# Behind a proxy (DJANGO_SECURE_PROXY_SSL_HEADER) the address is the proxy's X-Forwarded-For entry.
+AXES_CLIENT_IP_CALLABLE = "config.auth.client_address"
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "dashboard"
 LOGOUT_REDIRECT_URL = "login"
@@ -222,6 +237,8 @@ LOGGING = {
     "loggers": {
         # pika logs a full traceback per failed reconnect; `consume` logs one line of its own.
         "pika": {"level": "CRITICAL"},
+        # django-axes: lockouts (warnings), not its start-up line and every failed attempt.
+        "axes": {"level": "WARNING"},
         # Django's own handlers have no mask filter: its records go to the root handler instead.
         "django": {"handlers": [], "level": "INFO", "propagate": True},
     },

@@ -282,7 +282,37 @@ class ApiToken(models.Model):
     name = models.CharField(max_length=100, help_text="What the token is for, e.g. the calling service.")
     key_sha256 = models.CharField(max_length=64, unique=True, editable=False)
     created_at = models.DateTimeField(default=timezone.now)
-    last_used_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True,
+                                        help_text="When the token was last used, to the minute.")
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Refused from then on; empty: never expires.")
+    revoked_at = models.DateTimeField(null=True, blank=True, help_text="When an admin revoked it; refused since.")
+    password_sha256 = models.CharField(
+        max_length=64, blank=True, editable=False,
+        help_text="The sha256 of the user's password hash when the token was made: a new password revokes it.",
+    )
 
     def __str__(self) -> str:
         return f"{self.name} ({self.user})"
+
+    @staticmethod
+    def password_fingerprint(user) -> str:
+        """What `password_sha256` holds for `user`'s password now (no SECRET_KEY in it: rotating that keeps tokens)."""
+        return hashlib.sha256(user.password.encode("utf-8")).hexdigest()
+
+    # Why a token that is no longer active is refused, by its state: the API's 401 says this.
+    REFUSALS = {
+        "revoked": "This API token was revoked.",
+        "expired": "This API token has expired.",
+        "password changed": "This API token was revoked: its user's password changed.",
+    }
+
+    def state(self, *, now=None) -> str:
+        """'active', or why the token may not be used any more: 'revoked', 'expired' or 'password changed'."""
+        now = now or timezone.now()
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        if self.password_sha256 != self.password_fingerprint(self.user):
+            return "password changed"
+        return "active"
