@@ -132,7 +132,7 @@ def test_the_migration_binds_existing_tokens_to_the_current_password(reader):
 
     executor = MigrationExecutor(connection)
     # Found by its name's end, so that renumbering the migration leaves this test as it is.
-    [after] = [key for key in executor.loader.graph.nodes if key[1].endswith("_secrets_apitoken_expiry")]
+    [after] = [key for key in executor.loader.graph.nodes if key[1].endswith("_apitoken_expiry")]
     [before] = executor.loader.graph.node_map[after].parents
     before = before.key
     executor.migrate([before])

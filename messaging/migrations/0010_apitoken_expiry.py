@@ -16,7 +16,7 @@ def bind_existing_tokens(apps, schema_editor):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('messaging', '0008_delivery_worker_without_constraint'),
+        ('messaging', '0009_delivery_body'),
     ]
 
     operations = [
