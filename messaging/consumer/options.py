@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from messaging.amqp.subscription import Topology
+from messaging.consumer.buffer import DEFAULT_MAX_UNACKED_BYTES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -11,6 +12,8 @@ class ConsumeOptions:
     queues: tuple[str, ...] = ()
     prefetch: int = 2000  # what bench/consume.py shows best on both databases, with batch_size 500
     batch_size: int = 500
+    # Body bytes received and not yet acked, whatever the prefetch: the worker stops reading at this.
+    max_unacked_bytes: int = DEFAULT_MAX_UNACKED_BYTES
     max_messages: int | None = None
     inactivity_timeout: float | None = None
     handler: str = ""
