@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from messaging.amqp.subscription import Received
-from messaging.consumer.recording import Settlement
 
-DEFAULT_MAX_UNACKED_BYTES = 64 * 1024 * 1024  # see docs/performance.md, "The worker's memory"
+if TYPE_CHECKING:
+    from messaging.consumer.recording import Settlement
+
 BATCH_SHARE = 4  # a batch holds at most this fraction of the limit (and at least one delivery)
 
 
