@@ -11,6 +11,9 @@ class ConsumeOptions:
     queues: tuple[str, ...] = ()
     prefetch: int = 2000  # what bench/consume.py shows best on both databases, with batch_size 500
     batch_size: int = 500
+    # Body bytes received and not yet acked, whatever the prefetch: the worker stops reading at this
+    # (see `consumer.buffer`; docs/performance.md has how the default was chosen).
+    max_unacked_bytes: int = 64 * 1024 * 1024
     max_messages: int | None = None
     inactivity_timeout: float | None = None
     handler: str = ""

@@ -12,8 +12,7 @@ import logging
 import socket
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import wait as wait_for_any
 
 from django.db import DataError
 from django.db import (
@@ -28,6 +27,7 @@ from messaging.backoff import backoff_delays
 from messaging.conf import unmigrated
 from messaging.consumer import recording, registry
 from messaging.consumer.acks import Acks, Counts
+from messaging.consumer.buffer import ByteBudget, InFlight, body_bytes, next_batch
 from messaging.consumer.handlers import Handler, handler_paths
 from messaging.consumer.options import ConsumeOptions
 from messaging.consumer.recording import Settlement
@@ -38,17 +38,7 @@ from messaging.stopping import StopFlag
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True, kw_only=True)
-class InFlight:
-    future: Future
-    batch: list[Received]
-    settled: list[Settlement]
-    recorder: ThreadPoolExecutor
-    # A message in this batch, or among the settlements it writes, waits for it to commit before it is
-    # recorded again: its attempt number and duplicate check must see the earlier delivery, settled.
-    message_ids: frozenset
-    settling_ids: frozenset
+KEEPALIVE_SECONDS = 1.0  # how often an unread connection is serviced all the same (heartbeats)
 
 
 class Consumer:
@@ -63,6 +53,7 @@ class Consumer:
         self._handlers: dict[str, Handler] = {}  # by the queue's real (maybe server-made) name
         self._threads = DatabaseThreads(recorders=1 if self._handler_paths else RECORDING_THREADS[db_connection.vendor])
         self._pending: list[Received] = []
+        self._budget = ByteBudget(options.max_unacked_bytes)  # bodies in _pending and _in_flight
         self._one_by_one = 0  # the first deliveries of _pending to record alone (a batch the database refused)
         self._unsettled: list[Settlement] = []  # acked/nacked, settlement not yet written
         self._unsettled_ids: frozenset = frozenset()  # their message_id properties
@@ -71,6 +62,7 @@ class Consumer:
         self._db_retry_at = 0.0
         self._worker_id: int | None = None
         self._last_activity = time.monotonic()
+        self._last_read = 0.0  # when the connection was last serviced
         self._heartbeat = registry.Heartbeat(self._threads.submit)
         self._subscription: Subscription | None = None
         self._logged_in = False  # connected to the broker before (see `handshake_error`)
@@ -175,10 +167,10 @@ class Consumer:
             self._threads.submit(registry.set_queues, self._worker_id, queues)
         self._draining = False
         self._acks = Acks(subscription, self.counts)
-        logger.info("consuming queues=%s prefetch=%s batch=%s", ",".join(o.queues) or "(server-named)", prefetch, o.batch_size)
+        logger.info("consuming queues=%s prefetch=%s batch=%s max_unacked_bytes=%s", ",".join(o.queues) or "(server-named)",
+                    prefetch, o.batch_size, o.max_unacked_bytes)
         while not self._done():
-            # Returns on deliveries, or when a database thread finishes a batch (see _submit).
-            subscription.process(0.5)
+            self._read()
             self._pump()
             self._heartbeat.beat(self._worker_id, self.counts)
         self._finish()
@@ -189,6 +181,22 @@ class Consumer:
             return  # left unacked: the broker gives it back when we close
         self.counts.received += 1
         self._pending.append(received)
+        self._budget.take(received)
+
+    def _read(self) -> None:
+        """Service the connection (deliveries, heartbeats, wake-ups: see _submit), or leave it unread, the
+        broker's sends waiting in the socket, while the worker holds its limit in bytes (see `buffer`)."""
+        if not self._budget.full:
+            self._subscription.process(0.5)
+        else:
+            if self._in_flight:
+                wait_for_any([self._in_flight[0].future], timeout=KEEPALIVE_SECONDS)
+            else:  # waiting for the database to come back (see _pump)
+                self.stop_requested.wait(min(KEEPALIVE_SECONDS, max(0.0, self._db_retry_at - time.monotonic())))
+            if time.monotonic() - self._last_read < KEEPALIVE_SECONDS:
+                return
+            self._subscription.process(0)  # one read at most, for the heartbeats
+        self._last_read = time.monotonic()
 
     def _finish(self) -> None:
         """Finish the batch in hand (record, ack, write the acks), then close.
@@ -196,6 +204,7 @@ class Consumer:
         Deliveries buffered but not yet recorded are left unacked: the broker requeues them on close.
         """
         self._draining = True
+        self._budget.release(body_bytes(self._pending))
         self._pending.clear()
         while self._in_flight or self._unsettled:
             self._subscription.process(0.2)
@@ -220,6 +229,7 @@ class Consumer:
         # Never acked, so delivered again: they count (for --max-messages) when they come back.
         self.counts.received -= len(self._pending) + sum(len(item.batch) for item in in_flight)
         self._pending.clear()  # never recorded
+        self._budget.clear()
         self._one_by_one = 0
         self._close()
         try:
@@ -272,6 +282,7 @@ class Consumer:
                 except ConnectionLost:
                     self._in_flight.appendleft(in_flight)  # _drop_connection marks them lost
                     raise
+                self._budget.release(in_flight.size)
                 unwritten = [s for s in settlements if not s.recorded]  # handlers' outcomes
                 if unwritten:
                     self._unsettled.extend(unwritten)
@@ -279,8 +290,8 @@ class Consumer:
         if time.monotonic() < self._db_retry_at:
             return
         while len(self._in_flight) < len(self._threads.recorders):
-            if self._in_flight and len(self._pending) < self.options.batch_size // 2:
-                return  # a second batch only when enough is waiting: small batches cost more than they save
+            if not self._budget.worth_a_batch(len(self._pending), self._in_flight, batch_size=self.options.batch_size):
+                return
             batch = self._next_batch() if not self._draining else []
             if batch:
                 self._last_activity = time.monotonic()
@@ -314,21 +325,13 @@ class Consumer:
         logger.error("delivery=%s message=%s rejected: %s", settlement.delivery_id, settlement.message_id, reason,
                      extra={"message_id": r.properties.message_id, "queue": r.queue})
         self._acks.settle([settlement])
+        self._budget.release(len(r.body))
         return True
 
     def _next_batch(self) -> list[Received]:
-        """Take up to `batch_size` deliveries off the buffer, stopping at a message that a batch still
-        being recorded holds: it is recorded after that batch committed, so that its attempt number
-        and duplicate check see the earlier delivery (a message without message_id is matched by
-        content, so it waits for every batch)."""
-        pending = self._pending[: 1 if self._one_by_one else self.options.batch_size]
-        if self._in_flight and pending:
-            busy = frozenset().union(*(item.message_ids | item.settling_ids for item in self._in_flight))
-            for i, r in enumerate(pending):
-                message_id = r.properties.message_id
-                if (message_id in busy) if message_id else r.redelivered:
-                    del pending[i:]
-                    break
+        """Take the next batch off the buffer (see `buffer.next_batch`)."""
+        pending = next_batch(self._pending, count=1 if self._one_by_one else self.options.batch_size,
+                             budget=self._budget, in_flight=self._in_flight)
         del self._pending[: len(pending)]
         self._one_by_one = max(0, self._one_by_one - len(pending))
         return pending
@@ -347,7 +350,7 @@ class Consumer:
         # equal are not held back: their message row is still one, by the unique constraint).
         message_ids = frozenset([r.properties.message_id for r in batch]) if len(self._threads.recorders) > 1 else frozenset()
         self._in_flight.append(InFlight(
-            future=future, batch=batch, settled=settled, recorder=recorder, message_ids=message_ids,
+            future=future, batch=batch, size=body_bytes(batch), settled=settled, recorder=recorder, message_ids=message_ids,
             settling_ids=settling_ids,
         ))
         future.add_done_callback(lambda _, subscription=self._subscription: subscription.wake())

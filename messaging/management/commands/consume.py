@@ -21,6 +21,19 @@ def positive_int(value: str) -> int:
     return number
 
 
+def byte_size(value: str) -> int:
+    """A positive number of bytes, maybe with a binary suffix: 65536, 512K, 64M, 1G."""
+    text = value.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = BYTE_SUFFIXES.get(text[-1:], 1)
+    number = int(text[:-1] if text[-1:] in BYTE_SUFFIXES else text) * scale
+    if number < 1:
+        raise ValueError(value)
+    return number
+
+
+BYTE_SUFFIXES = {"K": 2**10, "M": 2**20, "G": 2**30}
+
+
 def positive_float(value: str) -> float:
     number = float(value)
     if number <= 0:
@@ -41,10 +54,15 @@ class Command(BaseCommand):
         parser.add_argument("--prefetch", type=positive_int, default=defaults.prefetch,
                             help=f"basic.qos prefetch count (default {defaults.prefetch}, what bench/consume.py "
                                  "shows best; use a small one, e.g. 1-10, with slow handlers so competing workers "
-                                 "share fairly, and a smaller one for large bodies: the worker holds up to this many).")
+                                 "share fairly; --max-unacked-bytes bounds what large bodies take).")
         parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                             help="Most deliveries recorded in one commit and acked at once "
                                  f"(default {defaults.batch_size}; a batch is what one read brought, up to this).")
+        parser.add_argument("--max-unacked-bytes", type=byte_size, default=defaults.max_unacked_bytes,
+                            help="Most body bytes the worker holds received and not yet acked, whatever the "
+                                 f"prefetch: it stops reading from the broker at this (default "
+                                 f"{defaults.max_unacked_bytes // 2**20}M; a size in bytes, or with K, M or G). "
+                                 "A single larger message is still taken, alone.")
         parser.add_argument("--max-messages", type=positive_int, help="Exit after N deliveries.")
         parser.add_argument("--inactivity-timeout", type=positive_float, help="Exit after S seconds without a delivery.")
         parser.add_argument("--handler", default="", help="Dotted path of a callable run with each letter (Message).")
@@ -73,6 +91,7 @@ class Command(BaseCommand):
         try:
             worker = Consumer(ConsumeOptions(
                 queues=tuple(options["queues"]), prefetch=options["prefetch"], batch_size=options["batch_size"],
+                max_unacked_bytes=options["max_unacked_bytes"],
                 max_messages=options["max_messages"], inactivity_timeout=options["inactivity_timeout"],
                 handler=options["handler"], max_retries=options["max_retries"],
                 dead_letter_exchange=options["dead_letter_exchange"], exchange=options["exchange"],
