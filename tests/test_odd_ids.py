@@ -6,7 +6,6 @@ from html import unescape
 from urllib.parse import unquote, urljoin
 
 import pytest
-from django.contrib.auth.models import Permission, User
 from django.utils.html import escape
 
 from messaging.models import Message
@@ -39,14 +38,6 @@ def browser_path(page_path: str, href: str) -> str:
     return "/".join(path)
 
 
-@pytest.fixture
-def reader(client):
-    user = User.objects.create_user("ria", password="pw-for-tests")
-    user.user_permissions.add(*Permission.objects.filter(codename__in=["add_message", "view_message"]))
-    client.force_login(user)
-    return client
-
-
 @pytest.mark.parametrize("message_id", ODD_IDS + ["%25" * 3 + "2E%2E", "%252E%252E", "%25"])
 def test_a_segment_reads_back_as_the_same_id_and_is_never_a_dot_segment(message_id):
     segment = path_segment(message_id)
@@ -60,37 +51,37 @@ def test_no_two_ids_share_a_url():
 
 
 @pytest.mark.parametrize("message_id", ODD_IDS)
-def test_the_list_links_the_letter_and_its_page_links_back(reader, message_id):
+def test_the_list_links_the_letter_and_its_page_links_back(publisher_client, message_id):
     letter(message_id=message_id, routing_key="odd-q")
-    listed = reader.get("/messages/", {"queue": "odd-q"}).content.decode()
+    listed = publisher_client.get("/messages/", {"queue": "odd-q"}).content.decode()
     hrefs = [unescape(h) for h in re.findall(r'<td><a href="([^"]+)">', listed)]
     assert hrefs == [message_url("message-detail", message_id)]
     path = browser_path("/messages/", hrefs[0])
     assert path == hrefs[0]  # nothing for a browser to resolve
-    page = reader.get(path)
+    page = publisher_client.get(path)
     assert page.status_code == 200 and f"<code>{escape(message_id)}</code>" in page.content.decode()
     republish = unescape(re.search(r'<a href="([^"]+)">Republish a copy', page.content.decode()).group(1))
-    confirm = reader.get(browser_path(path, republish))
+    confirm = publisher_client.get(browser_path(path, republish))
     assert confirm.status_code == 200 and f"<code>{escape(message_id)}</code>" in confirm.content.decode()
     cancel = unescape(re.search(r'<a href="([^"]+)">Cancel', confirm.content.decode()).group(1))
-    assert reader.get(browser_path(republish, cancel)).status_code == 200
-    api = reader.get(message_url("api-message", message_id))
+    assert publisher_client.get(browser_path(republish, cancel)).status_code == 200
+    api = publisher_client.get(message_url("api-message", message_id))
     assert api.status_code == 200 and api.json()["message_id"] == message_id
 
 
-def test_a_copy_links_its_original(reader):
+def test_a_copy_links_its_original(publisher_client):
     original = letter(message_id="..")
     letter(message_id="copy", republished_from=original)
-    page = reader.get("/messages/copy/").content.decode()
+    page = publisher_client.get("/messages/copy/").content.decode()
     assert f'<a href="{message_url("message-detail", "..")}">..</a>' in page
 
 
-def test_a_republish_refused_redirects_to_the_original(reader, settings):
+def test_a_republish_refused_redirects_to_the_original(publisher_client, settings):
     settings.MAILROOM_MAX_BODY_BYTES = 1  # the copy would be over the limit: refused, back to the original
     original = letter(message_id="../../accounts/logout/", body=b"too long")
-    response = reader.post(message_url("message-republish", original.message_id))
+    response = publisher_client.post(message_url("message-republish", original.message_id))
     assert response.status_code == 302 and response["Location"] == "/messages/..%2F..%2Faccounts%2Flogout%2F/"
-    assert reader.get(response["Location"]).status_code == 200
+    assert publisher_client.get(response["Location"]).status_code == 200
     assert Message.objects.count() == 1
 
 
@@ -107,13 +98,13 @@ def test_a_form_publish_redirects_to_the_letter(publisher_client, queue_name, me
     assert page.status_code == 200 and f"<code>{escape(message_id)}</code>" in page.content.decode()
 
 
-def test_search_matches_the_id_as_typed_and_without_its_outer_spaces(reader):
+def test_search_matches_the_id_as_typed_and_without_its_outer_spaces(publisher_client):
     letter(message_id=" spaced ")
     letter(message_id="spaced")
     letter(message_id="other")
 
     def found(q: str) -> list[str]:
-        html = reader.get("/messages/", {"q": q}).content.decode()
+        html = publisher_client.get("/messages/", {"q": q}).content.decode()
         return sorted(unescape(m) for m in re.findall(r'<td><a href="[^"]+">([^<]*)</a>', html))
 
     assert found(" spaced ") == [" spaced ", "spaced"]
