@@ -58,7 +58,8 @@ class Message(models.Model):
     )
     routing_key = models.CharField(max_length=255, blank=True)
     declare = models.BooleanField(
-        default=False, help_text="Declare the queue or exchange (durable) before publishing if it is missing.",
+        default=False,
+        help_text="Declare the queue or exchange before publishing if it is missing (durable when MAILROOM_DURABLE is true).",
     )
     body = models.BinaryField(help_text="The exact bytes of the body.")
     body_size = models.PositiveBigIntegerField(default=0)

@@ -44,7 +44,7 @@ class MessageRequestSerializer(serializers.Serializer):
                                      help_text="'' (the default) is the default exchange.")
     exchange_type = serializers.ChoiceField(choices=["", *EXCHANGE_TYPES], required=False,
                                             help_text="The type to declare the exchange with (with `declare`).")
-    declare = serializers.BooleanField(required=False, help_text="Declare the queue or exchange (durable) if missing.")
+    declare = serializers.BooleanField(required=False, help_text="Declare the queue or exchange if missing (durable when MAILROOM_DURABLE is true).")
     routing_key = serializers.CharField(required=False, allow_blank=True,
                                         help_text="The queue's name on the default exchange.")
     body = serializers.CharField(required=False, allow_blank=True, trim_whitespace=False)
