@@ -39,6 +39,7 @@ class Message(models.Model):
         API = "api", "HTTP API"
         COMMAND = "command", "manage.py publish"
         REPUBLISH = "republish", "republish"
+        REPLAY = "replay", "replay from a dead-letter queue"
         EXTERNAL = "external", "another producer"
 
     message_id = models.CharField(
@@ -161,6 +162,13 @@ class Delivery(models.Model):
         REQUEUED = "requeued", "requeued"
         REJECTED = "rejected", "rejected"
 
+    class DeathReason(models.TextChoices):
+        NONE = "", "not dead-lettered"
+        REJECTED = "rejected", "rejected"
+        EXPIRED = "expired", "expired (TTL)"
+        MAXLEN = "maxlen", "queue length limit"
+        DELIVERY_LIMIT = "delivery_limit", "delivery limit (quorum queue)"
+
     class Anomaly(models.TextChoices):
         NONE = "", "none"
         BODY = "body", "body differs from the letter's"
@@ -208,6 +216,24 @@ class Delivery(models.Model):
         help_text="Why this delivery may not be the letter's: its body differs (another body under the same "
                   "message_id), or the letter's publish never routed it here. Reconciliation ignores it.",
     )
+
+    # Retries and dead letters: the delay chosen after this attempt failed, and this copy's latest
+    # `x-death` entry (messaging.amqp.deaths), when it arrived dead-lettered or back from a retry.
+    retry_delay = models.DurationField(
+        null=True, blank=True, help_text="After this attempt failed: how long the retry waits (consume --retry-delays).",
+    )
+    dead_lettered_from = models.CharField(
+        max_length=255, blank=True, help_text="x-death: the queue that last dead-lettered this copy.",
+    )
+    death_reason = models.CharField(
+        max_length=16, choices=DeathReason.choices, blank=True, help_text="x-death: why it was dead-lettered.",
+    )
+    death_exchange = models.CharField(max_length=255, blank=True, help_text="x-death: the exchange it was published to.")
+    death_routing_keys = models.JSONField(default=list, blank=True, help_text="x-death: its routing keys.")
+    death_count = models.PositiveIntegerField(
+        default=0, help_text="x-death: how many times it died in that queue for that reason.",
+    )
+    died_at = models.DateTimeField(null=True, blank=True, help_text="x-death: when it last died there.")
 
     objects = DeliveryQuerySet.as_manager()
 
