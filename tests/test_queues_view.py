@@ -79,23 +79,23 @@ def test_anonymous_is_sent_to_log_in(client):
 
 def test_the_alarm_banner_asks_the_management_api_once_for_a_few_seconds(admin_client, settings, monkeypatch):
     from messaging.amqp import management
-    from messaging.web import context_processors
+    from messaging.web import cluster
 
     asked = []
 
-    def alarms():
+    def nodes():
         asked.append(1)
-        return ["disk alarm on rabbit@test"]
+        return [{"name": "rabbit@test", "running": True, "disk_free_alarm": True}]
 
-    monkeypatch.setattr(management, "alarms", alarms)
+    monkeypatch.setattr(management, "nodes", nodes)
     settings.RABBITMQ_MANAGEMENT_URL = MANAGEMENT_URL
-    monkeypatch.setattr(context_processors, "ALARMS_CACHE_SECONDS", 60.0)  # however slow this machine
+    monkeypatch.setattr(cluster, "NODES_CACHE_SECONDS", 60.0)  # however slow this machine
     pages = [admin_client.get(reverse("message-list")).content.decode() for _ in range(5)]
     assert all("blocking publishers" in page for page in pages)
     assert len(asked) == 1
     settings.RABBITMQ_MANAGEMENT_URL = "http://guest:guest@127.0.0.1:1/"  # another broker: asked anew
     assert "blocking publishers" in admin_client.get(reverse("message-list")).content.decode() and len(asked) == 2
-    monkeypatch.setattr(context_processors, "ALARMS_CACHE_SECONDS", 0.3)
+    monkeypatch.setattr(cluster, "NODES_CACHE_SECONDS", 0.3)
     cache.clear()
     admin_client.get(reverse("message-list"))
     time.sleep(0.5)

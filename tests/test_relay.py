@@ -322,7 +322,7 @@ def test_broker_stopped_nothing_published_is_lost(client, publisher_user, short_
 def test_disk_alarm_blocks_then_relay_publishes(client, publisher_user, short_timeout, settings, manage, amqp,
                                                 queue_name):
     from messaging.amqp import management
-    from messaging.web.context_processors import ALARMS_CACHE_SECONDS
+    from messaging.web.cluster import NODES_CACHE_SECONDS
 
     def banner_shown() -> bool:
         return "blocking publishers" in client.get("/messages/").content.decode()
@@ -341,9 +341,9 @@ def test_disk_alarm_blocks_then_relay_publishes(client, publisher_user, short_ti
         letter = Message.objects.get(routing_key=queue_name)
         assert letter.status == Message.Status.PENDING
         assert letter.last_error.startswith("broker blocked"), letter.last_error
-        # Pages show the alarms the management API gave within ALARMS_CACHE_SECONDS: the banner
+        # Pages show the alarms the management API gave within NODES_CACHE_SECONDS: the banner
         # follows the broker within that time, not at once (an answer from before may be cached).
-        wait_for(banner_shown, timeout=ALARMS_CACHE_SECONDS + 10, interval=0.5, message="the alarm banner")
+        wait_for(banner_shown, timeout=NODES_CACHE_SECONDS + 10, interval=0.5, message="the alarm banner")
         relay = manage("relay", "--idle", "0.2", env=subprocess_env(MAILROOM_PUBLISH_TIMEOUT="2"))
         time.sleep(1)
     finally:
@@ -353,7 +353,7 @@ def test_disk_alarm_blocks_then_relay_publishes(client, publisher_user, short_ti
     wait_for(lambda: Message.objects.get(pk=letter.pk).status == Message.Status.PUBLISHED, timeout=30,
              message="the relay to publish after the alarm")
     assert amqp.basic_get(queue_name, auto_ack=True)[2] == b"blocked"
-    wait_for(lambda: not banner_shown(), timeout=ALARMS_CACHE_SECONDS + 10, interval=0.5,
+    wait_for(lambda: not banner_shown(), timeout=NODES_CACHE_SECONDS + 10, interval=0.5,
              message="the alarm banner to go once the alarm has cleared")
     relay.signal(signal.SIGTERM)
     assert relay.wait(timeout=20) == 0, relay.output

@@ -1,8 +1,12 @@
-"""Connections to RabbitMQ: parameters from RABBITMQ_URL, connecting, declarations, and pika's errors translated."""
+"""Connections to RabbitMQ: parameters from RABBITMQ_URL, which of its nodes to connect to, connecting,
+declarations, and pika's errors translated."""
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -47,24 +51,84 @@ def connection_parameters(
     return params
 
 
+def spread_offset() -> int:
+    """This process's place among the others: its pid (processes started one after another take
+    the addresses in turn) plus a hash of its host (processes of the same pid in containers differ)."""
+    return os.getpid() + zlib.crc32(socket.gethostname().encode())
+
+
+def address_of(params: pika.ConnectionParameters) -> str:
+    """`host:port` of an address: what the logs say a process is connected to (no credentials)."""
+    host = params.host if ":" not in params.host else f"[{params.host}]"
+    return f"{host}:{params.port}"
+
+
+class Nodes:
+    """Which address of RABBITMQ_URL a long-lived connection tries first, and which it is on.
+
+    One per connection owner, kept across its reconnects. Processes start at different addresses
+    (`spread_offset`), so that they spread over a cluster's nodes, and fail over through the rest
+    in turn. After connecting to an address, the next connection starts at another one: a
+    connection that was lost, most likely with its node, goes straight to a surviving node, and
+    the processes of a lost node go to different ones.
+    """
+
+    def __init__(self, *, offset: int | None = None) -> None:
+        self._offset = spread_offset() if offset is None else offset
+        self._next: int | None = None  # the index to try first next time; None: the offset's
+        self.current = ""  # `host:port` of the address last connected to
+
+    def order(self, count: int) -> list[int]:
+        """The indexes of `count` addresses in the order to try them."""
+        start = (self._offset if self._next is None else self._next) % count
+        return [(start + i) % count for i in range(count)]
+
+    def connected(self, index: int, addresses: list[pika.ConnectionParameters], *, client_name: str,
+                  level: int = logging.INFO) -> None:
+        """The connection to `addresses[index]` opened: log the node it is on, and move the next start on."""
+        count = len(addresses)
+        step = 1 + self._offset % (count - 1) if count > 1 else 0
+        self._next = (index + step) % count
+        self.current = address_of(addresses[index])
+        logger.log(level, "connected to RabbitMQ node=%s address=%s/%s client=%s", self.current, index + 1, count,
+                   client_name)
+
+
 def connect(*, url: str | None = None, heartbeat: int | None = None, timeout: float | None = None,
-            client_name: str = "mailroom", logged_in_before: bool = False) -> pika.BlockingConnection:
-    """A blocking connection to the first broker of RABBITMQ_URL that answers.
+            client_name: str = "mailroom", logged_in_before: bool = False,
+            nodes: Nodes | None = None) -> pika.BlockingConnection:
+    """A blocking connection to the first address of RABBITMQ_URL that answers, in `nodes`' order.
 
     `logged_in_before`: the caller has connected with these settings before (see `handshake_error`).
+    `nodes`: a long-lived connection's (see `Nodes`); its connections are logged at INFO, with the
+    node; without it (a probe, a page), the order is this process's and the log line DEBUG.
+    pika tries a list of addresses itself, but does not tell which one answered: so each is tried
+    here in turn, and the last error raised.
     """
-    try:
-        return pika.BlockingConnection(
-            connection_parameters(url=url, heartbeat=heartbeat, timeout=timeout, client_name=client_name)
-        )
-    except HANDSHAKE_ERRORS as exc:
-        raise handshake_error(exc, logged_in_before=logged_in_before) from exc
-    except pe.ConnectionClosedByBroker as exc:
+    params = connection_parameters(url=url, heartbeat=heartbeat, timeout=timeout, client_name=client_name)
+    chosen = nodes or Nodes()
+    error: Exception | None = None
+    for index in chosen.order(len(params)):
+        try:
+            connection = pika.BlockingConnection(params[index])
+        except CONNECTION_ERRORS as exc:
+            logger.debug("broker node=%s did not answer: %s", address_of(params[index]), describe(exc))
+            error = exc
+            continue
+        chosen.connected(index, params, client_name=client_name, level=logging.INFO if nodes else logging.DEBUG)
+        return connection
+    raise connect_error(error, logged_in_before=logged_in_before) from error
+
+
+def connect_error(exc: Exception, *, logged_in_before: bool) -> MailroomError:
+    """What the last failure to connect means (`FatalBrokerError` or `ConnectionLost`)."""
+    if isinstance(exc, HANDSHAKE_ERRORS):
+        return handshake_error(exc, logged_in_before=logged_in_before)
+    if isinstance(exc, pe.ConnectionClosedByBroker):
         if exc.reply_code in FATAL_REPLY_CODES:
-            raise FatalBrokerError(f"the broker refused the connection: {exc.reply_code} {exc.reply_text}") from exc
-        raise ConnectionLost(describe(exc), reply_code=exc.reply_code) from exc
-    except CONNECTION_ERRORS as exc:
-        raise ConnectionLost(describe(exc)) from exc
+            return FatalBrokerError(f"the broker refused the connection: {exc.reply_code} {exc.reply_text}")
+        return ConnectionLost(describe(exc), reply_code=exc.reply_code)
+    return ConnectionLost(describe(exc))
 
 
 def handshake_error(exc: Exception, *, logged_in_before: bool) -> MailroomError:

@@ -1,4 +1,4 @@
-"""The RabbitMQ management HTTP API (RABBITMQ_MANAGEMENT_URL): queues, exchanges, bindings, alarms.
+"""The RabbitMQ management HTTP API (RABBITMQ_MANAGEMENT_URL): queues, exchanges, bindings, nodes, alarms.
 
 Read-only, short timeouts, and every function returns None when the API is not configured or does
 not answer, so pages degrade instead of failing.
@@ -64,15 +64,28 @@ def bindings() -> list[dict] | None:
     return get(f"bindings/{vhost()}")
 
 
+def nodes() -> list[dict] | None:
+    """The cluster's nodes (`/api/nodes`), one dict each; None when unknown."""
+    found = get("nodes")
+    if not isinstance(found, list):
+        return None
+    return [node for node in found if isinstance(node, dict)]
+
+
 def alarms() -> list[str] | None:
     """Names of the resource alarms in effect (memory, disk) on any node; None when unknown."""
-    nodes = get("nodes")
-    if nodes is None:
+    found = nodes()
+    if found is None:
         return None
-    found = []
-    for node in nodes:
+    return node_alarms(found)
+
+
+def node_alarms(found: list[dict]) -> list[str]:
+    """The resource alarms in effect on `found` nodes (from `nodes()`)."""
+    alarms = []
+    for node in found:
         if node.get("mem_alarm"):
-            found.append(f"memory alarm on {node.get('name')}")
+            alarms.append(f"memory alarm on {node.get('name')}")
         if node.get("disk_free_alarm"):
-            found.append(f"disk alarm on {node.get('name')}")
-    return found
+            alarms.append(f"disk alarm on {node.get('name')}")
+    return alarms

@@ -10,6 +10,7 @@ from messaging.amqp.codec import ENCODING_ERRORS, check_frame_size
 from messaging.amqp.connection import (
     CONNECTION_ERRORS,
     HANDSHAKE_ERRORS,
+    Nodes,
     connection_parameters,
     describe,
     handshake_error,
@@ -55,6 +56,7 @@ class PipelinedPublisher:
         self._error: BaseException | None = None
         self._blocked = False
         self._logged_in = False  # connected before (see `handshake_error`)
+        self._nodes = Nodes()  # which broker node to connect to: spread, then the next after a loss
 
     # connection life cycle
     def _run(self, *, timeout: float) -> None:
@@ -67,7 +69,9 @@ class PipelinedPublisher:
     def _connect(self) -> None:
         self._error = None
         errors = []
-        for params in connection_parameters(timeout=self.timeout, client_name=self.client_name):
+        addresses = connection_parameters(timeout=self.timeout, client_name=self.client_name)
+        for index in self._nodes.order(len(addresses)):
+            params = addresses[index]
             ready = {"ok": False}
 
             def on_open(connection, ready=ready):
@@ -95,6 +99,7 @@ class PipelinedPublisher:
             self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
             self._run(timeout=self.timeout * 2)
             if ready["ok"]:
+                self._nodes.connected(index, addresses, client_name=self.client_name)
                 self._logged_in = True
                 self._next_tag = 1
                 self._blocked = False

@@ -14,6 +14,7 @@ from messaging import conf
 from messaging.amqp.codec import ENCODING_ERRORS, build_properties, check_frame_size
 from messaging.amqp.connection import (
     CONNECTION_ERRORS,
+    Nodes,
     connect,
     declare_exchange,
     declare_queue,
@@ -52,6 +53,7 @@ class Publisher:
         # What this side proposes; RabbitMQ's default frame_max is the same, and it takes the smaller.
         self._frame_max = pika.ConnectionParameters.DEFAULT_FRAME_MAX
         self._logged_in = False  # this publisher has connected before (see `handshake_error`)
+        self._nodes = Nodes()  # which broker node to connect to: spread, then the next after a loss
 
     def _ensure_connection(self) -> None:
         """Connect if need be (each address bounded by the socket and handshake timeouts)."""
@@ -67,7 +69,7 @@ class Publisher:
         if self._connection is None or not self._connection.is_open:
             self._declared.clear()
             self._connection = connect(timeout=self.timeout, client_name=self.client_name,
-                                       logged_in_before=self._logged_in)
+                                       logged_in_before=self._logged_in, nodes=self._nodes)
             self._logged_in = True
             self._channel = None
 

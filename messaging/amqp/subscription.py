@@ -9,6 +9,7 @@ from typing import Any
 
 from messaging.amqp.connection import (
     PIKA_ERRORS,
+    Nodes,
     QueueState,
     connect,
     declare_exchange,
@@ -52,8 +53,9 @@ class Subscription:
     """One connection and channel consuming `topology`'s queues; every method raises `ConnectionLost`
     (or `FatalBrokerError`) instead of pika's errors."""
 
-    def __init__(self, *, heartbeat: int, client_name: str, logged_in_before: bool) -> None:
-        self._connection = connect(heartbeat=heartbeat, client_name=client_name, logged_in_before=logged_in_before)
+    def __init__(self, *, heartbeat: int, client_name: str, logged_in_before: bool, nodes: Nodes | None = None) -> None:
+        self._connection = connect(heartbeat=heartbeat, client_name=client_name, logged_in_before=logged_in_before,
+                                   nodes=nodes)
         self._channel = None
         self._consumers = 0
 

@@ -21,7 +21,7 @@ from django.db import (
 from django.db import connection as db_connection
 from django.utils.module_loading import import_string
 
-from messaging.amqp.connection import FATAL_REPLY_CODES
+from messaging.amqp.connection import FATAL_REPLY_CODES, Nodes
 from messaging.amqp.subscription import Received, Subscription
 from messaging.backoff import backoff_delays
 from messaging.conf import unmigrated
@@ -66,6 +66,7 @@ class Consumer:
         self._heartbeat = registry.Heartbeat(self._threads.submit)
         self._subscription: Subscription | None = None
         self._logged_in = False  # connected to the broker before (see `handshake_error`)
+        self._nodes = Nodes()  # which broker node to connect to: spread, then the next after a loss
         self._draining = False  # stopping: record nothing more, only finish the batch in hand
         self._database_down = False  # it failed while starting or stopping: do not wait for it again
         self._acks: Acks | None = None
@@ -145,8 +146,7 @@ class Consumer:
         o = self.options
         self._subscription = subscription = Subscription(
             heartbeat=o.heartbeat, client_name=f"mailroom-consume {socket.gethostname()}",
-            logged_in_before=self._logged_in,
-        )
+            logged_in_before=self._logged_in, nodes=self._nodes)
         self._logged_in = True
         queues = []
         for name, state in zip(o.queues or ("",), subscription.declare(o.topology())):

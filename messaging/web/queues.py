@@ -1,12 +1,13 @@
-"""The broker view (`/queues/`): queues, exchanges and bindings, and the alarms in effect.
+"""The broker view (`/queues/`): queues, exchanges and bindings, the cluster's nodes and the alarms in effect.
 
 From the management HTTP API when RABBITMQ_MANAGEMENT_URL is set (depths, consumers, rates,
-bindings, alarms); without it, from passive declares of the queues known from the history
+bindings, the node of each queue or the leader of a quorum queue, nodes, alarms); without it, from passive declares of the queues known from the history
 (ready and consumer counts only).
 """
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 
 from django.contrib.auth.decorators import login_required, permission_required
@@ -16,6 +17,7 @@ from django.shortcuts import render
 from messaging.amqp import management
 from messaging.amqp.connection import describe, queue_states
 from messaging.models import Delivery, Worker
+from messaging.web import cluster
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,9 @@ class QueueRow:
     kind: str = ""
     state: str = ""
     missing: bool = False
+    node: str = ""  # the node it is on; a quorum queue's (or stream's) leader
+    members: int | None = None  # a replicated queue's replicas, and how many of them are online
+    online: int | None = None
 
     @property
     def depth(self) -> int:
@@ -55,10 +60,17 @@ class BrokerView:
     queues: list[QueueRow]
     exchanges: list[ExchangeRow] | None = None  # None: unknown without the management API
     alarms: list[str] | None = None  # None: unknown
+    nodes: list[cluster.NodeRow] | None = None  # None: unknown
     error: str = ""
 
     def deepest(self, n: int = 5) -> list[QueueRow]:
         return sorted(self.queues, key=lambda q: -q.depth)[:n]
+
+    @property
+    def node_leads(self) -> list[tuple[cluster.NodeRow, int]]:
+        """Each node, and how many of the replicated queues shown it leads."""
+        leads = Counter(q.node for q in self.queues if q.members is not None)
+        return [(node, leads[node.name]) for node in self.nodes or []]
 
 
 def known_queues(*, limit: int = MAX_PASSIVE_QUEUES) -> list[str]:
@@ -87,6 +99,10 @@ def _rate(queue: dict, key: str) -> float | None:
     return details.get("rate") if details else None
 
 
+def _count(value) -> int | None:
+    return len(value) if isinstance(value, list) else None
+
+
 def from_management() -> BrokerView | None:
     queues = management.queues()
     if queues is None:
@@ -96,6 +112,8 @@ def from_management() -> BrokerView | None:
             name=q.get("name", ""), ready=q.get("messages_ready"), unacked=q.get("messages_unacknowledged"),
             consumers=q.get("consumers"), publish_rate=_rate(q, "publish"), deliver_rate=_rate(q, "deliver_get"),
             ack_rate=_rate(q, "ack"), kind=q.get("type", ""), state=q.get("state", ""),
+            node=str(q.get("leader") or q.get("node") or ""), members=_count(q.get("members")),
+            online=_count(q.get("online")),
         )
         for q in queues
     ]
@@ -110,8 +128,9 @@ def from_management() -> BrokerView | None:
                     bindings=bindings.get(e.get("name", ""), []))
         for e in management.exchanges() or []
     ]
+    nodes = cluster.nodes()
     return BrokerView(source="management", queues=sorted(rows, key=lambda r: r.name), exchanges=exchanges,
-                      alarms=management.alarms())
+                      alarms=None if nodes is None else cluster.alarms(nodes), nodes=nodes)
 
 
 def from_passive_declares(*, limit: int = MAX_PASSIVE_QUEUES) -> BrokerView:

@@ -27,7 +27,7 @@ class FakeSubscription:
     connections: list[FakeSubscription] = []
     script: list = []
 
-    def __init__(self, *, heartbeat: int, client_name: str, logged_in_before: bool) -> None:
+    def __init__(self, *, heartbeat: int, client_name: str, logged_in_before: bool, nodes=None) -> None:
         self.logged_in_before = logged_in_before
         self.plan = FakeSubscription.script.pop(0)
         self.acks: list[tuple[int, bool, int]] = []  # (tag, multiple, deliveries committed then)
