@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
 from messaging.amqp.codec import (
@@ -24,11 +25,15 @@ from messaging.amqp.codec import (
     stored_message_id,
     text_value,
 )
+from messaging.amqp.deaths import last_death
 from messaging.amqp.subscription import Received
 from messaging.consumer.handlers import Handler, run_handler
+from messaging.consumer.retries import Retry, retry_of, stale_copies
 from messaging.consumer.trail import BODY_MARKS, EXTERNAL, Filed, anomaly
 from messaging.consumer.writers import MESSAGE_COLUMNS, Writer, writer_for
 from messaging.models import Delivery, Message
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -42,17 +47,20 @@ class Settlement:
     duplicate: bool = False
     error: str = ""
     recorded: bool = False  # written with the delivery (no handler): nothing to write after the ack
+    retry: Retry | None = None  # requeued through a retry queue: a copy goes there, then the original is acked
 
 
 def record_batch(
     batch: list[Received], *, worker_id: int | None, handlers: dict[str, Handler] | None = None,
-    max_retries: int = 5, settled: list[Settlement] = (), writer: Writer | None = None,
+    max_retries: int = 5, settled: list[Settlement] = (), writer: Writer | None = None, retry_delays=(),
 ) -> list[Settlement]:
     """Record each delivery (and its message, once) and run its queue's handler; return how to settle them.
 
     The rows, and `settled` (the outcomes of earlier batches already told to the broker), are committed
     in one transaction first; each handler then runs on its own (see `run_handler`), so a handler
     that fails undoes only its own writes. `writer`: the worker's (by default, one for this database).
+    `retry_delays` (`--retry-delays`, replacing `max_retries`): a failed attempt n <= len(delays) is
+    retried after `retry_delays[n - 1]`, committed on its row before the worker moves it (`retries`).
     """
     writer = writer or writer_for(connection.vendor)
     prepared = _prepare(batch, handlers) if batch else None  # the Python work, before taking the write lock
@@ -71,11 +79,24 @@ def record_batch(
             ))
         else:
             action, error = run_handler(handler=handler, message_pk=d.message_pk, delivery_pk=d.pk, attempt=d.attempt,
-                                        max_retries=max_retries, transaction=writer.handler_transaction(),
-                                        message_id=message_id, queue=r.queue)
+                                        max_retries=len(retry_delays) if retry_delays else max_retries,
+                                        transaction=writer.handler_transaction(), message_id=message_id, queue=r.queue)
+            retry = _retry(d, retry_delays, message_id) if retry_delays and action == REQUEUED else None
             settlements.append(Settlement(delivery_tag=r.delivery_tag, delivery_id=d.pk, message_id=d.message_pk,
-                                          action=action, error=error))
+                                          action=action, error=error, retry=retry))
     return settlements
+
+
+def _retry(d: Recorded, retry_delays, message_id: str) -> Retry | None:
+    """Commit the delay chosen for a failed attempt on its row; None if the database refuses (then the
+    letter is requeued at once, as without retry queues: never moved before its row says so)."""
+    retry = Retry(delay=retry_delays[d.attempt - 1], message_id=message_id)
+    try:
+        Delivery.objects.filter(pk=d.pk).update(retry_delay=retry.delay)
+    except DatabaseError as exc:
+        logger.error("delivery=%s could not record its retry delay (%s); requeued at once", d.pk, exc)
+        return None
+    return retry
 
 
 def record_settled(settlements: list[Settlement], *, writer: Writer | None = None) -> None:
@@ -202,13 +223,16 @@ def _insert(batch: list[Received], prepared: Prepared, *, writer: Writer, worker
         known.update(writer.message_pks(missing))
 
     history = _history(batch, prepared.ids, known, fresh=set(inserted))
+    copies = [(i, of, known[message_id][0], r.queue) for i, (r, message_id) in enumerate(zip(batch, prepared.ids))
+              if (of := retry_of(r)) is not None]
+    stale = stale_copies(copies) if copies else ()
     rows, recorded = [], []
     for r, message_id, received_at, sha256, (status, settled_at) in zip(
             batch, prepared.ids, prepared.received, prepared.digests, prepared.settlement):
         filed = known[message_id]
         message_pk = filed[0]
         previous = history.setdefault((message_pk, r.queue), [])
-        attempt, duplicate = _attempt(r, previous), bool(previous) and _handled(previous)
+        attempt, duplicate = _attempt(r, previous), bool(previous) and _handled(previous) or len(recorded) in stale
         previous.append((ACKED, True))  # a later copy in this batch is a duplicate
         mark = anomaly(filed=filed, sha256=sha256, exchange=r.exchange, routing_key=r.routing_key,
                        headers=r.properties.headers)
@@ -220,6 +244,10 @@ def _insert(batch: list[Received], prepared: Prepared, *, writer: Writer, worker
         recorded.append(Recorded(pk=0, message_pk=message_pk, attempt=attempt, duplicate=duplicate))
     for item, pk in zip(recorded, writer.insert_deliveries(rows), strict=True):
         item.pk = pk
+    for r, item in zip(batch, recorded):  # dead-lettered or back from a retry queue: why, from where
+        death = last_death(r.properties.headers) if r.properties.headers and "x-death" in r.properties.headers else None
+        if death is not None:
+            Delivery.objects.filter(pk=item.pk).update(**death.as_fields())
     return recorded
 
 
@@ -304,6 +332,9 @@ RECEIVED = Delivery.Status.RECEIVED.value
 
 
 ACKED = Delivery.Status.ACKED.value
+
+
+REQUEUED = Delivery.Status.REQUEUED.value
 
 
 UNACKED_OR_ACKED_AT_INSERT = (RECEIVED, ACKED)
