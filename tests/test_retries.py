@@ -8,11 +8,18 @@ from datetime import timedelta
 
 import pika
 import pytest
+from django.core.management import CommandError, call_command
 
 from messaging.consumer.recording import Received, record_batch, record_settled
 from messaging.consumer.retries import RETRY_OF
 from messaging.models import Delivery
-from tests.conftest import delete_queue, management_api, queue_depth, rabbitmq_vhost, wait_for
+from tests.conftest import (
+    delete_queue,
+    management_api,
+    queue_depth,
+    rabbitmq_vhost,
+    wait_for,
+)
 from tests.consuming_checks import connect, consumers, publish
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -81,38 +88,45 @@ def test_each_letter_waits_each_delay_then_sits_in_the_dead_letter_queue(names, 
     assert set(dead.values_list("message__message_id", flat=True)) == set(ids)  # filed under the same letters
 
 
-def test_the_count_survives_a_worker_killed_between_attempts(names, manage):
+def test_the_count_survives_a_worker_killed_between_attempts_on_a_quorum_queue(names, manage):
     queue, dlq = names
-    first = consume(manage, queue, dlq, "--retry-delays", "2s,2s")
+    options = ("--queue-type", "quorum", "--retry-delays", "2s,2s")
+    first = consume(manage, queue, dlq, *options)
     [message_id] = publish(queue, 1)
     # Its first failure is settled (the copy confirmed, the original acked): kill -9 while it waits.
     wait_for(lambda: Delivery.objects.filter(queue=queue, status="requeued").exists(), message="a first retry")
     first.proc.kill()
     first.wait()
-    second = consume(manage, queue, dlq, "--retry-delays", "2s,2s")
+    second = consume(manage, queue, dlq, *options)
     wait_for(lambda: queue_depth(dlq)[0] == 1, timeout=30, message="the letter dead-lettered")
     second.signal(signal.SIGTERM)
     assert second.wait(timeout=15) == 0, second.output
     rows = assert_retried_then_dead(queue, message_id, [timedelta(seconds=2), timedelta(seconds=2)])
     assert rows[0].worker_id != rows[1].worker_id == rows[2].worker_id  # attempts 2 and 3 by the new worker
-
-
-def test_quorum_queues_retry_through_quorum_retry_queues(names, manage):
-    queue, dlq = names
-    worker = consume(manage, queue, dlq, "--queue-type", "quorum", "--retry-delays", "1s,1s")
-    ids = publish(queue, 5)
-    wait_for(lambda: queue_depth(dlq)[0] == 5, timeout=30, message="5 letters in the dead-letter queue")
-    worker.signal(signal.SIGTERM)
-    assert worker.wait(timeout=15) == 0, worker.output
-    for message_id in ids:
-        assert_retried_then_dead(queue, message_id, [timedelta(seconds=1), timedelta(seconds=1)])
+    # The retry queue and the dead-letter queue are of the queue's type (message TTL: quorum queues since 3.10).
     vhost = rabbitmq_vhost().replace("/", "%2F")
-    for name in (queue, dlq, f"{queue}.retry.1s"):
-        assert management_api(f"queues/{vhost}/{name}")["type"] == "quorum", name
-    assert management_api(f"queues/{vhost}/{queue}.retry.1s")["arguments"] == {
-        "x-queue-type": "quorum", "x-message-ttl": 1000, "x-dead-letter-exchange": "",
+    assert [management_api(f"queues/{vhost}/{name}")["type"] for name in (queue, dlq)] == ["quorum", "quorum"]
+    assert management_api(f"queues/{vhost}/{queue}.retry.2s")["arguments"] == {
+        "x-queue-type": "quorum", "x-message-ttl": 2000, "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": queue,
     }
+
+
+def test_a_retry_queue_deleted_under_the_worker_is_declared_again_and_nothing_is_lost(names, manage):
+    queue, dlq = names
+    worker = consume(manage, queue, dlq, "--retry-delays", "1s")
+    delete_queue(f"{queue}.retry.1s")
+    [message_id] = publish(queue, 1)
+    # The copy comes back unroutable: nothing acked, the worker reconnects (declaring the retry queue again)
+    # and the broker redelivers the letter, whose second attempt is its last.
+    wait_for(lambda: queue_depth(dlq)[0] == 1, timeout=30, message="the letter dead-lettered")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=15) == 0, worker.output
+    assert "reconnecting" in worker.output
+    assert [(d.attempt, d.status, d.redelivered) for d in trail(queue, message_id)] == [
+        (1, "requeued", False), (2, "rejected", True),
+    ]
+    assert queue_depth(f"{queue}.retry.1s")[0] == 0
 
 
 def test_a_queue_without_the_dead_letter_exchange_is_refused_clearly(names, manage):
@@ -127,15 +141,22 @@ def test_a_queue_without_the_dead_letter_exchange_is_refused_clearly(names, mana
     assert "Traceback" not in worker.output
 
 
+def test_a_bad_delay_is_a_usage_error(manage):
+    worker = manage("consume", "retry-never-declared", "--retry-delays", "1s,fast")
+    assert worker.wait(timeout=30) == 2
+    assert "'fast' is not a delay" in worker.output and "Traceback" not in worker.output
+
+
 @pytest.mark.parametrize("args, error", [
     (["--retry-delays", "0s"], "more than zero"),
-    (["--retry-delays", "1s,fast"], "'fast' is not a delay"),
     (["--retry-delays", "1s", "--max-retries", "3"], "not both"),
+    (["--retry-delays", "1s", "--exchange", "x"], "needs named queues"),
+    (["--dead-letter-queue", "q"], "another queue"),
 ])
-def test_bad_retry_options_are_usage_errors(manage, args, error):
-    worker = manage("consume", "retry-never-declared", *args)
-    assert worker.wait(timeout=30) == 2
-    assert error in worker.output and "Traceback" not in worker.output
+def test_bad_retry_options_are_refused(args, error):
+    queues = [] if "--exchange" in args else ["q"]
+    with pytest.raises(CommandError, match=error):
+        call_command("consume", *queues, *args)
 
 
 # --- a crash between a copy's confirm and its original's ack (the database side, no broker) ---------

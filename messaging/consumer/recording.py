@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from django.db import DatabaseError, connection, transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from messaging.amqp.codec import (
@@ -28,12 +27,10 @@ from messaging.amqp.codec import (
 from messaging.amqp.deaths import last_death
 from messaging.amqp.subscription import Received
 from messaging.consumer.handlers import Handler, run_handler
-from messaging.consumer.retries import Retry, retry_of, stale_copies
+from messaging.consumer.retries import Retry, retry_of, schedule, stale_copies
 from messaging.consumer.trail import BODY_MARKS, EXTERNAL, Filed, anomaly
 from messaging.consumer.writers import MESSAGE_COLUMNS, Writer, writer_for
 from messaging.models import Delivery, Message
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -81,22 +78,11 @@ def record_batch(
             action, error = run_handler(handler=handler, message_pk=d.message_pk, delivery_pk=d.pk, attempt=d.attempt,
                                         max_retries=len(retry_delays) if retry_delays else max_retries,
                                         transaction=writer.handler_transaction(), message_id=message_id, queue=r.queue)
-            retry = _retry(d, retry_delays, message_id) if retry_delays and action == REQUEUED else None
+            retry = (schedule(delivery_pk=d.pk, attempt=d.attempt, delays=retry_delays, message_id=message_id)
+                     if retry_delays and action == REQUEUED else None)
             settlements.append(Settlement(delivery_tag=r.delivery_tag, delivery_id=d.pk, message_id=d.message_pk,
                                           action=action, error=error, retry=retry))
     return settlements
-
-
-def _retry(d: Recorded, retry_delays, message_id: str) -> Retry | None:
-    """Commit the delay chosen for a failed attempt on its row; None if the database refuses (then the
-    letter is requeued at once, as without retry queues: never moved before its row says so)."""
-    retry = Retry(delay=retry_delays[d.attempt - 1], message_id=message_id)
-    try:
-        Delivery.objects.filter(pk=d.pk).update(retry_delay=retry.delay)
-    except DatabaseError as exc:
-        logger.error("delivery=%s could not record its retry delay (%s); requeued at once", d.pk, exc)
-        return None
-    return retry
 
 
 def record_settled(settlements: list[Settlement], *, writer: Writer | None = None) -> None:
@@ -226,6 +212,7 @@ def _insert(batch: list[Received], prepared: Prepared, *, writer: Writer, worker
     copies = [(i, of, known[message_id][0], r.queue) for i, (r, message_id) in enumerate(zip(batch, prepared.ids))
               if (of := retry_of(r)) is not None]
     stale = stale_copies(copies) if copies else ()
+    retried = {copy[0] for copy in copies}
     rows, recorded = [], []
     for r, message_id, received_at, sha256, (status, settled_at) in zip(
             batch, prepared.ids, prepared.received, prepared.digests, prepared.settlement):
@@ -235,7 +222,7 @@ def _insert(batch: list[Received], prepared: Prepared, *, writer: Writer, worker
         attempt, duplicate = _attempt(r, previous), bool(previous) and _handled(previous) or len(recorded) in stale
         previous.append((ACKED, True))  # a later copy in this batch is a duplicate
         mark = anomaly(filed=filed, sha256=sha256, exchange=r.exchange, routing_key=r.routing_key,
-                       headers=r.properties.headers)
+                       headers=r.properties.headers, retried=len(recorded) in retried)
         rows.append((
             message_pk, r.queue, r.consumer_tag, r.delivery_tag, r.redelivered, attempt, duplicate, r.exchange,
             r.routing_key, status, worker_id, received_at, settled_at, "", len(r.body), sha256,
@@ -244,11 +231,21 @@ def _insert(batch: list[Received], prepared: Prepared, *, writer: Writer, worker
         recorded.append(Recorded(pk=0, message_pk=message_pk, attempt=attempt, duplicate=duplicate))
     for item, pk in zip(recorded, writer.insert_deliveries(rows), strict=True):
         item.pk = pk
-    for r, item in zip(batch, recorded):  # dead-lettered or back from a retry queue: why, from where
-        death = last_death(r.properties.headers) if r.properties.headers and "x-death" in r.properties.headers else None
-        if death is not None:
-            Delivery.objects.filter(pk=item.pk).update(**death.as_fields())
+    _record_deaths(batch, recorded)
     return recorded
+
+
+def _record_deaths(batch: list[Received], recorded: list[Recorded]) -> None:
+    """Copies dead-lettered or back from a retry queue: their latest `x-death` entry into the death
+    columns, one UPDATE per distinct entry (a batch off a dead-letter queue shares most of them)."""
+    by_death: dict = {}
+    for r, item in zip(batch, recorded):
+        headers = r.properties.headers
+        death = last_death(headers) if headers and "x-death" in headers else None
+        if death is not None:
+            by_death.setdefault(death, []).append(item.pk)
+    for death, pks in by_death.items():
+        Delivery.objects.filter(pk__in=pks).update(**death.as_fields())
 
 
 def _stored_name(value) -> str:

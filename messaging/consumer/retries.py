@@ -26,17 +26,21 @@ a plain requeue (`--max-retries`) is 'requeued' without it; the last attempt is 
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from datetime import timedelta
 
 import pika
+from django.db import DatabaseError
 from django.db.models import Max
 from django.utils import timezone
 
 from messaging.amqp.deaths import last_death
 from messaging.amqp.retry_queues import is_retry_queue, retry_queue
 from messaging.models import Delivery
+
+logger = logging.getLogger(__name__)
 
 MAX_DELAYS = 20  # one queue per delay: more would mostly be a typo
 MAX_DELAY = timedelta(days=24)  # x-message-ttl is at most 2^32-1 ms (about 49 days); beyond weeks, use a scheduler
@@ -53,6 +57,18 @@ class Retry:
 
     delay: timedelta
     message_id: str  # as recorded: the copy carries it when the original had none
+
+
+def schedule(*, delivery_pk: int, attempt: int, delays, message_id: str) -> Retry | None:
+    """Commit the delay chosen after failed attempt `attempt` on its row; None if the database refuses
+    (then the letter is requeued at once, as without retry queues: never moved before its row says so)."""
+    retry = Retry(delay=delays[attempt - 1], message_id=message_id)
+    try:
+        Delivery.objects.filter(pk=delivery_pk).update(retry_delay=retry.delay)
+    except DatabaseError as exc:
+        logger.error("delivery=%s could not record its retry delay (%s); requeued at once", delivery_pk, exc)
+        return None
+    return retry
 
 
 def parse_delays(text: str) -> tuple[timedelta, ...]:
