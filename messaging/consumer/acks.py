@@ -8,9 +8,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from messaging.amqp.retry_queues import retry_queue
 from messaging.amqp.subscription import Received, Subscription
 from messaging.consumer.recording import Settlement
-from messaging.consumer.retries import copy_properties, retry_queue
+from messaging.consumer.retries import copy_properties
 from messaging.models import Delivery
 
 logger = logging.getLogger(__name__)

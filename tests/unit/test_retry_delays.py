@@ -7,7 +7,13 @@ import pika
 import pytest
 
 from messaging.amqp.retry_queues import delay_name, is_retry_queue, retry_queue, ttl_ms
-from messaging.consumer.retries import MAX_DELAYS, RETRY_OF, check_names, copy_properties, parse_delays
+from messaging.consumer.retries import (
+    MAX_DELAYS,
+    RETRY_OF,
+    check_names,
+    copy_properties,
+    parse_delays,
+)
 
 
 @pytest.mark.parametrize("text, delays", [
