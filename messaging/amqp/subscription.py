@@ -93,6 +93,9 @@ class Subscription:
                 self._connection, channel, retry_queue(state.name, delay), **like, message_ttl=ttl_ms(delay),
                 dead_letter_routing_key=state.name, strict=True,
             )
+        if t.dead_letter_queue or t.retry_delays:
+            logger.info("queue=%s retry_queues=%s dead_letter_queue=%s", state.name,
+                        ",".join(retry_queue(state.name, d) for d in t.retry_delays) or "-", t.dead_letter_queue or "-")
         if t.exchange:
             channel = declare_exchange(self._connection, channel, t.exchange, exchange_type=t.exchange_type,
                                        durable=t.durable)
