@@ -106,6 +106,7 @@ def test_the_count_survives_a_worker_killed_between_attempts_on_a_quorum_queue(n
     # The retry queue and the dead-letter queue are of the queue's type (message TTL: quorum queues since 3.10).
     vhost = rabbitmq_vhost().replace("/", "%2F")
     assert [management_api(f"queues/{vhost}/{name}")["type"] for name in (queue, dlq)] == ["quorum", "quorum"]
+    assert management_api(f"exchanges/{vhost}/{dlq}")["durable"]  # as durable as the queue, whatever --durable says
     assert management_api(f"queues/{vhost}/{queue}.retry.2s")["arguments"] == {
         "x-queue-type": "quorum", "x-message-ttl": 2000, "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": queue,

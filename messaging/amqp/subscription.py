@@ -76,7 +76,7 @@ class Subscription:
         return states
 
     def _declare(self, channel, name: str, t: Topology):
-        if t.dead_letter_exchange:
+        if t.dead_letter_exchange and not t.dead_letter_queue:
             channel = declare_exchange(self._connection, channel, t.dead_letter_exchange, exchange_type="fanout",
                                        durable=t.durable)
         channel, state = declare_queue(
@@ -85,7 +85,9 @@ class Subscription:
         )
         # The dead-letter queue and the retry queues last as long as the queue they serve, and are of its type.
         like = {"durable": state.survives_restart, "queue_type": state.queue_type}
-        if t.dead_letter_queue:
+        if t.dead_letter_queue:  # and the exchange feeding it
+            channel = declare_exchange(self._connection, channel, t.dead_letter_exchange, exchange_type="fanout",
+                                       durable=state.survives_restart)
             channel, _ = declare_queue(self._connection, channel, t.dead_letter_queue, **like)
             channel.queue_bind(queue=t.dead_letter_queue, exchange=t.dead_letter_exchange, routing_key="")
         for delay in t.retry_delays:
