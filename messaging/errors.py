@@ -41,6 +41,14 @@ class Unroutable(MailroomError):
 class FatalBrokerError(MailroomError):
     """Retrying cannot help: wrong credentials, a missing vhost or missing permissions."""
 
+    hint = "check RABBITMQ_URL's user, password and vhost"
+
+
+class QueueMismatch(FatalBrokerError):
+    """A queue exists with other arguments than those a feature needs (the broker refuses to change them)."""
+
+    hint = "delete the queue, or consume it without the options that need those arguments"
+
 
 class NotMigrated(MailroomError):
     """The database answers but lacks Mailroom's tables: `python manage.py migrate` has not been run."""

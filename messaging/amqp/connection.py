@@ -14,7 +14,12 @@ import pika
 import pika.exceptions as pe
 
 from messaging import conf
-from messaging.errors import ConnectionLost, FatalBrokerError, MailroomError
+from messaging.errors import (
+    ConnectionLost,
+    FatalBrokerError,
+    MailroomError,
+    QueueMismatch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -201,13 +206,19 @@ class QueueState:
     consumer_count: int
     note: str = ""
     survives_restart: bool = True  # durable, neither exclusive nor auto-delete
+    queue_type: str = ""  # as declared, or "quorum" when an existing queue was found to be one
 
 
 def declare_queue(
     connection: pika.BlockingConnection, channel, name: str, *, durable: bool | None = None,
-    queue_type: str = "", dead_letter_exchange: str = "", exclusive: bool = False,
+    queue_type: str = "", dead_letter_exchange: str = "", exclusive: bool = False, message_ttl: int | None = None,
+    dead_letter_routing_key: str = "", strict: bool = False,
 ):
     """Declare a missing queue, or use an existing one as it is whatever its arguments.
+
+    `strict`: the arguments are needed (a retry queue's TTL and route back, the dead-letter exchange
+    of `--dead-letter-queue`), so an existing queue with other arguments raises `QueueMismatch`
+    naming the queue and the argument (one whose durability alone differs is used as it is).
 
     The one place a queue's arguments are chosen. `durable` None is MAILROOM_DURABLE (default
     False: declared as the RabbitMQ tutorials declare it, so that their code works beside
@@ -221,15 +232,19 @@ def declare_queue(
     arguments = {}
     if queue_type:
         arguments["x-queue-type"] = queue_type
-    if dead_letter_exchange:
+    if dead_letter_exchange or dead_letter_routing_key:  # "" is the default exchange, routed by the key
         arguments["x-dead-letter-exchange"] = dead_letter_exchange
+    if dead_letter_routing_key:
+        arguments["x-dead-letter-routing-key"] = dead_letter_routing_key
+    if message_ttl is not None:
+        arguments["x-message-ttl"] = message_ttl
     try:
         ok = channel.queue_declare(
             queue=name, durable=durable, exclusive=exclusive, auto_delete=exclusive, arguments=arguments or None,
         )
         return channel, QueueState(
             name=ok.method.queue, message_count=ok.method.message_count, consumer_count=ok.method.consumer_count,
-            survives_restart=durable,
+            survives_restart=durable, queue_type=queue_type,
         )
     except pe.ChannelClosedByBroker as exc:
         if exc.reply_code != 406:
@@ -248,12 +263,14 @@ def declare_queue(
                 raise
             note = f"{note}; {again.reply_text}"
             channel = connection.channel()
+    if strict and "inequivalent arg 'x-" in note:
+        raise QueueMismatch(f"queue {name!r} exists with other arguments than this command needs: {note}")
     ok = channel.queue_declare(queue=name, passive=True)
     kind = "quorum" if "'quorum'" in note else "stream" if "'stream'" in note else "classic"
     logger.info("queue=%s exists with other arguments; using it as it is (type=%s): %s", name, kind, note)
     return channel, QueueState(
         name=name, message_count=ok.method.message_count, consumer_count=ok.method.consumer_count, note=note,
-        survives_restart=survives_restart,
+        survives_restart=survives_restart, queue_type=kind if kind != "classic" else queue_type,
     )
 
 

@@ -5,6 +5,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from messaging.amqp.connection import (
@@ -16,6 +17,7 @@ from messaging.amqp.connection import (
     declare_queue,
     translated,
 )
+from messaging.amqp.retry_queues import retry_queue, ttl_ms
 from messaging.errors import ChannelLost, QueueGone
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,8 @@ class Topology:
     durable: bool | None = None  # None: MAILROOM_DURABLE (see `declare_queue`)
     queue_type: str = ""
     dead_letter_exchange: str = ""
+    dead_letter_queue: str = ""  # declared and bound to dead_letter_exchange (a fanout), which each queue then needs
+    retry_delays: tuple[timedelta, ...] = ()  # one retry queue per delay and queue (`consumer.retries`)
     exchange: str = ""
     exchange_type: str = "direct"
     binding_keys: tuple[str, ...] = ()
@@ -58,6 +62,7 @@ class Subscription:
                                    nodes=nodes)
         self._channel = None
         self._consumers = 0
+        self._copies = None  # a channel with publisher confirms, opened for the first retry copy
 
     def declare(self, topology: Topology) -> list[QueueState]:
         """Declare the queues (an existing one is used as it is); return the state of each."""
@@ -73,13 +78,28 @@ class Subscription:
         return states
 
     def _declare(self, channel, name: str, t: Topology):
-        if t.dead_letter_exchange:
+        if t.dead_letter_exchange and not t.dead_letter_queue:
             channel = declare_exchange(self._connection, channel, t.dead_letter_exchange, exchange_type="fanout",
                                        durable=t.durable)
         channel, state = declare_queue(
             self._connection, channel, name, durable=t.durable, queue_type=t.queue_type,
-            dead_letter_exchange=t.dead_letter_exchange, exclusive=not name,
+            dead_letter_exchange=t.dead_letter_exchange, exclusive=not name, strict=bool(t.dead_letter_queue),
         )
+        # The dead-letter queue and the retry queues last as long as the queue they serve, and are of its type.
+        like = {"durable": state.survives_restart, "queue_type": state.queue_type}
+        if t.dead_letter_queue:  # and the exchange feeding it
+            channel = declare_exchange(self._connection, channel, t.dead_letter_exchange, exchange_type="fanout",
+                                       durable=state.survives_restart)
+            channel, _ = declare_queue(self._connection, channel, t.dead_letter_queue, **like)
+            channel.queue_bind(queue=t.dead_letter_queue, exchange=t.dead_letter_exchange, routing_key="")
+        for delay in t.retry_delays:
+            channel, _ = declare_queue(
+                self._connection, channel, retry_queue(state.name, delay), **like, message_ttl=ttl_ms(delay),
+                dead_letter_routing_key=state.name, strict=True,
+            )
+        if t.dead_letter_queue or t.retry_delays:
+            logger.info("queue=%s retry_queues=%s dead_letter_queue=%s", state.name,
+                        ",".join(retry_queue(state.name, d) for d in t.retry_delays) or "-", t.dead_letter_queue or "-")
         if t.exchange:
             channel = declare_exchange(self._connection, channel, t.exchange, exchange_type=t.exchange_type,
                                        durable=t.durable)
@@ -126,6 +146,15 @@ class Subscription:
     def nack(self, delivery_tag: int, *, requeue: bool) -> None:
         with translated():
             self._channel.basic_nack(delivery_tag=delivery_tag, requeue=requeue)
+
+    def publish_copy(self, queue: str, *, body: bytes, properties) -> None:
+        """Publish a copy to `queue` through the default exchange and wait for its confirm (`mandatory`:
+        a missing queue raises `ConnectionLost`, and the worker declares it again on reconnecting)."""
+        with translated():
+            if self._copies is None or self._copies.is_closed:
+                self._copies = self._connection.channel()
+                self._copies.confirm_delivery()
+            self._copies.basic_publish(exchange="", routing_key=queue, body=body, properties=properties, mandatory=True)
 
     def wake(self) -> None:
         """Make a `process` running in another thread return now (safe to call from any thread)."""

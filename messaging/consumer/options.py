@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 from messaging.amqp.subscription import Topology
 
@@ -18,7 +19,10 @@ class ConsumeOptions:
     inactivity_timeout: float | None = None
     handler: str = ""
     max_retries: int = 5
+    # `--retry-delays`: a failed letter waits in a retry queue per delay, replacing max_retries (`retries`).
+    retry_delays: tuple[timedelta, ...] = ()
     dead_letter_exchange: str = ""
+    dead_letter_queue: str = ""  # declared, fed by dead_letter_exchange (by default an exchange of its name)
     exchange: str = ""
     exchange_type: str = "direct"
     binding_keys: tuple[str, ...] = ()
@@ -32,6 +36,7 @@ class ConsumeOptions:
         """What to declare before consuming."""
         return Topology(
             queues=self.queues, durable=self.durable, queue_type=self.queue_type,
-            dead_letter_exchange=self.dead_letter_exchange, exchange=self.exchange,
+            dead_letter_exchange=self.dead_letter_exchange or self.dead_letter_queue,
+            dead_letter_queue=self.dead_letter_queue, retry_delays=self.retry_delays, exchange=self.exchange,
             exchange_type=self.exchange_type, binding_keys=self.binding_keys,
         )

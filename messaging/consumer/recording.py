@@ -24,8 +24,10 @@ from messaging.amqp.codec import (
     stored_message_id,
     text_value,
 )
+from messaging.amqp.deaths import last_death
 from messaging.amqp.subscription import Received
 from messaging.consumer.handlers import Handler, run_handler
+from messaging.consumer.retries import Retry, retry_of, schedule, stale_copies
 from messaging.consumer.trail import BODY_MARKS, EXTERNAL, Filed, anomaly
 from messaging.consumer.writers import MESSAGE_COLUMNS, Writer, writer_for
 from messaging.models import Delivery, Message
@@ -42,17 +44,20 @@ class Settlement:
     duplicate: bool = False
     error: str = ""
     recorded: bool = False  # written with the delivery (no handler): nothing to write after the ack
+    retry: Retry | None = None  # requeued through a retry queue: a copy goes there, then the original is acked
 
 
 def record_batch(
     batch: list[Received], *, worker_id: int | None, handlers: dict[str, Handler] | None = None,
-    max_retries: int = 5, settled: list[Settlement] = (), writer: Writer | None = None,
+    max_retries: int = 5, settled: list[Settlement] = (), writer: Writer | None = None, retry_delays=(),
 ) -> list[Settlement]:
     """Record each delivery (and its message, once) and run its queue's handler; return how to settle them.
 
     The rows, and `settled` (the outcomes of earlier batches already told to the broker), are committed
     in one transaction first; each handler then runs on its own (see `run_handler`), so a handler
     that fails undoes only its own writes. `writer`: the worker's (by default, one for this database).
+    `retry_delays` (`--retry-delays`, replacing `max_retries`): a failed attempt n <= len(delays) is
+    retried after `retry_delays[n - 1]`, committed on its row before the worker moves it (`retries`).
     """
     writer = writer or writer_for(connection.vendor)
     prepared = _prepare(batch, handlers) if batch else None  # the Python work, before taking the write lock
@@ -71,10 +76,12 @@ def record_batch(
             ))
         else:
             action, error = run_handler(handler=handler, message_pk=d.message_pk, delivery_pk=d.pk, attempt=d.attempt,
-                                        max_retries=max_retries, transaction=writer.handler_transaction(),
-                                        message_id=message_id, queue=r.queue)
+                                        max_retries=len(retry_delays) if retry_delays else max_retries,
+                                        transaction=writer.handler_transaction(), message_id=message_id, queue=r.queue)
+            retry = (schedule(delivery_pk=d.pk, attempt=d.attempt, delays=retry_delays, message_id=message_id)
+                     if retry_delays and action == REQUEUED else None)
             settlements.append(Settlement(delivery_tag=r.delivery_tag, delivery_id=d.pk, message_id=d.message_pk,
-                                          action=action, error=error))
+                                          action=action, error=error, retry=retry))
     return settlements
 
 
@@ -202,16 +209,20 @@ def _insert(batch: list[Received], prepared: Prepared, *, writer: Writer, worker
         known.update(writer.message_pks(missing))
 
     history = _history(batch, prepared.ids, known, fresh=set(inserted))
+    copies = [(i, of, known[message_id][0], r.queue) for i, (r, message_id) in enumerate(zip(batch, prepared.ids))
+              if (of := retry_of(r)) is not None]
+    stale = stale_copies(copies) if copies else ()
+    retried = {copy[0] for copy in copies}
     rows, recorded = [], []
     for r, message_id, received_at, sha256, (status, settled_at) in zip(
             batch, prepared.ids, prepared.received, prepared.digests, prepared.settlement):
         filed = known[message_id]
         message_pk = filed[0]
         previous = history.setdefault((message_pk, r.queue), [])
-        attempt, duplicate = _attempt(r, previous), bool(previous) and _handled(previous)
+        attempt, duplicate = _attempt(r, previous), bool(previous) and _handled(previous) or len(recorded) in stale
         previous.append((ACKED, True))  # a later copy in this batch is a duplicate
         mark = anomaly(filed=filed, sha256=sha256, exchange=r.exchange, routing_key=r.routing_key,
-                       headers=r.properties.headers)
+                       headers=r.properties.headers, retried=len(recorded) in retried)
         rows.append((
             message_pk, r.queue, r.consumer_tag, r.delivery_tag, r.redelivered, attempt, duplicate, r.exchange,
             r.routing_key, status, worker_id, received_at, settled_at, "", len(r.body), sha256,
@@ -220,7 +231,21 @@ def _insert(batch: list[Received], prepared: Prepared, *, writer: Writer, worker
         recorded.append(Recorded(pk=0, message_pk=message_pk, attempt=attempt, duplicate=duplicate))
     for item, pk in zip(recorded, writer.insert_deliveries(rows), strict=True):
         item.pk = pk
+    _record_deaths(batch, recorded)
     return recorded
+
+
+def _record_deaths(batch: list[Received], recorded: list[Recorded]) -> None:
+    """Copies dead-lettered or back from a retry queue: their latest `x-death` entry into the death
+    columns, one UPDATE per distinct entry (a batch off a dead-letter queue shares most of them)."""
+    by_death: dict = {}
+    for r, item in zip(batch, recorded):
+        headers = r.properties.headers
+        death = last_death(headers) if headers and "x-death" in headers else None
+        if death is not None:
+            by_death.setdefault(death, []).append(item.pk)
+    for death, pks in by_death.items():
+        Delivery.objects.filter(pk__in=pks).update(**death.as_fields())
 
 
 def _stored_name(value) -> str:
@@ -304,6 +329,9 @@ RECEIVED = Delivery.Status.RECEIVED.value
 
 
 ACKED = Delivery.Status.ACKED.value
+
+
+REQUEUED = Delivery.Status.REQUEUED.value
 
 
 UNACKED_OR_ACKED_AT_INSERT = (RECEIVED, ACKED)

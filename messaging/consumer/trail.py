@@ -9,7 +9,9 @@ to queue A arrives with exchange '' and routing key A; a fanout or topic exchang
 bound queue the same pair), or its `x-death` header names them (a dead-lettered copy). Only for
 letters Mailroom published: another producer's letter is known only by its first delivery, whose
 route says nothing of where else the producer sent it. A producer can write `x-death` itself, so
-a copy with the letter's body and a forged `x-death` passes as routed; its body cannot.
+a copy with the letter's body and a forged `x-death` passes as routed; its body cannot. A copy back
+from one of its queue's retry queues (`consumer.retries`) arrives through the default exchange: it
+took the route of the delivery it is a copy of, and is compared by its body only.
 """
 from __future__ import annotations
 
@@ -31,12 +33,13 @@ MARKS = {  # (body differs, not routed) -> the mark written
 BODY_MARKS = frozenset({Delivery.Anomaly.BODY.value, Delivery.Anomaly.BODY_AND_ROUTE.value})
 
 
-def anomaly(*, filed: Filed, sha256: str, exchange: str, routing_key: str, headers) -> str:
-    """The mark of a delivery (body sha256, exchange and routing key as stored) filed under `filed`."""
+def anomaly(*, filed: Filed, sha256: str, exchange: str, routing_key: str, headers, retried: bool = False) -> str:
+    """The mark of a delivery (body sha256, exchange and routing key as stored) filed under `filed`;
+    `retried`: a copy back from a retry queue."""
     _, body_sha256, letter_exchange, letter_key, origin = filed
     # A row written without its digest (by hand, or before digests existed) cannot be compared.
     differs = bool(body_sha256) and sha256 != body_sha256
-    strayed = (origin != EXTERNAL and (exchange != letter_exchange or routing_key != letter_key)
+    strayed = (origin != EXTERNAL and not retried and (exchange != letter_exchange or routing_key != letter_key)
                and not dead_lettered_from(headers, exchange=letter_exchange, routing_key=letter_key))
     return MARKS[differs, strayed]
 

@@ -92,7 +92,7 @@ class Consumer:
                     self._consume()
                     delays = backoff_delays()
                 except FatalBrokerError as exc:
-                    logger.error("cannot consume: %s (check RABBITMQ_URL's user, password and vhost)", exc)
+                    logger.error("cannot consume: %s (%s)", exc, exc.hint)
                     code = 1
                     break
                 except ConnectionLost as exc:
@@ -278,7 +278,7 @@ class Consumer:
             self._db_delays = backoff_delays(cap=10.0)
             if settlements:
                 try:
-                    self._acks.settle(settlements)
+                    self._acks.settle(settlements, batch=in_flight.batch)
                 except ConnectionLost:
                     self._in_flight.appendleft(in_flight)  # _drop_connection marks them lost
                     raise
@@ -343,8 +343,8 @@ class Consumer:
         busy = {item.recorder for item in self._in_flight}
         recorder = next(r for r in self._threads.recorders if r not in busy)
         future = self._threads.record(
-            recorder, recording.record_batch, batch, writer=self._writer, worker_id=self._worker_id,
-            handlers=self._handlers, max_retries=self.options.max_retries, settled=settled,
+            recorder, recording.record_batch, batch, writer=self._writer, worker_id=self._worker_id, settled=settled,
+            handlers=self._handlers, max_retries=self.options.max_retries, retry_delays=self.options.retry_delays,
         )
         # message_id properties as received (ids that only the truncation to 255 characters makes
         # equal are not held back: their message row is still one, by the unique constraint).

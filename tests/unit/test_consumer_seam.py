@@ -7,6 +7,7 @@ SQLite in-process holds the rows. The same paths run against the real broker in 
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pika
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from messaging.amqp.connection import QueueState
 from messaging.amqp.subscription import Received
 from messaging.consumer import worker as worker_module
+from messaging.consumer.retries import RETRY_OF
 from messaging.consumer.worker import ConsumeOptions, Consumer
 from messaging.errors import ConnectionLost
 from messaging.models import Delivery, Message
@@ -26,12 +28,14 @@ class FakeSubscription:
 
     connections: list[FakeSubscription] = []
     script: list = []
+    refuse_copies = 0  # so many retry copies fail to publish
 
     def __init__(self, *, heartbeat: int, client_name: str, logged_in_before: bool, nodes=None) -> None:
         self.logged_in_before = logged_in_before
         self.plan = FakeSubscription.script.pop(0)
         self.acks: list[tuple[int, bool, int]] = []  # (tag, multiple, deliveries committed then)
         self.nacks: list[tuple[int, bool]] = []
+        self.copies: list[tuple[str, object, list, int]] = []  # (queue, properties, retry delays committed, acks then)
         self.on_delivery = None
         FakeSubscription.connections.append(self)
 
@@ -61,6 +65,13 @@ class FakeSubscription:
     def nack(self, delivery_tag: int, *, requeue: bool) -> None:
         self.nacks.append((delivery_tag, requeue))
 
+    def publish_copy(self, queue: str, *, body: bytes, properties) -> None:
+        if FakeSubscription.refuse_copies:
+            FakeSubscription.refuse_copies -= 1
+            raise ConnectionLost("the retry queue is missing (unroutable)")
+        delays = list(Delivery.objects.exclude(retry_delay=None).values_list("retry_delay", flat=True))
+        self.copies.append((queue, properties, delays, len(self.acks)))
+
     def wake(self) -> None:
         pass
 
@@ -70,7 +81,7 @@ class FakeSubscription:
 
 @pytest.fixture
 def fake_broker(monkeypatch):
-    FakeSubscription.connections, FakeSubscription.script = [], []
+    FakeSubscription.connections, FakeSubscription.script, FakeSubscription.refuse_copies = [], [], 0
     monkeypatch.setattr(worker_module, "Subscription", FakeSubscription)
     return FakeSubscription
 
@@ -123,3 +134,33 @@ def test_a_lost_connection_is_reconnected_with_the_login_remembered(fake_broker,
     first, second = fake_broker.connections
     assert (first.logged_in_before, second.logged_in_before) == (False, True)
     assert worker.counts.reconnects == 1 and second.acks and Message.objects.filter(message_id="after").exists()
+
+
+def test_a_retry_copy_is_confirmed_after_its_delay_is_committed_and_before_the_ack(fake_broker):
+    fake_broker.script = [[delivery(1, "poison")]]
+    worker = Consumer(ConsumeOptions(queues=("q",), batch_size=1, max_messages=1, handler="tests.handlers.fail",
+                                     retry_delays=(timedelta(seconds=5),)))
+    assert worker.run() == 0
+    [connection] = fake_broker.connections
+    [(queue, properties, delays, acks_before)] = connection.copies
+    assert queue == "q.retry.5s" and delays == [timedelta(seconds=5)] and acks_before == 0
+    row = Delivery.objects.get()
+    assert properties.message_id == "poison" and properties.headers[RETRY_OF] == row.pk
+    assert [tag for tag, _, _ in connection.acks] == [1] and not connection.nacks  # acked, not requeued
+    assert (row.status, row.retry_delay) == (Delivery.Status.REQUEUED, timedelta(seconds=5))
+    assert worker.counts.requeued == 1
+
+
+def test_a_copy_that_cannot_be_published_leaves_the_original_unacked(fake_broker, monkeypatch):
+    monkeypatch.setattr(worker_module, "backoff_delays", lambda **kwargs: iter([0.01] * 10))
+    fake_broker.refuse_copies = 1
+    fake_broker.script = [[delivery(1, "poison")], [delivery(1, "poison", redelivered=True)]]
+    worker = Consumer(ConsumeOptions(queues=("q",), batch_size=1, max_messages=1, handler="tests.handlers.fail",
+                                     retry_delays=(timedelta(seconds=1), timedelta(seconds=2))))
+    assert worker.run() == 0
+    first, second = fake_broker.connections
+    assert not first.acks and not first.nacks and not first.copies
+    assert [queue for queue, *_ in second.copies] == ["q.retry.2s"] and [tag for tag, *_ in second.acks] == [1]
+    rows = list(Delivery.objects.order_by("pk").values_list("attempt", "status", "retry_delay"))
+    assert rows == [(1, "requeued", timedelta(seconds=1)), (2, "requeued", timedelta(seconds=2))]
+    assert "not acked" in Delivery.objects.order_by("pk").first().error

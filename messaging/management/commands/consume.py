@@ -6,6 +6,7 @@ import logging
 
 from django.core.management.base import BaseCommand, CommandError
 
+from messaging.consumer import retries
 from messaging.consumer.options import ConsumeOptions
 from messaging.consumer.registry import fewer_gc_passes
 from messaging.consumer.worker import Consumer
@@ -41,6 +42,14 @@ def positive_float(value: str) -> float:
     return number
 
 
+def retry_delays(value: str):
+    """`--retry-delays`, or argparse's usage error (exit code 2) saying what is wrong."""
+    try:
+        return retries.parse_delays(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 class Command(BaseCommand):
     help = (
         "Consume QUEUE(s) with manual acks: each delivery is recorded (Message + Delivery), committed, "
@@ -66,8 +75,18 @@ class Command(BaseCommand):
         parser.add_argument("--max-messages", type=positive_int, help="Exit after N deliveries.")
         parser.add_argument("--inactivity-timeout", type=positive_float, help="Exit after S seconds without a delivery.")
         parser.add_argument("--handler", default="", help="Dotted path of a callable run with each letter (Message).")
-        parser.add_argument("--max-retries", type=int, default=5,
-                            help="Requeues of a letter whose handler fails before it is rejected (default 5).")
+        parser.add_argument("--max-retries", type=int, default=None,
+                            help="Requeues of a letter whose handler fails before it is rejected (default 5; "
+                                 "at once, with no delay: see --retry-delays).")
+        parser.add_argument("--retry-delays", type=retry_delays, default=(),
+                            help="Retry a letter whose handler failed after each of these delays, e.g. 1s,10s,1m "
+                                 "(units ms, s, m, h, d), then reject it: one queue QUEUE.retry.<delay> per delay "
+                                 "holds it meanwhile (declared with that TTL, dead-lettering back to QUEUE). "
+                                 "Replaces --max-retries (both together are refused).")
+        parser.add_argument("--dead-letter-queue", default="",
+                            help="Declare this queue and a fanout exchange feeding it (--dead-letter-exchange, "
+                                 "by default named as the queue), set as each queue's x-dead-letter-exchange: "
+                                 "rejected letters go there. A queue that exists without it is refused.")
         parser.add_argument("--dead-letter-exchange", default="",
                             help="Declare this fanout exchange and set it as the queue's x-dead-letter-exchange.")
         parser.add_argument("--exchange", default="", help="Bind the queue(s) to this exchange.")
@@ -85,15 +104,29 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         if not options["queues"] and not options["exchange"]:
             raise CommandError("Name a queue, or give --exchange to bind a server-named queue.")
-        if options["max_retries"] < 0:
+        if options["max_retries"] is not None and options["max_retries"] < 0:
             raise CommandError("--max-retries must be 0 or more.")
+        if options["retry_delays"]:
+            if options["max_retries"] is not None:
+                raise CommandError("Give --retry-delays or --max-retries, not both (each delay is one retry).",
+                                   returncode=2)
+            if not options["queues"]:
+                raise CommandError("--retry-delays needs named queues (a server-named queue is gone on reconnecting).",
+                                   returncode=2)
+            try:
+                retries.check_names(options["queues"], options["retry_delays"])
+            except ValueError as exc:
+                raise CommandError(f"--retry-delays: {exc}.", returncode=2) from exc
+        if options["dead_letter_queue"] and options["dead_letter_queue"] in options["queues"]:
+            raise CommandError("--dead-letter-queue must be another queue than those consumed.", returncode=2)
         logging.getLogger("messaging").setLevel(VERBOSITY_LEVELS.get(options["verbosity"], logging.INFO))
         try:
             worker = Consumer(ConsumeOptions(
                 queues=tuple(options["queues"]), prefetch=options["prefetch"], batch_size=options["batch_size"],
                 max_unacked_bytes=options["max_unacked_bytes"],
                 max_messages=options["max_messages"], inactivity_timeout=options["inactivity_timeout"],
-                handler=options["handler"], max_retries=options["max_retries"],
+                handler=options["handler"], max_retries=5 if options["max_retries"] is None else options["max_retries"],
+                retry_delays=options["retry_delays"], dead_letter_queue=options["dead_letter_queue"],
                 dead_letter_exchange=options["dead_letter_exchange"], exchange=options["exchange"],
                 exchange_type=options["exchange_type"], binding_keys=tuple(options["binding_keys"]),
                 durable=options["durable"], queue_type=options["queue_type"], heartbeat=options["heartbeat"],
