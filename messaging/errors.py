@@ -42,6 +42,10 @@ class FatalBrokerError(MailroomError):
     """Retrying cannot help: wrong credentials, a missing vhost or missing permissions."""
 
 
+class NoSuchQueue(MailroomError):
+    """The queue named does not exist (the broker answered 404 to a passive declare)."""
+
+
 class NotMigrated(MailroomError):
     """The database answers but lacks Mailroom's tables: `python manage.py migrate` has not been run."""
 
