@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import models
+from django.db.models import Value
 from django.utils import timezone
 
 
@@ -219,19 +220,23 @@ class Delivery(models.Model):
 
     # Retries and dead letters: the delay chosen after this attempt failed, and this copy's latest
     # `x-death` entry (messaging.amqp.deaths), when it arrived dead-lettered or back from a retry.
+    # Defaults in the database too: the consumer's writers insert rows without these columns.
     retry_delay = models.DurationField(
         null=True, blank=True, help_text="After this attempt failed: how long the retry waits (consume --retry-delays).",
     )
     dead_lettered_from = models.CharField(
-        max_length=255, blank=True, help_text="x-death: the queue that last dead-lettered this copy.",
+        max_length=255, blank=True, db_default="", help_text="x-death: the queue that last dead-lettered this copy.",
     )
     death_reason = models.CharField(
-        max_length=16, choices=DeathReason.choices, blank=True, help_text="x-death: why it was dead-lettered.",
+        max_length=16, choices=DeathReason.choices, blank=True, db_default="",
+        help_text="x-death: why it was dead-lettered.",
     )
-    death_exchange = models.CharField(max_length=255, blank=True, help_text="x-death: the exchange it was published to.")
-    death_routing_keys = models.JSONField(default=list, blank=True, help_text="x-death: its routing keys.")
+    death_exchange = models.CharField(max_length=255, blank=True, db_default="",
+                                      help_text="x-death: the exchange it was published to.")
+    death_routing_keys = models.JSONField(default=list, db_default=Value([], output_field=models.JSONField()),
+                                          blank=True, help_text="x-death: its routing keys.")
     death_count = models.PositiveIntegerField(
-        default=0, help_text="x-death: how many times it died in that queue for that reason.",
+        default=0, db_default=0, help_text="x-death: how many times it died in that queue for that reason.",
     )
     died_at = models.DateTimeField(null=True, blank=True, help_text="x-death: when it last died there.")
 
