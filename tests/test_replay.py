@@ -20,13 +20,14 @@ from django.test import Client
 
 from messaging.models import Delivery, Message
 from messaging.web.replay import replay_url
-from tests.conftest import delete_queue, queue_depth, wait_for
+from tests.conftest import delete_queue, queue_depth, subprocess_env, wait_for
 from tests.consuming_checks import (
     connect,
     consumers,
     publish,
     queue_counts,
 )
+from tests.test_republish_fidelity import HEADERS, PROPERTIES, same
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -76,8 +77,6 @@ def handled(log) -> list[str]:
 
 def consume_replays(manage, names, tmp_path, *, count: int):
     """Run `consume QUEUE` with a handler that succeeds until `count` replays are acked there; return the log."""
-    from tests.conftest import subprocess_env
-
     log = tmp_path / "handled.log"
     worker = manage("consume", names.queue, "--durable", "--handler", "tests.handlers.note",
                     "--dead-letter-exchange", names.exchange, env=subprocess_env(HANDLER_LOG=str(log)))
@@ -217,6 +216,24 @@ def test_a_copy_without_x_death_stays_unless_a_queue_is_named(dead_letters, amqp
     assert ready(names.dlq) == 0 and ready(names.other) == 1
     replayed = Message.objects.get(origin=Message.Origin.REPLAY)
     assert (replayed.routing_key, replayed.republished_from.message_id) == (names.other, "no-death")
+
+
+def test_a_replay_sends_the_producers_headers_and_properties_as_they_came(dead_letters, amqp, fresh_publisher):
+    names = dead_letters
+    amqp.basic_publish(exchange="", routing_key=names.queue, body=b"\x00body\xff",
+                       properties=pika.BasicProperties(message_id="odd", headers=HEADERS, **PROPERTIES))
+    reject_all(names.queue, 1)
+    wait_for(lambda: ready(names.dlq) == 1, message="the letter dead-lettered")
+
+    code, output = run_replay(names.dlq)
+    assert code == 0, output
+    method, properties, body = amqp.basic_get(names.queue, auto_ack=True)
+    assert method is not None and body == b"\x00body\xff"
+    assert properties.message_id.startswith("odd~replay:")
+    assert same(properties.headers, HEADERS), properties.headers  # no x-death, x-first-death-* or x-last-death-*
+    for name in PROPERTIES:
+        if name != "expiration":  # RabbitMQ removes it from a dead-lettered message (x-death keeps it)
+            assert same(getattr(properties, name), PROPERTIES[name]), name
 
 
 def test_a_missing_queue_and_bad_options_are_clear_errors(manage):

@@ -134,7 +134,7 @@ def replay(
     """Replay up to `limit` copies from dead-letter queue `queue` at most `rate` a second (see the module).
 
     `dry_run` takes each copy and puts it back without writing anything (the copies come back
-    marked redelivered, and are out of the queue meanwhile). Raises `NoSuchQueue`, `ConnectionLost`
+    marked redelivered, a quorum queue counts the delivery, and they are out of the queue meanwhile). Raises `NoSuchQueue`, `ConnectionLost`
     or `FatalBrokerError` when the dead-letter queue cannot be read; `on_step` hears each step.
     """
     report = Report(queue=queue, dry_run=dry_run)

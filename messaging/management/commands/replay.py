@@ -31,7 +31,8 @@ class Command(BaseCommand):
         parser.add_argument("--rate", type=positive_float, default=None, help="At most R messages a second.")
         parser.add_argument("--dry-run", action="store_true",
                             help="List each message_id and where it would go; publish nothing, ack nothing. The "
-                                 "messages are taken and put back, so they come back marked redelivered.")
+                                 "messages are taken and put back, so they come back marked redelivered (and on a "
+                                 "quorum queue their delivery count rises).")
         parser.add_argument("--to-queue", default="", metavar="Q",
                             help="Publish every message to queue Q instead of where x-death says it came from.")
 
@@ -49,6 +50,9 @@ class Command(BaseCommand):
         except MailroomError as exc:  # the connection to the dead-letter queue: the copy in hand goes back
             raise CommandError(f"the broker connection failed ({exc}); run it again: what was replayed "
                                "stays replayed, the rest is in the dead-letter queue.") from None
+        except KeyboardInterrupt:
+            raise CommandError("interrupted: what was replayed stays replayed, the rest is in the dead-letter "
+                               "queue; run it again to go on.") from None
         except DatabaseError as exc:
             raise CommandError(f"the database failed ({exc.__class__.__name__}: {exc}); run it again.") from None
         self.stdout.write(report.summary())
