@@ -7,13 +7,14 @@ at once, from the head of the queue.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Self
 
 import pika.exceptions as pe
 
-from messaging.amqp.connection import PIKA_ERRORS, connect, translated
+from messaging.amqp.connection import PIKA_ERRORS, connect, drop_after, translated
 from messaging.amqp.subscription import Received
-from messaging.errors import NoSuchQueue
+from messaging.errors import ConnectionLost, NoSuchQueue
 
 
 class Taker:
@@ -23,9 +24,10 @@ class Taker:
 
     def __init__(self, queue: str, *, timeout: float, client_name: str = "mailroom-replay") -> None:
         self.queue = queue
+        self.timeout = timeout
         self._connection = connect(timeout=timeout, client_name=client_name)
         try:
-            with translated():
+            with self._answered():
                 self._channel = self._connection.channel()
                 try:
                     self._channel.queue_declare(queue=queue, passive=True)
@@ -45,7 +47,7 @@ class Taker:
 
     def take(self) -> Received | None:
         """The copy at the head of the queue, unacked; None when the queue is empty."""
-        with translated():
+        with self._answered():
             method, properties, body = self._channel.basic_get(queue=self.queue, auto_ack=False)
         if method is None:
             return None
@@ -55,12 +57,12 @@ class Taker:
 
     def ack(self, delivery_tag: int) -> None:
         """Remove a copy taken from the queue."""
-        with translated():
+        with self._answered():
             self._channel.basic_ack(delivery_tag=delivery_tag)
 
     def put_back(self, delivery_tags: list[int]) -> None:
         """Requeue copies taken and not acked (they return marked redelivered, in their places)."""
-        with translated():
+        with self._answered():
             for tag in delivery_tags:
                 self._channel.basic_nack(delivery_tag=tag, requeue=True)
 
@@ -68,6 +70,18 @@ class Taker:
         """Wait while the connection keeps answering the broker's heartbeats."""
         with translated():
             self._connection.sleep(seconds)
+
+    @contextlib.contextmanager
+    def _answered(self):
+        """pika's errors translated, and the connection dropped when the broker does not answer within
+        `timeout` (a stuck queue still answers heartbeats): a web request never waits on it for long."""
+        cancel = drop_after(self._connection, self.timeout,
+                            ConnectionLost(f"no answer from the broker within {self.timeout:g}s"))
+        try:
+            with translated():
+                yield
+        finally:
+            cancel()
 
     def close(self) -> None:
         try:

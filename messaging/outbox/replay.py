@@ -213,12 +213,14 @@ def _replay_one(copy: Received, *, queue: str, to_queue: str, user) -> Step:
     rid = replay_id(copy, death)
     try:
         with transaction.atomic():
-            message = Message.objects.filter(message_id=rid).first()
+            # The replay an earlier run wrote, and the original, in one look-up (their columns needed here).
+            found = {m.message_id: m for m in Message.objects.filter(message_id__in={rid, message_id} - {""})
+                     .only("id", "message_id", "origin", "status", "routing_key")}
+            message, created = found.get(rid), False
             if message is None:
-                message = save_pending(_new_replay(copy, rid=rid, target=target, death=death, user=user))
+                original = (found.get(message_id) or _record_original(copy, death)) if message_id else None
+                message = save_pending(_new_replay(copy, rid=rid, target=target, user=user, original=original))
                 created = True
-            else:
-                created = False
     except DuplicateMessageId:  # another run wrote it meanwhile: treat it as found
         message, created = Message.objects.get(message_id=rid), False
     except InvalidMessage as exc:
@@ -229,6 +231,7 @@ def _replay_one(copy: Received, *, queue: str, to_queue: str, user) -> Step:
     if not created:  # found: an earlier run wrote it
         if message.status == Message.Status.PUBLISHED:
             return Step(message_id=message_id, target=message.routing_key, outcome=Outcome.ALREADY, replay_id=rid)
+        message = Message.objects.get(pk=message.pk)  # all of it, to publish it
         publish_message(message)
     # A new replay was published by `save_pending` once its transaction committed.
     outcome = {Message.Status.PUBLISHED: Outcome.REPLAYED, Message.Status.UNROUTABLE: Outcome.UNROUTABLE,
@@ -244,7 +247,7 @@ def _copied_id(copy: Received) -> str:
     return stored_message_id(copy.properties.message_id)[0] if copy.properties.message_id else ""
 
 
-def _new_replay(copy: Received, *, rid: str, target: str, death: Death | None, user) -> Message:
+def _new_replay(copy: Received, *, rid: str, target: str, user, original: Message | None) -> Message:
     """The replay's row, unsaved: the copy's body, headers (history dropped) and properties, to `target`."""
     p, headers = copy.properties, replay_headers(copy.properties.headers)
     problem = header_encoding_error(headers, floats_as_decimals=False)
@@ -255,7 +258,7 @@ def _new_replay(copy: Received, *, rid: str, target: str, death: Death | None, u
         routing_key=target, body=bytes(copy.body), content_type=stored["content_type"],
         content_encoding=stored["content_encoding"], correlation_id=stored["correlation_id"],
         delivery_mode=p.delivery_mode if p.delivery_mode in (1, 2) else 2, message_id=rid,
-        origin=Message.Origin.REPLAY, user=user, republished_from=_original(copy, death),
+        origin=Message.Origin.REPLAY, user=user, republished_from=original,
     )
     # As a republished copy of a received letter: values tagged so that they go out as they came.
     message.headers = to_json(headers, floats=DOUBLES)
@@ -264,14 +267,10 @@ def _new_replay(copy: Received, *, rid: str, target: str, death: Death | None, u
     return message
 
 
-def _original(copy: Received, death: Death | None) -> Message | None:
-    """The letter the copy is of, recorded as the consumer would when Mailroom never saw it."""
-    if not copy.properties.message_id:
-        return None
+def _record_original(copy: Received, death: Death | None) -> Message:
+    """The letter a copy is of, when Mailroom never saw it: recorded as the consumer would, 'external',
+    with the copy's headers (its `x-death` history too) and the route it was first published on."""
     message_id, raw = stored_message_id(copy.properties.message_id)
-    found = Message.objects.filter(message_id=message_id).first()
-    if found is not None:
-        return found
     p, body = read_properties(copy.properties), bytes(copy.body)
     exchange = death.exchange if death else text_value(copy.exchange)[:255]
     routing_key = death.routing_keys[0] if death and death.routing_keys else text_value(copy.routing_key)[:255]
