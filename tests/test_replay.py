@@ -244,6 +244,15 @@ def test_a_missing_queue_and_bad_options_are_clear_errors(manage):
     assert code == 1 and "invalid positive_float value" in output  # exits 2 from the command line
 
 
+def test_a_broker_that_does_not_answer_is_a_clear_error(settings, fresh_publisher, client):
+    settings.RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:1/%2F"  # nothing listens there
+    code, output = run_replay("replay-anything")
+    assert code == 1 and "the broker connection failed" in output and "guest:guest" not in output, output
+    client.force_login(member("pat", "add_message", "view_message"))
+    page = client.get(replay_url("replay-anything"))
+    assert page.status_code == 503 and "Cannot read the queue now" in page.content.decode()
+
+
 # --- the page ---------------------------------------------------------------------------------
 def member(name: str, *codenames: str) -> User:
     user = User.objects.create_user(name, password="pw-for-tests")
