@@ -134,8 +134,11 @@ def replay(
     """Replay up to `limit` copies from dead-letter queue `queue` at most `rate` a second (see the module).
 
     `dry_run` takes each copy and puts it back without writing anything (the copies come back
-    marked redelivered, a quorum queue counts the delivery, and they are out of the queue meanwhile). Raises `NoSuchQueue`, `ConnectionLost`
-    or `FatalBrokerError` when the dead-letter queue cannot be read; `on_step` hears each step.
+    marked redelivered, a quorum queue counts the delivery, and they are out of the queue
+    meanwhile). Copies left are put back at the end, so that none is taken twice: a run (or a
+    `limit`) spends itself on the copies it cannot replay before those behind them. Raises
+    `NoSuchQueue`, `ConnectionLost` or `FatalBrokerError` when the dead-letter queue cannot be read;
+    `on_step` hears each step.
     """
     report = Report(queue=queue, dry_run=dry_run)
     held: list[int] = []  # copies taken and left: put back together at the end
