@@ -50,6 +50,10 @@ class QueueMismatch(FatalBrokerError):
     hint = "delete the queue, or consume it without the options that need those arguments"
 
 
+class NoSuchQueue(MailroomError):
+    """The queue named does not exist (the broker answered 404 to a passive declare)."""
+
+
 class NotMigrated(MailroomError):
     """The database answers but lacks Mailroom's tables: `python manage.py migrate` has not been run."""
 

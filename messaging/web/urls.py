@@ -2,6 +2,7 @@
 from django.urls import path, register_converter
 
 from messaging.web import health, queues, views
+from messaging.web import replay as replay_views
 from messaging.web.api import views as api
 from messaging.web.links import message_id_from_path
 
@@ -34,6 +35,8 @@ urlpatterns = [
     path("api/openapi.json", api.SchemaView.as_view(), name="api-schema"),
     path("api/docs/", api.DocsView.as_view(), name="api-docs"),
     path("queues/", queues.queues, name="queues"),
+    # Before any other dead-letters/<queue>/ route: a queue name may hold slashes (one segment, %2F, in links).
+    path("dead-letters/<message_id:queue>/replay/", replay_views.replay_dead_letters, name="dead-letter-replay"),
     path("healthz", health.healthz, name="healthz"),
     path("metrics", health.metrics, name="metrics"),
 ]
