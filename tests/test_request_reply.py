@@ -8,19 +8,29 @@ import sys
 import threading
 import time
 import uuid
+from datetime import timedelta
 
 import pika
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from messaging.amqp.subscription import Received
 from messaging.consumer.recording import record_batch
 from messaging.models import Delivery, Message
 from messaging.outbox.requests import MAX_WAIT_SECONDS
 from messaging.web.api import create_token
-from tests.conftest import ROOT, delete_queue, rabbitmq_url, subprocess_env, wait_for
+from tests.conftest import (
+    ROOT,
+    delete_queue,
+    queue_depth,
+    rabbitmq_url,
+    rabbitmq_url_with,
+    subprocess_env,
+    wait_for,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)  # a request is committed before it is published
 
@@ -241,3 +251,31 @@ def test_the_consumer_links_a_batch_of_replies_with_one_look_up(django_assert_ma
     by_request = {r.pk: r.replies.count() for r in requests}
     assert sorted(by_request.values()) == [4, 4, 4]  # c-0, c-1, c-2 each answered 4 times; c-3 and c-4 are no one's
     assert Message.objects.filter(correlation_id__in=["c-3", "c-4"], in_reply_to__isnull=False).count() == 0
+
+
+def test_a_request_the_broker_never_took_is_failed_not_left_to_the_relay(settings, rpc_queue):
+    settings.RABBITMQ_URL = rabbitmq_url_with(password="not-the-password")  # the broker refuses the login
+    with pytest.raises(CommandError) as refused:
+        call_command("publish", rpc_queue, "1", "--wait-reply=1")
+    assert refused.value.returncode == 4
+    request = Message.objects.get()
+    assert request.status == Message.Status.FAILED and "not retried" in request.last_error
+    assert request.next_attempt_at is None and "not-the-password" not in request.last_error
+
+
+def test_a_direct_reply_to_request_left_pending_is_failed_by_the_relay_which_goes_on(manage, amqp, rpc_queue):
+    """A crash between the request's commit and its publish leaves it pending: the broker refuses it on the
+    relay's channel (no reply consumer there), and the relay records that and publishes the rest."""
+    amqp.queue_declare(queue=rpc_queue)
+    due = timezone.now() - timedelta(seconds=1)
+    for n, reply_to in enumerate(["amq.rabbitmq.reply-to", "", ""]):
+        letter = Message(routing_key=rpc_queue, properties={"reply_to": reply_to} if reply_to else {},
+                         next_attempt_at=due, message_id=f"{rpc_queue}-{n}", origin=Message.Origin.API)
+        letter.set_body(b"1")
+        letter.save()
+    relay = manage("relay", "--once")
+    assert relay.wait(60) == 0, relay.output
+    outcomes = dict(Message.objects.values_list("message_id", "status"))
+    assert outcomes == {f"{rpc_queue}-0": "failed", f"{rpc_queue}-1": "published", f"{rpc_queue}-2": "published"}
+    assert "reply consumer" in Message.objects.get(message_id=f"{rpc_queue}-0").last_error
+    assert queue_depth(rpc_queue) == (2, 0)

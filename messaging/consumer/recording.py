@@ -196,7 +196,7 @@ def _insert(batch: list[Received], prepared: Prepared, *, writer: Writer, worker
     new = [row for message_id, row in prepared.messages.items() if message_id not in known]
     inserted = writer.insert_messages(new) if new else {}
     if inserted:
-        link_replies(new, inserted)
+        link_replies(new, inserted, writer=writer)
     for row in new:
         if row[0] in inserted:
             known[row[0]] = (inserted[row[0]], row[BODY_SHA256], row[EXCHANGE], row[ROUTING_KEY], EXTERNAL)

@@ -186,6 +186,8 @@ REPLY_BODY_BYTES = 4096
 
 def reply_rows(message: Message) -> list[dict]:
     """The first `REPLIES_SHOWN` replies to `message`, each with the first REPLY_BODY_BYTES of its body."""
+    if not (message.properties or {}).get("reply_to") or message.origin == Message.Origin.EXTERNAL:
+        return []  # only a letter Mailroom published with reply_to is answered (`messaging.consumer.linking`)
     replies = (message.replies.only("message_id", "created_at", "content_type", "body_size", "body_sha256")
                .annotate(body_prefix=Substr("body", 1, REPLY_BODY_BYTES, output_field=BinaryField()))
                .order_by("created_at", "pk")[:REPLIES_SHOWN])

@@ -232,6 +232,9 @@ class MessageDetailSerializer(MessageRowSerializer):
     """A letter with its trail of deliveries (the latest ones, oldest first)."""
 
     republished_from = serializers.CharField(allow_null=True, help_text="The message_id this letter is a copy of.")
+    in_reply_to = serializers.CharField(allow_null=True, help_text="The message_id of the request this letter answers.")
+    replies = serializers.ListField(child=serializers.CharField(),
+                                    help_text="The message_ids of this request's first replies (at most 100).")
     deliveries_truncated = serializers.BooleanField(help_text="True when there were more deliveries than listed.")
     deliveries = DeliverySerializer(many=True)
 

@@ -35,6 +35,7 @@ from messaging.web.api.serializers import (
 )
 from messaging.web.links import message_url
 
+API_REPLIES = 100  # the first replies a request's answer lists
 API_DELIVERIES = 1000  # the latest deliveries a letter's answer lists ("deliveries_truncated": there were more)
 
 
@@ -156,8 +157,13 @@ class MessageDetail(ApiView):
             *DELIVERY_FIELDS)[:API_DELIVERIES + 1]]
         republished_from = (Message.objects.filter(pk=found.republished_from_id)
                             .values_list("message_id", flat=True).first() if found.republished_from_id else None)
+        in_reply_to = (Message.objects.filter(pk=found.in_reply_to_id).values_list("message_id", flat=True).first()
+                       if found.in_reply_to_id else None)
+        # Only a letter Mailroom published with reply_to is answered (`messaging.consumer.linking`).
+        replies = list(found.replies.order_by("created_at", "pk").values_list("message_id", flat=True)[:API_REPLIES]
+                       if (found.properties or {}).get("reply_to") and found.origin != Message.Origin.EXTERNAL else [])
         return Response(MessageDetailSerializer({
-            **message_row(found), "republished_from": republished_from,
+            **message_row(found), "republished_from": republished_from, "in_reply_to": in_reply_to, "replies": replies,
             "deliveries_truncated": len(deliveries) > API_DELIVERIES, "deliveries": deliveries[:API_DELIVERIES][::-1],
         }).data)
 
