@@ -31,6 +31,7 @@ from messaging.web.uploads import letter_form
 PAGE_SIZE = 50
 
 
+@transaction.non_atomic_requests  # a request waiting for its reply commits before it waits
 @letter_form
 @login_required
 @permission_required("messaging.add_message", raise_exception=True)

@@ -87,7 +87,6 @@ class Command(BaseCommand):
             raise CommandError(f"not published ({message.status}): {message.last_error or 'no confirm yet'}",
                                returncode=code)
 
-
     def request(self, *, wait: float, **fields) -> None:
         """Publish a request and print its reply's body (the request's message_id and status go to stderr)."""
         outcome = publish_request(wait=wait, **fields)
