@@ -79,14 +79,18 @@ class Message(models.Model):
     last_error = models.TextField(blank=True, help_text="Why the last publish attempt did not succeed.")
     attempts = models.PositiveIntegerField(default=0, help_text="Publish attempts so far.")
     next_attempt_at = models.DateTimeField(null=True, blank=True, help_text="When the relay tries again.")
-    # These three are often empty (a letter from another producer has none of them; few letters are
-    # republished): their indexes, in Meta, hold only the rows that have a value, which such writes skip.
+    # These four are often empty (a letter from another producer has no publisher; few letters are
+    # republished or replies): their indexes, in Meta, hold only the rows that have a value, which such writes skip.
     published_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", db_index=False,
     )
     republished_from = models.ForeignKey(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="republications",
         help_text="The letter this one is a copy of.", db_index=False,
+    )
+    in_reply_to = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="replies", db_index=False,
+        help_text="The request this letter answers: a letter Mailroom published with reply_to and this correlation_id.",
     )
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     published_at = models.DateTimeField(null=True, blank=True)
@@ -115,6 +119,8 @@ class Message(models.Model):
                          condition=models.Q(published_by__isnull=False)),
             models.Index(fields=["republished_from"], name="message_republished_from_idx",
                          condition=models.Q(republished_from__isnull=False)),
+            models.Index(fields=["in_reply_to"], name="message_in_reply_to_idx",
+                         condition=models.Q(in_reply_to__isnull=False)),
         ]
 
     def __str__(self) -> str:

@@ -36,7 +36,7 @@ def key():
 def outcome(monkeypatch):
     """The broker step's answer, chosen by the test (default: published); no broker is asked."""
     answer = {"status": Message.Status.PUBLISHED, "reason": ""}
-    monkeypatch.setattr(publishing, "publish_once", lambda message: (answer["status"], answer["reason"]))
+    monkeypatch.setattr(publishing, "publish_once", lambda message, **_: (answer["status"], answer["reason"]))
     return answer
 
 

@@ -117,6 +117,7 @@ class Publisher:
                     check_frame_size(properties, self._frame_max)
                     if declare:
                         channel = self._declare(channel, message)
+                    self._before_publish(channel)
                     channel.basic_publish(
                         exchange=message.exchange, routing_key=message.routing_key, body=bytes(message.body),
                         properties=properties, mandatory=True,
@@ -133,6 +134,9 @@ class Publisher:
                 raise Unroutable(reason) from exc
             except pe.NackError as exc:
                 raise BrokerError("the broker nacked the letter (negative confirm)") from exc
+
+    def _before_publish(self, channel) -> None:
+        """Called on the channel a message is about to be published on (a requester listens for its reply)."""
 
     @contextlib.contextmanager
     def _deadline(self):

@@ -55,6 +55,7 @@ def prune(*, before: datetime, statuses: list[str], batch_size: int = DEFAULT_BA
                 break
             # Copies keep their content; only the link to a pruned original goes.
             Message.objects.filter(republished_from__in=ids).update(republished_from=None)
+            Message.objects.filter(in_reply_to__in=ids).update(in_reply_to=None)  # a reply outlives its request
             deliveries = Delivery.objects.filter(message_id__in=ids)._raw_delete(Delivery.objects.db)
             removed = Message.objects.filter(pk__in=ids)._raw_delete(Message.objects.db)
         total_messages += removed

@@ -27,6 +27,7 @@ from messaging.amqp.codec import (
 from messaging.amqp.deaths import last_death
 from messaging.amqp.subscription import Received
 from messaging.consumer.handlers import Handler, run_handler
+from messaging.consumer.linking import link_replies
 from messaging.consumer.retries import Retry, retry_of, schedule, stale_copies
 from messaging.consumer.trail import BODY_MARKS, EXTERNAL, Filed, anomaly
 from messaging.consumer.writers import MESSAGE_COLUMNS, Writer, writer_for
@@ -201,6 +202,8 @@ def _insert(batch: list[Received], prepared: Prepared, *, writer: Writer, worker
     known: dict[str, Filed] = writer.message_pks(list(prepared.messages))
     new = [row for message_id, row in prepared.messages.items() if message_id not in known]
     inserted = writer.insert_messages(new) if new else {}
+    if inserted:
+        link_replies(new, inserted, writer=writer)
     for row in new:
         if row[0] in inserted:
             known[row[0]] = (inserted[row[0]], row[BODY_SHA256], row[EXCHANGE], row[ROUTING_KEY], EXTERNAL)

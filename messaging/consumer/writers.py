@@ -29,6 +29,8 @@ DELIVERY_COLUMNS = (
 )
 # What a delivery is compared with (`messaging.consumer.trail.Filed`), read with the look-up by message_id.
 FILED_COLUMNS = "message_id, id, body_sha256, exchange, routing_key, origin"
+# What a reply is linked by (`messaging.consumer.linking`): the letters Mailroom published with a correlation_id.
+REQUEST_COLUMNS = "correlation_id, id, created_at, properties"
 
 
 class Writer:
@@ -58,6 +60,11 @@ class Writer:
 
     def settle(self, status: str, settled_at, delivery_ids: list[int]) -> None:
         """Mark deliveries acked, requeued or rejected at `settled_at`."""
+        raise NotImplementedError
+
+    def requests(self, correlation_ids: list[str]) -> list[tuple]:
+        """The letters Mailroom published (origin not external) with one of `correlation_ids`:
+        (correlation_id, pk, created_at, properties as JSON text or a dict), in no order."""
         raise NotImplementedError
 
     # shared by both databases
@@ -122,6 +129,14 @@ class SQLiteWriter(Writer):
             sql = (f"UPDATE {Delivery._meta.db_table} SET status = ?, settled_at = ? "
                    f"WHERE id IN ({_marks(len(part))})")
             self.execute(sql, [status, settled_at, *padded(part)])
+
+    def requests(self, correlation_ids: list[str]) -> list[tuple]:
+        found: list[tuple] = []
+        for part in parts(list(correlation_ids)):
+            sql = (f"SELECT {REQUEST_COLUMNS} FROM {Message._meta.db_table} "
+                   f"WHERE correlation_id IN ({_marks(len(part))}) AND origin <> ?")
+            found += self.execute(sql, [*padded(part), Message.Origin.EXTERNAL.value])[0]
+        return found
 
     def _insert(self, model, columns: tuple[str, ...], rows: list[tuple], *, or_ignore: bool) -> list[int]:
         """Insert `rows`; return the pks of the rows inserted, in order (fewer when some were ignored).
@@ -193,6 +208,11 @@ class PostgreSQLWriter(Writer):
     def settle(self, status: str, settled_at, delivery_ids: list[int]) -> None:
         sql = f"UPDATE {Delivery._meta.db_table} SET status = %s, settled_at = %s WHERE id = ANY(%s)"
         self._execute(sql, [status, settled_at, delivery_ids])
+
+    def requests(self, correlation_ids: list[str]) -> list[tuple]:
+        sql = (f"SELECT {REQUEST_COLUMNS} FROM {Message._meta.db_table} "
+               "WHERE correlation_id = ANY(%s) AND origin <> %s")
+        return self._execute(sql, [list(correlation_ids), Message.Origin.EXTERNAL.value])
 
     @staticmethod
     def _insert_sql(model, columns: tuple[str, ...], count: int) -> str:

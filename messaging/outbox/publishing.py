@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from messaging import conf
 from messaging.amqp.codec import PROPERTY_NAMES, header_encoding_error, json_safe
-from messaging.amqp.publisher import publisher
+from messaging.amqp.publisher import Publisher, publisher
 from messaging.amqp.stored import DOUBLES, NUL_TEXT, from_json, to_json
 from messaging.backoff import backoff_delay
 from messaging.errors import (
@@ -90,15 +90,16 @@ def new_message(
     return message
 
 
-def create_message(**fields: Any) -> Message:
-    """Write a pending message (`new_message`'s arguments) in the caller's transaction; published once that commits."""
+def create_message(*, publish_after_commit: bool = True, **fields: Any) -> Message:
+    """Write a pending message (`new_message`'s arguments) in the caller's transaction; published once that commits
+    (unless `publish_after_commit` is false: the caller publishes it, see `messaging.outbox.requests`)."""
     message = new_message(**fields)
     if fields.get("message_id") and Message.objects.filter(message_id=message.message_id).exists():
         raise DuplicateMessageId(f"A letter with message_id {message.message_id!r} already exists.")
-    return save_pending(message)
+    return save_pending(message, publish_after_commit=publish_after_commit)
 
 
-def save_pending(message: Message) -> Message:
+def save_pending(message: Message, *, publish_after_commit: bool = True) -> Message:
     """Write a message from `new_message` in the caller's transaction; published once that commits."""
     try:
         with transaction.atomic():  # a savepoint: the caller's transaction goes on after a refusal
@@ -107,7 +108,8 @@ def save_pending(message: Message) -> Message:
         raise DuplicateMessageId(f"A letter with message_id {message.message_id!r} already exists.") from exc
     # robust: an error writing the outcome (the database gone since the commit) is logged and the
     # message stays pending for the relay, instead of failing a request whose message is saved.
-    transaction.on_commit(lambda: publish_message(message), robust=True)
+    if publish_after_commit:
+        transaction.on_commit(lambda: publish_message(message), robust=True)
     return message
 
 
@@ -203,10 +205,10 @@ def log_fields(message) -> dict[str, str]:
     return fields
 
 
-def publish_once(message) -> tuple[str, str]:
-    """Publish `message` on this thread's long-lived channel; return its outcome as (status, reason)."""
+def publish_once(message, *, via: Publisher | None = None) -> tuple[str, str]:
+    """Publish `message` on this thread's long-lived channel (or `via`); return its outcome as (status, reason)."""
     try:
-        publisher().publish(message, declare=message.declare)
+        (via or publisher()).publish(message, declare=message.declare)
     except Unroutable as exc:
         logger.warning("message_id=%s unroutable reason=%s", message.message_id, exc, extra=log_fields(message))
         return Message.Status.UNROUTABLE, f"returned by the broker: {exc}"
@@ -220,9 +222,15 @@ def publish_once(message) -> tuple[str, str]:
     return Message.Status.PUBLISHED, ""
 
 
-def publish_message(message: Message) -> Message:
-    """Publish one pending message on this thread's long-lived channel and write its outcome (one UPDATE)."""
-    status, reason = publish_once(message)
+def publish_message(message: Message, *, via: Publisher | None = None, no_retry: str = "") -> Message:
+    """Publish one pending message on this thread's long-lived channel (or `via`) and write its outcome (one UPDATE).
+
+    `no_retry`: when not empty, why the relay must not retry it: an outcome that would stay pending is
+    written failed, with this reason after the broker's.
+    """
+    status, reason = publish_once(message, via=via)
+    if no_retry and status == Message.Status.PENDING:
+        status, reason = Message.Status.FAILED, f"{reason}; {no_retry}"
     message.attempts += 1
     fields = outcome_fields(status, reason, attempts=message.attempts)
     record_outcome(message.pk, fields)

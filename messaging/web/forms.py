@@ -7,6 +7,7 @@ from django import forms
 
 from messaging.amqp.codec import EXCHANGE_TYPES, MAX_SHORTSTR_BYTES
 from messaging.errors import InvalidMessage
+from messaging.outbox.requests import MAX_WAIT_SECONDS
 from messaging.outbox.validation import (
     PROPERTY_FIELDS,
     clean_properties,
@@ -87,6 +88,12 @@ class PublishForm(forms.Form):
         help_text="RabbitMQ refuses a user_id other than the connection's user (the letter is then failed).",
     )
     app_id = forms.CharField(required=False, max_length=1000)
+    wait_reply = forms.FloatField(
+        required=False, min_value=0.001, max_value=MAX_WAIT_SECONDS, label="Wait for a reply (seconds)",
+        widget=forms.NumberInput(attrs={"step": "any"}),
+        help_text="Request/reply (RabbitMQ tutorial 6): publish with reply_to (direct reply-to when reply_to is empty) "
+                  "and a correlation_id, and show the reply under the letter. Empty: do not wait.",
+    )
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -14,6 +14,7 @@ from messaging.errors import InvalidMessage
 from messaging.models import Delivery, Message
 from messaging.outbox import publishing
 from messaging.outbox.publishing import create_message
+from messaging.outbox.requests import publish_request
 from messaging.outbox.routing import preview_route
 from messaging.web import dashboard as dashboard_figures
 from messaging.web import queues
@@ -30,6 +31,7 @@ from messaging.web.uploads import letter_form
 PAGE_SIZE = 50
 
 
+@transaction.non_atomic_requests  # a request waiting for its reply commits before it waits
 @letter_form
 @login_required
 @permission_required("messaging.add_message", raise_exception=True)
@@ -42,7 +44,12 @@ def publish(request):
             preview = preview_route(exchange=d["exchange"], routing_key=d["routing_key"], headers=d["headers"],
                                     declare=d["declare"])
         else:
+            wait = form.cleaned_data.get("wait_reply")
             try:
+                if wait:  # the request is committed, then published; no transaction is held while it waits
+                    outcome = publish_request(wait=wait, **form.message_kwargs(), origin=Message.Origin.FORM,
+                                              user=request.user)
+                    return _after_publish(request, outcome.request, note=outcome.note, replied=outcome.reply is not None)
                 with transaction.atomic():
                     message = create_message(**form.message_kwargs(), origin=Message.Origin.FORM, user=request.user)
             except InvalidMessage as exc:  # e.g. a message_id already used
@@ -52,9 +59,11 @@ def publish(request):
     return render(request, "messaging/publish.html", {"form": form, "preview": preview})
 
 
-def _after_publish(request, message: Message):
-    """Tell the user the outcome recorded after the commit, then show the message."""
-    if message.status == Message.Status.PENDING:
+def _after_publish(request, message: Message, *, note: str = "", replied: bool = False):
+    """Tell the user the outcome recorded after the commit (and a request's reply, in `note`), then show the message."""
+    if note and message.status == Message.Status.PUBLISHED:
+        (flash.success if replied else flash.warning)(request, f"Published. {note}")
+    elif message.status == Message.Status.PENDING:
         flash.warning(request, f"Not published yet: {message.last_error or 'waiting for the broker'}. "
                                "It is kept as pending and the relay will retry.")
     elif message.status != Message.Status.PUBLISHED:
@@ -161,6 +170,9 @@ def message_detail(request, message_id: str):
             Q(received_at__lt=oldest.received_at) | Q(received_at=oldest.received_at, pk__lt=oldest.pk)).count()
     return render(request, "messaging/message_detail.html", {
         "message": message, "deliveries": latest[:DELIVERIES_SHOWN][::-1], "earlier_deliveries": earlier,
+        "in_reply_to": Message.objects.only("message_id").filter(pk=message.in_reply_to_id).first()
+        if message.in_reply_to_id else None,
+        "replies": reply_rows(message),
         "body": body_view(bytes(message.body), sha256=message.body_sha256),
         "headers": pretty_json(message.headers), "properties": pretty_json(message.properties),
     })
@@ -169,23 +181,40 @@ def message_detail(request, message_id: str):
 DELIVERIES_SHOWN = 100
 
 
+REPLIES_SHOWN = 10  # a request's replies, oldest first (a server may answer one request more than once)
+REPLY_BODY_BYTES = 4096
+
+
+def reply_rows(message: Message) -> list[dict]:
+    """The first `REPLIES_SHOWN` replies to `message`, each with the first REPLY_BODY_BYTES of its body."""
+    if not (message.properties or {}).get("reply_to") or message.origin == Message.Origin.EXTERNAL:
+        return []  # only a letter Mailroom published with reply_to is answered (`messaging.consumer.linking`)
+    replies = (message.replies.only("message_id", "created_at", "content_type", "body_size", "body_sha256")
+               .annotate(body_prefix=Substr("body", 1, REPLY_BODY_BYTES, output_field=BinaryField()))
+               .order_by("created_at", "pk")[:REPLIES_SHOWN])
+    return [{"message": r, "body": body_view(bytes(r.body_prefix or b""), sha256=r.body_sha256, size=r.body_size)}
+            for r in replies]
+
+
 PAGE_BODY_BYTES = 64 * 1024  # the page reloads itself every second until the message settles
 
 
-def body_view(body: bytes, *, sha256: str = "") -> dict:
+def body_view(body: bytes, *, sha256: str = "", size: int | None = None) -> dict:
     """How to show a body: its first `PAGE_BODY_BYTES` as text (escaped by the template), or a hex
-    preview when it is binary; its size and sha256 either way."""
+    preview when it is binary; its size and sha256 either way. `size`: the whole body's, when `body`
+    is only its first bytes."""
+    size = len(body) if size is None else size
     shown = body[:PAGE_BODY_BYTES]
     try:
         text = shown.decode("utf-8")
     except UnicodeDecodeError as exc:
         # A character cut at the end of the part shown is still text; anything else is binary.
-        cut = len(shown) < len(body) and exc.reason == "unexpected end of data" and exc.start >= len(shown) - 3
+        cut = len(shown) < size and exc.reason == "unexpected end of data" and exc.start >= len(shown) - 3
         shown, text = (shown[:exc.start], shown[:exc.start].decode("utf-8")) if cut else (b"", None)
     binary = text is None or "\x00" in text
     return {
-        "binary": binary, "text": "" if binary else text, "size": len(body), "shown": len(shown),
-        "truncated": not binary and len(shown) < len(body),
+        "binary": binary, "text": "" if binary else text, "size": size, "shown": len(shown),
+        "truncated": not binary and len(shown) < size,
         "sha256": sha256 or hashlib.sha256(body).hexdigest(), "hex": body[:64].hex(" ") if binary else "",
     }
 

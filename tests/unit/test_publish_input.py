@@ -21,7 +21,7 @@ def published(monkeypatch):
     """The letters handed to the broker step, which answers 'published' without a broker."""
     sent = []
 
-    def publish_once(message):
+    def publish_once(message, *, via=None):
         sent.append(message.message_id)
         return Message.Status.PUBLISHED, ""
 

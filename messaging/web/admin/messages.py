@@ -137,6 +137,9 @@ class MessageAdmin(ReadOnlyAdmin):
         if obj.republished_from_id:
             links.append(("republished from", obj.republished_from))
         links += [("republished as", copy) for copy in obj.republications.only("pk", "message_id")[:20]]
+        if obj.in_reply_to_id:
+            links.append(("in reply to", Message.objects.only("pk", "message_id").get(pk=obj.in_reply_to_id)))
+        links += [("replied to by", reply) for reply in obj.replies.only("pk", "message_id")[:20]]
         return format_html_join(
             ", ", '{} <a href="{}">{}</a>',
             ((label, reverse("admin:messaging_message_change", args=[m.pk]), m.message_id) for label, m in links),

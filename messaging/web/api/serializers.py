@@ -1,12 +1,14 @@
 """What the API reads and answers: a letter's payload (checked by `message_kwargs`), summaries, trails, list filters."""
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from rest_framework import serializers
 
 from messaging.errors import InvalidMessage
 from messaging.models import BODY_ANOMALIES, ROUTE_ANOMALIES, Delivery, Message
+from messaging.outbox.requests import MAX_WAIT_SECONDS
 from messaging.outbox.validation import EXCHANGE_TYPES, decode_body
 
 TEXT_FIELDS = ("exchange", "exchange_type", "routing_key", "content_type", "content_encoding", "correlation_id",
@@ -62,6 +64,12 @@ class MessageRequestSerializer(serializers.Serializer):
                   "other content is 409. A UUID when none is given.",
     )
     delivery_mode = serializers.ChoiceField(choices=[1, 2], required=False, help_text="2 (default): persistent.")
+    wait_reply = serializers.FloatField(
+        required=False, allow_null=True, min_value=0.001, max_value=MAX_WAIT_SECONDS,
+        help_text="Request/reply: publish with reply_to (direct reply-to unless properties.reply_to names a queue a "
+                  "`consume` worker reads) and a correlation_id (a UUID when none is given), wait up to this many "
+                  "seconds and answer the reply in `reply` (null when none came in time).",
+    )
 
 
 MESSAGE_FIELDS = frozenset(MessageRequestSerializer().fields)
@@ -69,7 +77,7 @@ MESSAGE_FIELDS = frozenset(MessageRequestSerializer().fields)
 
 def message_kwargs(payload: dict) -> dict[str, Any]:
     """`create_message` keyword arguments from an API payload; raises `InvalidMessage` with what is wrong."""
-    unknown = set(payload) - MESSAGE_FIELDS
+    unknown = set(payload) - MESSAGE_FIELDS  # wait_reply is read by the view (`wait_seconds`)
     if unknown:
         raise InvalidMessage(f"Unknown fields: {', '.join(sorted(unknown))}.")
     for name in TEXT_FIELDS:
@@ -129,6 +137,47 @@ def message_summary(message: Message) -> dict[str, Any]:
             "attempts": message.attempts, "next_attempt_at": message.next_attempt_at if pending else None}
 
 
+class ReplySerializer(serializers.Serializer):
+    """The reply to a request, recorded as a letter of its own (its in_reply_to is the request)."""
+
+    message_id = serializers.CharField()
+    correlation_id = serializers.CharField()
+    content_type = serializers.CharField()
+    body = serializers.CharField(allow_null=True, help_text="The body as UTF-8 text; null when it is not text.")
+    body_base64 = serializers.CharField(help_text="The body's exact bytes, base64.")
+    body_size = serializers.IntegerField()
+    created_at = IsoDateTimeField(help_text="When it was received.")
+
+
+def reply_fields(reply: Message) -> dict[str, Any]:
+    """The fields of `ReplySerializer` for `reply`."""
+    body = bytes(reply.body)
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    return {"message_id": reply.message_id, "correlation_id": reply.correlation_id, "content_type": reply.content_type,
+            "body": text, "body_base64": base64.b64encode(body).decode("ascii"), "body_size": reply.body_size,
+            "created_at": reply.created_at}
+
+
+class PublishedSerializer(MessageSummarySerializer):
+    """A letter's outcome; with `wait_reply`, also the request's reply (or null) and a sentence on it."""
+
+    correlation_id = serializers.CharField(required=False, help_text="With wait_reply: the request's correlation_id.")
+    reply_to = serializers.CharField(required=False, help_text="With wait_reply: where the reply was awaited.")
+    reply = ReplySerializer(required=False, allow_null=True, help_text="With wait_reply: the reply, or null.")
+    reply_note = serializers.CharField(required=False, help_text="With wait_reply: e.g. 'No reply within 5 s.'")
+
+
+def request_summary(outcome) -> dict[str, Any]:
+    """The fields of `PublishedSerializer` for a `messaging.outbox.requests.RequestOutcome`."""
+    request = outcome.request
+    return {**message_summary(request), "correlation_id": request.correlation_id,
+            "reply_to": request.properties.get("reply_to", ""),
+            "reply": reply_fields(outcome.reply) if outcome.reply is not None else None, "reply_note": outcome.note}
+
+
 class MessageRowSerializer(MessageSummarySerializer):
     """A letter in the list: its outcome, destination, body's size and digest, dates."""
 
@@ -183,6 +232,9 @@ class MessageDetailSerializer(MessageRowSerializer):
     """A letter with its trail of deliveries (the latest ones, oldest first)."""
 
     republished_from = serializers.CharField(allow_null=True, help_text="The message_id this letter is a copy of.")
+    in_reply_to = serializers.CharField(allow_null=True, help_text="The message_id of the request this letter answers.")
+    replies = serializers.ListField(child=serializers.CharField(),
+                                    help_text="The message_ids of this request's first replies (at most 100).")
     deliveries_truncated = serializers.BooleanField(help_text="True when there were more deliveries than listed.")
     deliveries = DeliverySerializer(many=True)
 

@@ -15,6 +15,7 @@ from rest_framework.utils.mediatypes import media_type_matches
 from messaging.errors import DuplicateMessageId, InvalidMessage
 from messaging.models import Delivery, Message
 from messaging.outbox.publishing import create_message, new_message, same_content
+from messaging.outbox.requests import publish_request, wait_seconds
 from messaging.web.api.errors import ERRORS, Conflict, InvalidLetter, error_response, handle_error
 from messaging.web.api.policies import AUTHENTICATION, ApiView
 from messaging.web.api.serializers import (
@@ -25,13 +26,16 @@ from messaging.web.api.serializers import (
     MessageRequestSerializer,
     MessageRowSerializer,
     MessageSummarySerializer,
+    PublishedSerializer,
     delivery_row,
     message_kwargs,
     message_row,
     message_summary,
+    request_summary,
 )
 from messaging.web.links import message_url
 
+API_REPLIES = 100  # the first replies a request's answer lists
 API_DELIVERIES = 1000  # the latest deliveries a letter's answer lists ("deliveries_truncated": there were more)
 
 
@@ -60,8 +64,9 @@ LOCATION = OpenApiParameter("Location", OpenApiTypes.URI, OpenApiParameter.HEADE
 @extend_schema(
     methods=["POST"], request=MessageRequestSerializer, parameters=[LOCATION],
     responses={
-        201: OpenApiResponse(MessageSummarySerializer, description="Settled: published, unroutable or failed."),
-        202: OpenApiResponse(MessageSummarySerializer, description="Pending: the relay publishes it later."),
+        201: OpenApiResponse(PublishedSerializer, description="Settled: published, unroutable or failed (with "
+                                                              "wait_reply: and the reply, or null after the wait)."),
+        202: OpenApiResponse(PublishedSerializer, description="Pending: the relay publishes it later."),
         200: OpenApiResponse(MessageSummarySerializer, description="A retry: the letter with this message_id "
                                                                    "and this content, as it is now."),
         **ERRORS,
@@ -69,8 +74,9 @@ LOCATION = OpenApiParameter("Location", OpenApiTypes.URI, OpenApiParameter.HEADE
         413: error_response("The request is over the upload limit."),
         415: error_response("The body is not application/json."),
     },
-    description="Write the letter (pending), publish it after the commit and answer its outcome. "
-                "Needs messaging.add_message.",
+    description="Write the letter (pending), publish it after the commit and answer its outcome. With "
+                "`wait_reply`, publish it as a request (reply_to, correlation_id) and answer its reply too: the "
+                "request is answered whether or not a reply came. Needs messaging.add_message.",
 )
 @method_decorator(transaction.non_atomic_requests, name="dispatch")  # the publish follows this view's own commit
 class MessageList(ApiView):
@@ -86,15 +92,20 @@ class MessageList(ApiView):
         require_json(request)
         try:
             fields = message_kwargs(request.data)
-            with transaction.atomic():
-                message = create_message(**fields, origin=Message.Origin.API, user=request.user)
+            wait = wait_seconds(request.data.get("wait_reply") if isinstance(request.data, dict) else None)
+            if wait is not None:
+                outcome = publish_request(wait=wait, **fields, origin=Message.Origin.API, user=request.user)
+                message, answer = outcome.request, request_summary(outcome)
+            else:
+                with transaction.atomic():
+                    message = create_message(**fields, origin=Message.Origin.API, user=request.user)
+                answer = message_summary(message)
         except DuplicateMessageId:
             return self.retried(request, fields)
         except InvalidMessage as exc:
             raise InvalidLetter(str(exc)) from None
         code = 202 if message.status == Message.Status.PENDING else 201
-        return Response(message_summary(message), status=code,
-                        headers={"Location": location(request, message.message_id)})
+        return Response(answer, status=code, headers={"Location": location(request, message.message_id)})
 
     def retried(self, request, fields: dict) -> Response:
         """The first letter's summary when this POST repeats it (after the unique constraint refused the new row)."""
@@ -146,8 +157,13 @@ class MessageDetail(ApiView):
             *DELIVERY_FIELDS)[:API_DELIVERIES + 1]]
         republished_from = (Message.objects.filter(pk=found.republished_from_id)
                             .values_list("message_id", flat=True).first() if found.republished_from_id else None)
+        in_reply_to = (Message.objects.filter(pk=found.in_reply_to_id).values_list("message_id", flat=True).first()
+                       if found.in_reply_to_id else None)
+        # Only a letter Mailroom published with reply_to is answered (`messaging.consumer.linking`).
+        replies = list(found.replies.order_by("created_at", "pk").values_list("message_id", flat=True)[:API_REPLIES]
+                       if (found.properties or {}).get("reply_to") and found.origin != Message.Origin.EXTERNAL else [])
         return Response(MessageDetailSerializer({
-            **message_row(found), "republished_from": republished_from,
+            **message_row(found), "republished_from": republished_from, "in_reply_to": in_reply_to, "replies": replies,
             "deliveries_truncated": len(deliveries) > API_DELIVERIES, "deliveries": deliveries[:API_DELIVERIES][::-1],
         }).data)
 
