@@ -276,6 +276,22 @@ class Worker(models.Model):
         return self.status == self.Status.RUNNING and self.heartbeat_at >= timezone.now() - timedelta(seconds=60)
 
 
+class StreamOffset(models.Model):
+    """How far a tap has recorded a stream: written in the transaction of the batch that reached it."""
+
+    stream = models.CharField(max_length=255, help_text="The stream queue's name.")
+    tap = models.CharField(max_length=255, help_text="The tap's name (`consume --tap`; 'default' when not given).")
+    offset = models.PositiveBigIntegerField(help_text="The stream offset of the last message recorded; "
+                                                      "the tap resumes at the next one.")
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["stream", "tap"], name="streamoffset_stream_tap_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.stream} (tap {self.tap}) at {self.offset}"
+
+
 class ApiToken(models.Model):
     """A bearer token with which a service uses the HTTP API as `user` (with that user's permissions)."""
 

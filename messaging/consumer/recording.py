@@ -14,6 +14,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from django.db import connection, transaction
 from django.utils import timezone
@@ -28,7 +29,10 @@ from messaging.amqp.subscription import Received
 from messaging.consumer.handlers import Handler, run_handler
 from messaging.consumer.trail import BODY_MARKS, EXTERNAL, Filed, anomaly
 from messaging.consumer.writers import MESSAGE_COLUMNS, Writer, writer_for
-from messaging.models import Delivery, Message
+from messaging.models import Delivery, Message, StreamOffset
+
+if TYPE_CHECKING:
+    from messaging.consumer.streams import Tap
 
 
 @dataclass(slots=True, kw_only=True)
@@ -46,13 +50,14 @@ class Settlement:
 
 def record_batch(
     batch: list[Received], *, worker_id: int | None, handlers: dict[str, Handler] | None = None,
-    max_retries: int = 5, settled: list[Settlement] = (), writer: Writer | None = None,
+    max_retries: int = 5, settled: list[Settlement] = (), writer: Writer | None = None, tap: Tap | None = None,
 ) -> list[Settlement]:
     """Record each delivery (and its message, once) and run its queue's handler; return how to settle them.
 
     The rows, and `settled` (the outcomes of earlier batches already told to the broker), are committed
-    in one transaction first; each handler then runs on its own (see `run_handler`), so a handler
-    that fails undoes only its own writes. `writer`: the worker's (by default, one for this database).
+    in one transaction first, with the offsets a stream `tap` reached; each handler then runs on its
+    own (see `run_handler`), so a handler that fails undoes only its own writes. `writer`: the
+    worker's (by default, one for this database).
     """
     writer = writer or writer_for(connection.vendor)
     prepared = _prepare(batch, handlers) if batch else None  # the Python work, before taking the write lock
@@ -60,6 +65,9 @@ def record_batch(
         if settled:
             record_settled(settled, writer=writer)
         deliveries = _insert(batch, prepared, writer=writer, worker_id=worker_id) if batch else []
+        reached = tap.save(batch) if tap is not None else {}
+    if reached:
+        tap.committed(reached)
     settlements = []
     for r, message_id, d, (status, _) in zip(batch, prepared.ids if prepared else (), deliveries,
                                              prepared.settlement if prepared else ()):
@@ -93,11 +101,12 @@ def record_settled(settlements: list[Settlement], *, writer: Writer | None = Non
             writer.settle(action, now, ids)
 
 
-def record_refused(r: Received, *, worker_id: int | None, reason: str) -> Settlement:
+def record_refused(r: Received, *, worker_id: int | None, reason: str, tap: Tap | None = None) -> Settlement:
     """A message the database refuses as it came (a `DataError`, alone in its batch): record what can be
     kept — its body, message_id and names, not its headers and properties — with a rejected
     delivery that says why. The worker then rejects it (to the queue's dead-letter exchange, if any):
-    one such message never holds up the queue, and its body stays in the audit trail.
+    one such message never holds up the queue, and its body stays in the audit trail. From a stream,
+    which takes no reject, it is acked (credit) and the `tap`'s offset moves past it.
     """
     body = bytes(r.body)
     sha256 = hashlib.sha256(body).hexdigest()
@@ -123,18 +132,24 @@ def record_refused(r: Received, *, worker_id: int | None, reason: str) -> Settle
             status=Delivery.Status.REJECTED, worker_id=worker_id, settled_at=now, error=reason,
             body_size=len(body), body_sha256=sha256, body=body if mark in BODY_MARKS else None, anomaly=mark,
         )
+        reached = tap.save([r]) if tap is not None else {}
+    if reached:
+        tap.committed(reached)
+    action = Delivery.Status.REJECTED if r.stream_offset is None else Delivery.Status.ACKED
     return Settlement(delivery_tag=r.delivery_tag, delivery_id=delivery.pk, message_id=message.pk,
-                      action=Delivery.Status.REJECTED, error=reason, recorded=True)
+                      action=action, error=reason, recorded=True)
 
 
 def record_lost(delivery_ids: list[int], *, reason: str) -> None:
     """Deliveries recorded but never acked because the channel closed: the broker requeues them.
 
     Those written 'acked' with their row (no handler) are undone too; a requeue or reject already
-    recorded is kept.
+    recorded is kept. A stream's are not lost: their tap's offset, committed with them, moved past them.
     """
     if delivery_ids:
-        Delivery.objects.filter(pk__in=delivery_ids, status__in=UNACKED_OR_ACKED_AT_INSERT).update(
+        Delivery.objects.filter(pk__in=delivery_ids, status__in=UNACKED_OR_ACKED_AT_INSERT).exclude(
+            queue__in=StreamOffset.objects.values("stream"),
+        ).update(
             status=Delivery.Status.REQUEUED, settled_at=timezone.now(), error=reason,
         )
 
