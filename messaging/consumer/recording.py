@@ -125,7 +125,10 @@ def record_refused(r: Received, *, worker_id: int | None, reason: str, tap: Tap 
         )
         mark = anomaly(filed=(message.pk, message.body_sha256, message.exchange, message.routing_key, message.origin),
                        sha256=sha256, exchange=exchange, routing_key=routing_key, headers=r.properties.headers)
-        attempt = Delivery.objects.filter(message=message, queue=r.queue).count() + 1
+        earlier = Delivery.objects.filter(message=message, queue=r.queue)
+        if r.stream_offset is not None:
+            earlier = earlier.filter(consumer_tag=r.consumer_tag)  # see `_reader`
+        attempt = earlier.count() + 1
         delivery = Delivery.objects.create(
             message=message, queue=r.queue, consumer_tag=r.consumer_tag, delivery_tag=r.delivery_tag,
             redelivered=r.redelivered, attempt=attempt, exchange=exchange, routing_key=routing_key,
@@ -222,7 +225,7 @@ def _insert(batch: list[Received], prepared: Prepared, *, writer: Writer, worker
             batch, prepared.ids, prepared.received, prepared.digests, prepared.settlement):
         filed = known[message_id]
         message_pk = filed[0]
-        previous = history.setdefault((message_pk, r.queue), [])
+        previous = history.setdefault((message_pk, _reader(r)), [])
         attempt, duplicate = _attempt(r, previous), bool(previous) and _handled(previous)
         previous.append((ACKED, True))  # a later copy in this batch is a duplicate
         mark = anomaly(filed=filed, sha256=sha256, exchange=r.exchange, routing_key=r.routing_key,
@@ -324,30 +327,38 @@ ACKED = Delivery.Status.ACKED.value
 UNACKED_OR_ACKED_AT_INSERT = (RECEIVED, ACKED)
 
 
-def _history(batch, ids, known, *, fresh: set[str]) -> dict[tuple[int, str], list]:
-    """Earlier deliveries ([status, handled]) per (message, queue), oldest first, for attempts and duplicates."""
+def _reader(r: Received) -> str | tuple[str, str]:
+    """Who a delivery's attempts and duplicates are counted for: its queue, or on a stream the tap that
+    read it (its consumer tag names the tap): each tap reads every message, a first time."""
+    return r.queue if r.stream_offset is None else (r.queue, r.consumer_tag)
+
+
+def _history(batch, ids, known, *, fresh: set[str]) -> dict[tuple, list]:
+    """Earlier deliveries ([status, handled]) per (message, reader), oldest first, for attempts and duplicates."""
     old = {known[i][0] for i in ids if i not in fresh}
-    history: dict[tuple[int, str], list[tuple[str, bool]]] = {}
+    history: dict[tuple, list[tuple[str, bool]]] = {}
     if not old:
         return history
     queues = {r.queue for r in batch}
+    taps = {_reader(r) for r in batch if r.stream_offset is not None}
     rows = Delivery.objects.filter(message_id__in=old, queue__in=queues).order_by("pk").values_list(
-        "message_id", "queue", "status", "handled_at", "pk",
+        "message_id", "queue", "consumer_tag", "status", "handled_at", "pk",
     )
-    latest: dict[tuple[int, str], tuple[str, int]] = {}
-    unsettled: dict[tuple[int, str], list[int]] = {}
-    for message_pk, queue, status, handled_at, pk in rows:
-        history.setdefault((message_pk, queue), []).append([status, handled_at is not None])
-        latest[(message_pk, queue)] = (status, pk)
+    latest: dict[tuple, tuple[str, int]] = {}
+    unsettled: dict[tuple, list[int]] = {}
+    for message_pk, queue, tag, status, handled_at, pk in rows:
+        key = (message_pk, (queue, tag) if (queue, tag) in taps else queue)
+        history.setdefault(key, []).append([status, handled_at is not None])
+        latest[key] = (status, pk)
         if status == Delivery.Status.RECEIVED:
-            unsettled.setdefault((message_pk, queue), []).append(pk)
+            unsettled.setdefault(key, []).append(pk)
     # A redelivered message was not acked last time, so its latest delivery, if recorded 'acked', lost
     # its ack: written acked with its row and cut off before the ack left (kill -9), or acked as the
     # connection died (a basic.ack is not confirmed). And a delivery of it still 'received' was never
     # acked: the broker requeued it. (A copy that is not redelivered proves neither: the same
     # message_id published twice may be in another worker's handler right now.)
     stale = []
-    for key in {(known[i][0], r.queue) for r, i in zip(batch, ids) if r.redelivered}:
+    for key in {(known[i][0], _reader(r)) for r, i in zip(batch, ids) if r.redelivered}:
         stale += unsettled.get(key, ())
         status, pk = latest.get(key, ("", 0))
         if status == Delivery.Status.ACKED:
