@@ -11,6 +11,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
 from django.db.models import Count
+from django.urls import reverse
 
 from messaging.models import Delivery, Message, StreamOffset
 from tests.conftest import delete_queue, rabbitmq_url, wait_for
@@ -125,7 +126,7 @@ def test_a_tap_records_each_message_once_across_runs_and_kill_9(stream, manage):
     assert not Delivery.objects.filter(queue=stream, redelivered=True).exists()
 
 
-def test_two_taps_and_a_plain_reader_each_read_every_message(stream, manage):
+def test_two_taps_and_a_plain_reader_each_read_every_message(stream, manage, admin_client):
     declare_stream(stream)
     ids = publish(stream, 50, prefix=stream)
     taps = [manage("consume", stream, "--queue-type", "stream", "--tap", tap, "--offset", "first",
@@ -139,6 +140,8 @@ def test_two_taps_and_a_plain_reader_each_read_every_message(stream, manage):
     assert recorded(stream, "audit-b").count() == 50
     assert Delivery.objects.filter(queue=stream).count() == 100
     assert {stored_offset(stream, "audit-a"), stored_offset(stream, "audit-b")} == {49}
+    page = admin_client.get(reverse("admin:messaging_streamoffset_changelist"), {"q": stream})
+    assert page.status_code == 200 and b"audit-a" in page.content and b"audit-b" in page.content
     # Nothing was taken: an ordinary reader still reads every message.
     assert len(read_plainly(stream, 50)) == 50
 
