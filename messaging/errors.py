@@ -41,6 +41,14 @@ class Unroutable(MailroomError):
 class FatalBrokerError(MailroomError):
     """Retrying cannot help: wrong credentials, a missing vhost or missing permissions."""
 
+    hint = "check RABBITMQ_URL's user, password and vhost"  # what the operator should do, for the log
+
+
+class NotAStream(FatalBrokerError):
+    """A queue to read as a stream (`consume --queue-type stream`) exists as another type."""
+
+    hint = "consume it without --queue-type stream, or tap a stream of another name"
+
 
 class NotMigrated(MailroomError):
     """The database answers but lacks Mailroom's tables: `python manage.py migrate` has not been run."""

@@ -221,6 +221,14 @@ def test_tap_an_exchange_without_touching_its_queue(stream, manage, amqp):
         amqp.exchange_delete(exchange=exchange)
 
 
+def test_a_queue_that_is_not_a_stream_is_refused_at_once(queue_name, manage, amqp):
+    amqp.queue_declare(queue=queue_name, durable=True)  # classic: a tap on it would take its messages
+    worker = manage("consume", queue_name, "--queue-type", "stream")
+    assert worker.wait(timeout=30) == 1, worker.output[-3000:]
+    assert f"queue '{queue_name}' is not a stream" in worker.output
+    assert "consume it without --queue-type stream" in worker.output
+
+
 @pytest.mark.parametrize(("args", "says"), [
     (["--exchange", "logs", "--queue-type", "stream"], "A stream needs a name"),
     (["stream-x", "--queue-type", "stream", "--handler", "tests.handlers.pause"], "runs no handler"),

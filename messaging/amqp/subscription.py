@@ -9,6 +9,8 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
+import pika.exceptions as pe
+
 from messaging.amqp.connection import (
     PIKA_ERRORS,
     QueueState,
@@ -17,7 +19,7 @@ from messaging.amqp.connection import (
     declare_queue,
     translated,
 )
-from messaging.errors import ChannelLost, QueueGone
+from messaging.errors import ChannelLost, NotAStream, QueueGone
 
 logger = logging.getLogger(__name__)
 
@@ -126,10 +128,18 @@ class Subscription:
                 if start is None:
                     self._channel.basic_consume(queue=queue, on_message_callback=receiver(queue, stream=False))
                 else:
-                    self._channel.basic_consume(queue=queue, on_message_callback=receiver(queue, stream=True),
-                                                consumer_tag=start.consumer_tag,
-                                                arguments={STREAM_OFFSET: start.offset})
+                    self._consume_stream(queue, start, receiver(queue, stream=True))
             self._consumers = len(self._channel.consumer_tags)
+
+    def _consume_stream(self, queue: str, start: StreamStart, on_message) -> None:
+        try:
+            self._channel.basic_consume(queue=queue, on_message_callback=on_message, consumer_tag=start.consumer_tag,
+                                        arguments={STREAM_OFFSET: start.offset})
+        except pe.ChannelClosedByBroker as exc:
+            # RabbitMQ refuses a stream offset on another type of queue: "invalid arg 'x-stream-offset'".
+            if exc.reply_code == 406 and STREAM_OFFSET in str(exc.reply_text):
+                raise NotAStream(f"queue {queue!r} is not a stream ({exc.reply_text})") from None
+            raise
 
     def process(self, seconds: float) -> None:
         """Service the connection for up to `seconds`: deliveries, heartbeats, and wake-ups (`wake`).

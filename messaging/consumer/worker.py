@@ -92,7 +92,7 @@ class Consumer:
                     self._consume()
                     delays = backoff_delays()
                 except FatalBrokerError as exc:
-                    logger.error("cannot consume: %s (check RABBITMQ_URL's user, password and vhost)", exc)
+                    logger.error("cannot consume: %s (%s)", exc, exc.hint)
                     code = 1
                     break
                 except ConnectionLost as exc:
