@@ -4,7 +4,9 @@ batch's own transaction (a failing offset write rolls the batch's rows back)."""
 from __future__ import annotations
 
 import signal
+import urllib.request
 import uuid
+from urllib.parse import quote
 
 import pika
 import pytest
@@ -14,7 +16,13 @@ from django.db.models import Count
 from django.urls import reverse
 
 from messaging.models import Delivery, Message, StreamOffset
-from tests.conftest import delete_queue, rabbitmq_url, wait_for
+from tests.conftest import (
+    delete_queue,
+    management_api,
+    management_request,
+    rabbitmq_url,
+    wait_for,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -124,6 +132,35 @@ def test_a_tap_records_each_message_once_across_runs_and_kill_9(stream, manage):
     assert_each_once(stream, first + second + third)
     assert stored_offset(stream) == 4499
     assert not Delivery.objects.filter(queue=stream, redelivered=True).exists()
+
+
+def tap_connection(tag: str) -> str | None:
+    """The name of the connection consuming under consumer tag `tag` (the management API lags by seconds)."""
+    for consumer in management_api("consumers"):
+        details = consumer.get("channel_details")  # [] until the statistics know the channel
+        if consumer.get("consumer_tag") == tag and isinstance(details, dict) and details.get("connection_name"):
+            return details["connection_name"]
+    return None
+
+
+def test_a_dropped_connection_resumes_after_what_this_process_recorded(stream, manage):
+    declare_stream(stream)
+    first = publish(stream, 500, prefix=f"{stream}-a")
+    tap = manage("consume", stream, "--queue-type", "stream", "--offset", "first")
+    wait_for(lambda: recorded(stream).count() >= 500, timeout=60, message="the first messages recorded")
+    name = wait_for(lambda: tap_connection(f"tap:default:{stream}"), timeout=30, message="the tap's connection")
+    with urllib.request.urlopen(management_request(f"connections/{quote(name, safe='')}", method="DELETE"), timeout=10):
+        pass
+    wait_for(lambda: "reconnecting" in tap.output and tap.output.count("consuming queues=") == 2, timeout=60,
+             message="the tap to reconnect")
+    # Not from --offset first again: after what it recorded before the connection dropped.
+    assert "offset=500 (after the last message this process recorded)" in tap.output
+    second = publish(stream, 500, prefix=f"{stream}-b")
+    wait_for(lambda: recorded(stream).count() >= 1000, timeout=60, message="the next messages recorded")
+    tap.signal(signal.SIGTERM)
+    assert tap.wait(timeout=20) == 0, tap.output[-3000:]
+    assert_each_once(stream, first + second)
+    assert stored_offset(stream) == 999
 
 
 def test_two_taps_and_a_plain_reader_each_read_every_message(stream, manage, admin_client):
