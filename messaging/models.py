@@ -147,6 +147,10 @@ class DeliveryQuerySet(models.QuerySet):
         """Deliveries that are the letter's own: its body, on a route its publish took."""
         return self.filter(anomaly=Delivery.Anomaly.NONE)
 
+    def consumed(self) -> DeliveryQuerySet:
+        """Deliveries to a queue's consumers: not a stream tap's readings (a tap takes nothing from anyone)."""
+        return self.exclude(queue__in=StreamOffset.objects.values("stream"))
+
     def newest_first(self) -> DeliveryQuerySet:
         """The order in which a letter's latest deliveries are taken (its pages show the latest only)."""
         return self.order_by("-received_at", "-id")

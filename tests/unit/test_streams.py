@@ -97,3 +97,21 @@ def test_a_committed_stream_delivery_is_never_marked_lost():
     on_stream.refresh_from_db()
     on_queue.refresh_from_db()
     assert (on_stream.status, on_queue.status) == (Delivery.Status.ACKED, Delivery.Status.REQUEUED)
+
+
+@pytest.mark.django_db
+def test_a_tap_reading_a_letter_does_not_make_it_delivered():
+    """The dashboard's and `reconcile`'s undelivered letters: a tap observes, it is no consumer."""
+    from django.utils import timezone
+
+    from messaging.audit.reconciling import undelivered
+
+    letter = Message.objects.create(message_id="l", body=b"", status=Message.Status.PUBLISHED,
+                                    published_at=timezone.now(), exchange="orders", routing_key="k")
+    StreamOffset.objects.create(stream="orders-audit", tap="default", offset=0)
+    Delivery.objects.create(message=letter, queue="orders-audit", delivery_tag=1, exchange="orders", routing_key="k",
+                            status=Delivery.Status.ACKED, consumer_tag="tap:default:orders-audit")
+    assert list(undelivered(minutes=0)) == [letter]
+    Delivery.objects.create(message=letter, queue="orders", delivery_tag=1, exchange="orders", routing_key="k",
+                            status=Delivery.Status.ACKED)
+    assert list(undelivered(minutes=0)) == []
