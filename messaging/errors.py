@@ -41,7 +41,7 @@ class Unroutable(MailroomError):
 class FatalBrokerError(MailroomError):
     """Retrying cannot help: wrong credentials, a missing vhost or missing permissions."""
 
-    hint = "check RABBITMQ_URL's user, password and vhost"
+    hint = "check RABBITMQ_URL's user, password and vhost"  # what the operator should do, for the log
 
 
 class QueueMismatch(FatalBrokerError):
@@ -52,6 +52,12 @@ class QueueMismatch(FatalBrokerError):
 
 class NoSuchQueue(MailroomError):
     """The queue named does not exist (the broker answered 404 to a passive declare)."""
+
+
+class NotAStream(FatalBrokerError):
+    """A queue to read as a stream (`consume --queue-type stream`) exists as another type."""
+
+    hint = "consume it without --queue-type stream, or tap a stream of another name"
 
 
 class NotMigrated(MailroomError):

@@ -155,6 +155,10 @@ class DeliveryQuerySet(models.QuerySet):
         """Deliveries that are the letter's own: its body, on a route its publish took."""
         return self.filter(anomaly=Delivery.Anomaly.NONE)
 
+    def consumed(self) -> DeliveryQuerySet:
+        """Deliveries to a queue's consumers: not a stream tap's readings (a tap takes nothing from anyone)."""
+        return self.exclude(queue__in=StreamOffset.objects.values("stream"))
+
     def newest_first(self) -> DeliveryQuerySet:
         """The order in which a letter's latest deliveries are taken (its pages show the latest only)."""
         return self.order_by("-received_at", "-id")
@@ -311,6 +315,22 @@ class Worker(models.Model):
     @property
     def alive(self) -> bool:
         return self.status == self.Status.RUNNING and self.heartbeat_at >= timezone.now() - timedelta(seconds=60)
+
+
+class StreamOffset(models.Model):
+    """How far a tap has recorded a stream: written in the transaction of the batch that reached it."""
+
+    stream = models.CharField(max_length=255, help_text="The stream queue's name.")
+    tap = models.CharField(max_length=255, help_text="The tap's name (`consume --tap`; 'default' when not given).")
+    offset = models.PositiveBigIntegerField(help_text="The stream offset of the last message recorded; "
+                                                      "the tap resumes at the next one.")
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["stream", "tap"], name="streamoffset_stream_tap_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.stream} (tap {self.tap}) at {self.offset}"
 
 
 class ApiToken(models.Model):

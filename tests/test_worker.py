@@ -60,7 +60,7 @@ def server_named_queues(exchange: str) -> list[str]:
     ([], "Name a queue, or give --exchange"),
     (["q", "--max-retries", "-1"], "--max-retries must be 0 or more"),
     (["q", "--prefetch", "0"], "--prefetch"),
-    (["q", "--queue-type", "stream"], "--queue-type"),
+    (["q", "--queue-type", "lazy"], "--queue-type"),
 ])
 def test_bad_options_are_refused(manage, args, error):
     worker = manage("consume", *args)

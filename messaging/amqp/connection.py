@@ -209,6 +209,9 @@ class QueueState:
     queue_type: str = ""  # as declared, or "quorum" when an existing queue was found to be one
 
 
+ALWAYS_DURABLE = ("quorum", "stream")  # queue types RabbitMQ refuses to declare without `durable`
+
+
 def declare_queue(
     connection: pika.BlockingConnection, channel, name: str, *, durable: bool | None = None,
     queue_type: str = "", dead_letter_exchange: str = "", exclusive: bool = False, message_ttl: int | None = None,
@@ -222,13 +225,13 @@ def declare_queue(
 
     The one place a queue's arguments are chosen. `durable` None is MAILROOM_DURABLE (default
     False: declared as the RabbitMQ tutorials declare it, so that their code works beside
-    Mailroom); a quorum queue is always durable; an exclusive queue is never. Returns
+    Mailroom); a quorum queue and a stream are always durable; an exclusive queue is never. Returns
     `(channel, QueueState)`: a mismatch closes the channel (406), so the caller must go on with the
     channel returned here.
     """
     if durable is None:
         durable = conf.get("MAILROOM_DURABLE")
-    durable = (durable or queue_type == "quorum") and not exclusive
+    durable = (durable or queue_type in ALWAYS_DURABLE) and not exclusive
     arguments = {}
     if queue_type:
         arguments["x-queue-type"] = queue_type

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
+from types import MappingProxyType
 from typing import Any
+
+import pika.exceptions as pe
 
 from messaging.amqp.connection import (
     PIKA_ERRORS,
@@ -18,7 +21,7 @@ from messaging.amqp.connection import (
     translated,
 )
 from messaging.amqp.retry_queues import retry_queue, ttl_ms
-from messaging.errors import ChannelLost, QueueGone
+from messaging.errors import ChannelLost, NotAStream, QueueGone
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,24 @@ class Received:
     properties: Any  # pika.BasicProperties: read with `codec.read_properties`
     body: bytes
     received_at: float = field(default_factory=time.time)  # epoch seconds: cheaper to take than a datetime
+    stream_offset: int | None = None  # its offset in the stream, when read from a stream (see `StreamStart`)
+
+
+STREAM_OFFSET = "x-stream-offset"  # the consumer argument, and the header the broker sets on each delivery
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamStart:
+    """Where to read a stream queue from (`x-stream-offset`), under which consumer tag."""
+
+    offset: str | int | datetime  # 'first', 'last', 'next', an offset, or a time
+    consumer_tag: str
+
+
+def stream_offset(properties) -> int | None:
+    """The offset the broker wrote in a stream delivery's headers (it replaces a producer's own)."""
+    value = (properties.headers or {}).get(STREAM_OFFSET)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,23 +128,39 @@ class Subscription:
                 channel.queue_bind(queue=state.name, exchange=t.exchange, routing_key=key)
         return channel, state
 
-    def consume(self, queues: list[str], *, prefetch: int, on_delivery: Callable[[Received], None]) -> None:
-        """Start consuming `queues` (as declared) with manual acks and `prefetch` unacked at most."""
+    def consume(self, queues: list[str], *, prefetch: int, on_delivery: Callable[[Received], None],
+                streams: Mapping[str, StreamStart] = MappingProxyType({})) -> None:
+        """Start consuming `queues` (as declared) with manual acks and `prefetch` unacked at most;
+        those in `streams` are read as streams from where it says (their acks are only credit)."""
 
-        def receiver(queue: str):
+        def receiver(queue: str, *, stream: bool):
             def on_message(_channel, method, properties, body) -> None:
                 on_delivery(Received(
                     queue=queue, consumer_tag=method.consumer_tag, delivery_tag=method.delivery_tag,
                     redelivered=method.redelivered, exchange=method.exchange, routing_key=method.routing_key,
-                    properties=properties, body=body,
+                    properties=properties, body=body, stream_offset=stream_offset(properties) if stream else None,
                 ))
             return on_message
 
         with translated():
             self._channel.basic_qos(prefetch_count=prefetch)
             for queue in queues:
-                self._channel.basic_consume(queue=queue, on_message_callback=receiver(queue))
+                start = streams.get(queue)
+                if start is None:
+                    self._channel.basic_consume(queue=queue, on_message_callback=receiver(queue, stream=False))
+                else:
+                    self._consume_stream(queue, start, receiver(queue, stream=True))
             self._consumers = len(self._channel.consumer_tags)
+
+    def _consume_stream(self, queue: str, start: StreamStart, on_message) -> None:
+        try:
+            self._channel.basic_consume(queue=queue, on_message_callback=on_message, consumer_tag=start.consumer_tag,
+                                        arguments={STREAM_OFFSET: start.offset})
+        except pe.ChannelClosedByBroker as exc:
+            # RabbitMQ refuses a stream offset on another type of queue: "invalid arg 'x-stream-offset'".
+            if exc.reply_code == 406 and STREAM_OFFSET in str(exc.reply_text):
+                raise NotAStream(f"queue {queue!r} is not a stream ({exc.reply_text})") from None
+            raise
 
     def process(self, seconds: float) -> None:
         """Service the connection for up to `seconds`: deliveries, heartbeats, and wake-ups (`wake`).

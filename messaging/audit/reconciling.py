@@ -9,7 +9,7 @@ from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from messaging.amqp.connection import queue_states
-from messaging.models import Delivery, Message
+from messaging.models import Delivery, Message, StreamOffset
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +25,9 @@ def undelivered(*, minutes: int, lookback: timedelta = DEFAULT_LOOKBACK, limit: 
         Message.objects.filter(status=Message.Status.PUBLISHED, published_at__lte=cutoff,
                                published_at__gt=cutoff - lookback)
         # A delivery marked as not the letter's (another body under its message_id, or a queue its
-        # publish never routed to) says nothing of where the letter went.
-        .filter(~Exists(Delivery.objects.trusted().filter(message=OuterRef("pk"))))
+        # publish never routed to) says nothing of where the letter went; a stream tap's reading
+        # says it passed by, not that a consumer got it.
+        .filter(~Exists(Delivery.objects.trusted().consumed().filter(message=OuterRef("pk"))))
         .defer("body", "headers", "properties")
         .order_by("-published_at", "-id")
     )
@@ -61,6 +62,8 @@ def compare_queues(*, minutes: int, lookback: timedelta = DEFAULT_LOOKBACK, max_
     for routing_key in undelivered(minutes=minutes, lookback=lookback, limit=None).filter(
             exchange="").values_list("routing_key", flat=True).iterator():
         waiting[routing_key] = waiting.get(routing_key, 0) + 1
+    for stream in StreamOffset.objects.filter(stream__in=list(waiting)).values_list("stream", flat=True):
+        waiting.pop(stream, None)  # a stream keeps what it was sent, read or not: no "ready" to compare with
     checks = []
     compared = sorted(waiting.items(), key=lambda item: -item[1])[:max_queues]
     states = queue_states([name for name, _ in compared], timeout=2) if compared else {}

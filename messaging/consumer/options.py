@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from messaging.amqp.subscription import Topology
 
@@ -29,8 +29,10 @@ class ConsumeOptions:
     # A missing queue (and exchange) is declared durable: None is MAILROOM_DURABLE (default False, as
     # the RabbitMQ tutorials declare theirs); a quorum queue is durable whatever this says.
     durable: bool | None = None
-    queue_type: str = ""
+    queue_type: str = ""  # "stream": read the queues as streams (see `consumer.streams`)
     heartbeat: int = 30
+    tap: str = ""  # a stream tap's name ("" is streams.DEFAULT_TAP)
+    offset: str | int | datetime | None = None  # where a stream tap starts, whatever was stored
 
     def topology(self) -> Topology:
         """What to declare before consuming."""

@@ -14,6 +14,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from django.db import connection, transaction
 from django.utils import timezone
@@ -31,7 +32,10 @@ from messaging.consumer.linking import link_replies
 from messaging.consumer.retries import Retry, retry_of, schedule, stale_copies
 from messaging.consumer.trail import BODY_MARKS, EXTERNAL, Filed, anomaly
 from messaging.consumer.writers import MESSAGE_COLUMNS, Writer, writer_for
-from messaging.models import Delivery, Message
+from messaging.models import Delivery, Message, StreamOffset
+
+if TYPE_CHECKING:
+    from messaging.consumer.streams import Tap
 
 
 @dataclass(slots=True, kw_only=True)
@@ -51,12 +55,14 @@ class Settlement:
 def record_batch(
     batch: list[Received], *, worker_id: int | None, handlers: dict[str, Handler] | None = None,
     max_retries: int = 5, settled: list[Settlement] = (), writer: Writer | None = None, retry_delays=(),
+    tap: Tap | None = None,
 ) -> list[Settlement]:
     """Record each delivery (and its message, once) and run its queue's handler; return how to settle them.
 
     The rows, and `settled` (the outcomes of earlier batches already told to the broker), are committed
-    in one transaction first; each handler then runs on its own (see `run_handler`), so a handler
-    that fails undoes only its own writes. `writer`: the worker's (by default, one for this database).
+    in one transaction first, with the offsets a stream `tap` reached; each handler then runs on its
+    own (see `run_handler`), so a handler that fails undoes only its own writes. `writer`: the
+    worker's (by default, one for this database).
     `retry_delays` (`--retry-delays`, replacing `max_retries`): a failed attempt n <= len(delays) is
     retried after `retry_delays[n - 1]`, committed on its row before the worker moves it (`retries`).
     """
@@ -66,6 +72,9 @@ def record_batch(
         if settled:
             record_settled(settled, writer=writer)
         deliveries = _insert(batch, prepared, writer=writer, worker_id=worker_id) if batch else []
+        reached = tap.save(batch) if tap is not None else {}
+    if reached:
+        tap.committed(reached)
     settlements = []
     for r, message_id, d, (status, _) in zip(batch, prepared.ids if prepared else (), deliveries,
                                              prepared.settlement if prepared else ()):
@@ -101,11 +110,12 @@ def record_settled(settlements: list[Settlement], *, writer: Writer | None = Non
             writer.settle(action, now, ids)
 
 
-def record_refused(r: Received, *, worker_id: int | None, reason: str) -> Settlement:
+def record_refused(r: Received, *, worker_id: int | None, reason: str, tap: Tap | None = None) -> Settlement:
     """A message the database refuses as it came (a `DataError`, alone in its batch): record what can be
     kept — its body, message_id and names, not its headers and properties — with a rejected
     delivery that says why. The worker then rejects it (to the queue's dead-letter exchange, if any):
-    one such message never holds up the queue, and its body stays in the audit trail.
+    one such message never holds up the queue, and its body stays in the audit trail. From a stream,
+    which takes no reject, it is acked (credit) and the `tap`'s offset moves past it.
     """
     body = bytes(r.body)
     sha256 = hashlib.sha256(body).hexdigest()
@@ -124,25 +134,34 @@ def record_refused(r: Received, *, worker_id: int | None, reason: str) -> Settle
         )
         mark = anomaly(filed=(message.pk, message.body_sha256, message.exchange, message.routing_key, message.origin),
                        sha256=sha256, exchange=exchange, routing_key=routing_key, headers=r.properties.headers)
-        attempt = Delivery.objects.filter(message=message, queue=r.queue).count() + 1
+        earlier = Delivery.objects.filter(message=message, queue=r.queue)
+        if r.stream_offset is not None:
+            earlier = earlier.filter(consumer_tag=r.consumer_tag)  # see `_reader`
+        attempt = earlier.count() + 1
         delivery = Delivery.objects.create(
             message=message, queue=r.queue, consumer_tag=r.consumer_tag, delivery_tag=r.delivery_tag,
             redelivered=r.redelivered, attempt=attempt, exchange=exchange, routing_key=routing_key,
             status=Delivery.Status.REJECTED, worker_id=worker_id, settled_at=now, error=reason,
             body_size=len(body), body_sha256=sha256, body=body if mark in BODY_MARKS else None, anomaly=mark,
         )
+        reached = tap.save([r]) if tap is not None else {}
+    if reached:
+        tap.committed(reached)
+    action = Delivery.Status.REJECTED if r.stream_offset is None else Delivery.Status.ACKED
     return Settlement(delivery_tag=r.delivery_tag, delivery_id=delivery.pk, message_id=message.pk,
-                      action=Delivery.Status.REJECTED, error=reason, recorded=True)
+                      action=action, error=reason, recorded=True)
 
 
 def record_lost(delivery_ids: list[int], *, reason: str) -> None:
     """Deliveries recorded but never acked because the channel closed: the broker requeues them.
 
     Those written 'acked' with their row (no handler) are undone too; a requeue or reject already
-    recorded is kept.
+    recorded is kept. A stream's are not lost: their tap's offset, committed with them, moved past them.
     """
     if delivery_ids:
-        Delivery.objects.filter(pk__in=delivery_ids, status__in=UNACKED_OR_ACKED_AT_INSERT).update(
+        Delivery.objects.filter(pk__in=delivery_ids, status__in=UNACKED_OR_ACKED_AT_INSERT).exclude(
+            queue__in=StreamOffset.objects.values("stream"),
+        ).update(
             status=Delivery.Status.REQUEUED, settled_at=timezone.now(), error=reason,
         )
 
@@ -221,7 +240,7 @@ def _insert(batch: list[Received], prepared: Prepared, *, writer: Writer, worker
             batch, prepared.ids, prepared.received, prepared.digests, prepared.settlement):
         filed = known[message_id]
         message_pk = filed[0]
-        previous = history.setdefault((message_pk, r.queue), [])
+        previous = history.setdefault((message_pk, _reader(r)), [])
         attempt, duplicate = _attempt(r, previous), bool(previous) and _handled(previous) or len(recorded) in stale
         previous.append((ACKED, True))  # a later copy in this batch is a duplicate
         mark = anomaly(filed=filed, sha256=sha256, exchange=r.exchange, routing_key=r.routing_key,
@@ -340,30 +359,38 @@ REQUEUED = Delivery.Status.REQUEUED.value
 UNACKED_OR_ACKED_AT_INSERT = (RECEIVED, ACKED)
 
 
-def _history(batch, ids, known, *, fresh: set[str]) -> dict[tuple[int, str], list]:
-    """Earlier deliveries ([status, handled]) per (message, queue), oldest first, for attempts and duplicates."""
+def _reader(r: Received) -> str | tuple[str, str]:
+    """Who a delivery's attempts and duplicates are counted for: its queue, or on a stream the tap that
+    read it (its consumer tag names the tap): each tap reads every message, a first time."""
+    return r.queue if r.stream_offset is None else (r.queue, r.consumer_tag)
+
+
+def _history(batch, ids, known, *, fresh: set[str]) -> dict[tuple, list]:
+    """Earlier deliveries ([status, handled]) per (message, reader), oldest first, for attempts and duplicates."""
     old = {known[i][0] for i in ids if i not in fresh}
-    history: dict[tuple[int, str], list[tuple[str, bool]]] = {}
+    history: dict[tuple, list[tuple[str, bool]]] = {}
     if not old:
         return history
     queues = {r.queue for r in batch}
+    taps = {_reader(r) for r in batch if r.stream_offset is not None}
     rows = Delivery.objects.filter(message_id__in=old, queue__in=queues).order_by("pk").values_list(
-        "message_id", "queue", "status", "handled_at", "pk",
+        "message_id", "queue", "consumer_tag", "status", "handled_at", "pk",
     )
-    latest: dict[tuple[int, str], tuple[str, int]] = {}
-    unsettled: dict[tuple[int, str], list[int]] = {}
-    for message_pk, queue, status, handled_at, pk in rows:
-        history.setdefault((message_pk, queue), []).append([status, handled_at is not None])
-        latest[(message_pk, queue)] = (status, pk)
+    latest: dict[tuple, tuple[str, int]] = {}
+    unsettled: dict[tuple, list[int]] = {}
+    for message_pk, queue, tag, status, handled_at, pk in rows:
+        key = (message_pk, (queue, tag) if (queue, tag) in taps else queue)
+        history.setdefault(key, []).append([status, handled_at is not None])
+        latest[key] = (status, pk)
         if status == Delivery.Status.RECEIVED:
-            unsettled.setdefault((message_pk, queue), []).append(pk)
+            unsettled.setdefault(key, []).append(pk)
     # A redelivered message was not acked last time, so its latest delivery, if recorded 'acked', lost
     # its ack: written acked with its row and cut off before the ack left (kill -9), or acked as the
     # connection died (a basic.ack is not confirmed). And a delivery of it still 'received' was never
     # acked: the broker requeued it. (A copy that is not redelivered proves neither: the same
     # message_id published twice may be in another worker's handler right now.)
     stale = []
-    for key in {(known[i][0], r.queue) for r, i in zip(batch, ids) if r.redelivered}:
+    for key in {(known[i][0], _reader(r)) for r, i in zip(batch, ids) if r.redelivered}:
         stale += unsettled.get(key, ())
         status, pk = latest.get(key, ("", 0))
         if status == Delivery.Status.ACKED:

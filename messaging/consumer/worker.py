@@ -25,7 +25,7 @@ from messaging.amqp.connection import FATAL_REPLY_CODES, Nodes
 from messaging.amqp.subscription import Received, Subscription
 from messaging.backoff import backoff_delays
 from messaging.conf import unmigrated
-from messaging.consumer import recording, registry
+from messaging.consumer import recording, registry, streams
 from messaging.consumer.acks import Acks, Counts
 from messaging.consumer.buffer import ByteBudget, InFlight, body_bytes, next_batch
 from messaging.consumer.handlers import Handler, handler_paths
@@ -51,7 +51,8 @@ class Consumer:
         self._handler_paths = handler_paths(options.queues, override=options.handler)
         self._writer = writer_for(db_connection.vendor)  # shared by the recording threads
         self._handlers: dict[str, Handler] = {}  # by the queue's real (maybe server-made) name
-        self._threads = DatabaseThreads(recorders=1 if self._handler_paths else RECORDING_THREADS[db_connection.vendor])
+        self._tap = streams.tap_for(options)  # reading streams: their batches are recorded one at a time, in order
+        self._threads = DatabaseThreads(recorders=1 if self._handler_paths or self._tap else RECORDING_THREADS[db_connection.vendor])
         self._pending: list[Received] = []
         self._budget = ByteBudget(options.max_unacked_bytes)  # bodies in _pending and _in_flight
         self._one_by_one = 0  # the first deliveries of _pending to record alone (a batch the database refused)
@@ -162,7 +163,8 @@ class Consumer:
                                "`--durable` or `--queue-type quorum` (or MAILROOM_DURABLE=true)", state.name)
             queues.append(state.name)
         prefetch = o.prefetch if o.max_messages is None else max(1, min(o.prefetch, o.max_messages))
-        subscription.consume(queues, prefetch=prefetch, on_delivery=self._on_delivery)
+        subscription.consume(queues, prefetch=prefetch, on_delivery=self._on_delivery,
+                             streams=self._db_call(self._tap.starts) if self._tap else {})
         if queues != list(o.queues):  # server-named queues: the registry shows their real names
             self._threads.submit(registry.set_queues, self._worker_id, queues)
         self._draining = False
@@ -318,7 +320,7 @@ class Consumer:
         [r] = batch
         reason = f"the database refused this message as it came ({exc.__class__.__name__}: {exc})"[:2000]
         try:
-            settlement = self._db_call(recording.record_refused, r, worker_id=self._worker_id, reason=reason)
+            settlement = self._db_call(recording.record_refused, r, worker_id=self._worker_id, reason=reason, tap=self._tap)
         except DatabaseError as again:
             logger.error("could not record a message the database refuses (%s)", again)
             return False
@@ -345,6 +347,7 @@ class Consumer:
         future = self._threads.record(
             recorder, recording.record_batch, batch, writer=self._writer, worker_id=self._worker_id, settled=settled,
             handlers=self._handlers, max_retries=self.options.max_retries, retry_delays=self.options.retry_delays,
+            tap=self._tap,
         )
         # message_id properties as received (ids that only the truncation to 255 characters makes
         # equal are not held back: their message row is still one, by the unique constraint).

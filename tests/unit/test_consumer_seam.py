@@ -42,8 +42,9 @@ class FakeSubscription:
     def declare(self, topology):
         return [QueueState(name=name, message_count=0, consumer_count=0) for name in topology.queues]
 
-    def consume(self, queues, *, prefetch, on_delivery):
+    def consume(self, queues, *, prefetch, on_delivery, streams=None):
         self.on_delivery = on_delivery
+        self.streams = dict(streams or {})  # where each stream is read from (see `consumer.streams`)
 
     @property
     def consuming(self) -> bool:

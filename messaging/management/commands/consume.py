@@ -6,7 +6,8 @@ import logging
 
 from django.core.management.base import BaseCommand, CommandError
 
-from messaging.consumer import retries
+from messaging.consumer import retries, streams
+from messaging.consumer.handlers import handler_paths
 from messaging.consumer.options import ConsumeOptions
 from messaging.consumer.registry import fewer_gc_passes
 from messaging.consumer.worker import Consumer
@@ -33,6 +34,14 @@ def byte_size(value: str) -> int:
 
 
 BYTE_SUFFIXES = {"K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def stream_offset(value: str):
+    """`--offset`: first, last, next, an offset or an ISO 8601 time (see `streams.parse_offset`)."""
+    try:
+        return streams.parse_offset(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def positive_float(value: str) -> float:
@@ -97,8 +106,16 @@ class Command(BaseCommand):
                             help="Declare a missing queue (and exchanges) durable, to survive a broker restart "
                                  "(default: MAILROOM_DURABLE, false: declared as the RabbitMQ tutorials declare "
                                  "theirs). An existing queue is used as it is.")
-        parser.add_argument("--queue-type", default="", choices=["", "classic", "quorum"],
-                            help="x-queue-type for a queue this command declares (quorum: durable, replicated).")
+        parser.add_argument("--queue-type", default="", choices=["", "classic", "quorum", "stream"],
+                            help="x-queue-type for a queue this command declares (quorum: durable, replicated). "
+                                 "stream: read the queues as streams (a tap), declared if missing, taking nothing "
+                                 "from their other readers; where it got to is stored with each batch.")
+        parser.add_argument("--tap", default="", help="A stream tap's name: taps of different names keep their "
+                            f"own offsets (default {streams.DEFAULT_TAP!r}; run one process per name).")
+        parser.add_argument("--offset", type=stream_offset,
+                            help="Where a stream tap starts: first, last, next, an offset or an ISO 8601 time "
+                                 "(UTC if without zone). Overrides where the tap stopped; default: after the "
+                                 f"last message it recorded, or {streams.DEFAULT_OFFSET!r} the first time.")
         parser.add_argument("--heartbeat", type=positive_int, default=30, help="AMQP heartbeat in seconds (default 30).")
 
     def handle(self, *args, **options):
@@ -119,6 +136,7 @@ class Command(BaseCommand):
                 raise CommandError(f"--retry-delays: {exc}.", returncode=2) from exc
         if options["dead_letter_queue"] and options["dead_letter_queue"] in options["queues"]:
             raise CommandError("--dead-letter-queue must be another queue than those consumed.", returncode=2)
+        stream_usage_errors(options)
         logging.getLogger("messaging").setLevel(VERBOSITY_LEVELS.get(options["verbosity"], logging.INFO))
         try:
             worker = Consumer(ConsumeOptions(
@@ -130,6 +148,7 @@ class Command(BaseCommand):
                 dead_letter_exchange=options["dead_letter_exchange"], exchange=options["exchange"],
                 exchange_type=options["exchange_type"], binding_keys=tuple(options["binding_keys"]),
                 durable=options["durable"], queue_type=options["queue_type"], heartbeat=options["heartbeat"],
+                tap=options["tap"], offset=options["offset"],
             ))
         except ImportError as exc:
             raise CommandError(f"Cannot import the handler: {exc}") from exc
@@ -139,3 +158,24 @@ class Command(BaseCommand):
             code = worker.run()
         if code:
             raise CommandError("consume stopped on an error (see the log above)", returncode=code)
+
+
+def stream_usage_errors(options) -> None:
+    """Raise `CommandError` for options a stream tap cannot take, or tap options without a stream."""
+    if options["queue_type"] != streams.STREAM:
+        if options["tap"] or options["offset"] is not None:
+            raise CommandError("--tap and --offset read a stream: add --queue-type stream.")
+        return
+    if not options["queues"]:
+        raise CommandError("A stream needs a name (it cannot be server-named): consume NAME --queue-type stream.")
+    if options["dead_letter_exchange"]:
+        raise CommandError("A stream takes no --dead-letter-exchange: nothing is rejected from it.")
+    try:
+        handled = handler_paths(options["queues"], override=options["handler"])
+    except ImportError as exc:
+        raise CommandError(f"Cannot import the handler: {exc}") from exc
+    if handled:
+        raise CommandError(f"A stream tap runs no handler (a stream takes no requeue or reject): {', '.join(handled)} "
+                           "has one (--handler or MAILROOM_QUEUE_HANDLERS).")
+    if len(options["tap"]) > 200:
+        raise CommandError("--tap: at most 200 characters.")

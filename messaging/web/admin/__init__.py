@@ -6,4 +6,4 @@ happens only through retention (`manage.py prune`). Lists never count the whole 
 `SELECT DISTINCT` of a column to build choices), search is by exact values, and the per-message
 delivery figures are correlated subqueries on the (message, queue, status) index.
 """
-from messaging.web.admin import deliveries, messages, tokens, workers  # noqa: F401  (each registers its model)
+from messaging.web.admin import deliveries, messages, streams, tokens, workers  # noqa: F401  (each registers its model)
