@@ -42,6 +42,10 @@ class FatalBrokerError(MailroomError):
     """Retrying cannot help: wrong credentials, a missing vhost or missing permissions."""
 
 
+class ManagementUnavailable(MailroomError):
+    """The RabbitMQ management API is not configured or does not answer (the sentence says which)."""
+
+
 class NotMigrated(MailroomError):
     """The database answers but lacks Mailroom's tables: `python manage.py migrate` has not been run."""
 

@@ -222,16 +222,20 @@ class Delivery(models.Model):
     retry_delay = models.DurationField(
         null=True, blank=True, help_text="After this attempt failed: how long the retry waits (consume --retry-delays).",
     )
+    # Database defaults too: the consumer's writers insert with their own column lists (messaging.consumer.writers).
     dead_lettered_from = models.CharField(
-        max_length=255, blank=True, help_text="x-death: the queue that last dead-lettered this copy.",
+        max_length=255, blank=True, db_default="", help_text="x-death: the queue that last dead-lettered this copy.",
     )
     death_reason = models.CharField(
-        max_length=16, choices=DeathReason.choices, blank=True, help_text="x-death: why it was dead-lettered.",
+        max_length=16, choices=DeathReason.choices, blank=True, db_default="",
+        help_text="x-death: why it was dead-lettered.",
     )
-    death_exchange = models.CharField(max_length=255, blank=True, help_text="x-death: the exchange it was published to.")
-    death_routing_keys = models.JSONField(default=list, blank=True, help_text="x-death: its routing keys.")
+    death_exchange = models.CharField(max_length=255, blank=True, db_default="",
+                                      help_text="x-death: the exchange it was published to.")
+    death_routing_keys = models.JSONField(default=list, blank=True, db_default=models.Value([], models.JSONField()),
+                                          help_text="x-death: its routing keys.")
     death_count = models.PositiveIntegerField(
-        default=0, help_text="x-death: how many times it died in that queue for that reason.",
+        default=0, db_default=0, help_text="x-death: how many times it died in that queue for that reason.",
     )
     died_at = models.DateTimeField(null=True, blank=True, help_text="x-death: when it last died there.")
 
@@ -251,6 +255,8 @@ class Delivery(models.Model):
             ),
             # Tiny (only marked deliveries): the admin's "forged or misrouted" filter, newest first.
             models.Index(fields=["received_at"], name="delivery_anomaly_idx", condition=~models.Q(anomaly="")),
+            # Tiny (only dead-lettered copies): the admin's filters by death reason and original queue, newest first.
+            models.Index(fields=["received_at"], name="delivery_death_idx", condition=~models.Q(death_reason="")),
         ]
 
     def __str__(self) -> str:

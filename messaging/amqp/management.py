@@ -1,7 +1,9 @@
 """The RabbitMQ management HTTP API (RABBITMQ_MANAGEMENT_URL): queues, exchanges, bindings, alarms.
 
-Read-only, short timeouts, and every function returns None when the API is not configured or does
-not answer, so pages degrade instead of failing.
+Short timeouts. The listings return None when the API is not configured or does not answer, so
+pages degrade instead of failing; a single queue's reads raise `ManagementUnavailable` instead, so
+that "no such queue" (None) and "cannot tell" differ. The only write is `get_requeued`, which takes
+messages and puts them back.
 """
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import logging
 import urllib.error
 import urllib.request
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from messaging import conf
+from messaging.errors import ManagementUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -26,23 +29,41 @@ def configured() -> bool:
 
 def get(path: str) -> Any | None:
     """GET `/api/<path>` as JSON; None when not configured or on any error (logged, password-free)."""
-    if not configured():
+    try:
+        return call(path)
+    except ManagementUnavailable:
         return None
+
+
+def call(path: str, *, payload: dict | None = None) -> Any | None:
+    """GET (or POST `payload` to) `/api/<path>`: its JSON, None for a 404 (no such queue);
+    raises `ManagementUnavailable` when the API is not configured or does not answer."""
+    if not configured():
+        raise ManagementUnavailable("The RabbitMQ management API is not configured (RABBITMQ_MANAGEMENT_URL).")
     split = urlsplit(conf.get("RABBITMQ_MANAGEMENT_URL"))
     host = split.hostname or "localhost"
     if split.port:
         host = f"{host}:{split.port}"
     base = urlunsplit((split.scheme, host, split.path.rstrip("/"), "", ""))
-    request = urllib.request.Request(f"{base}/api/{path.lstrip('/')}")
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(f"{base}/api/{path.lstrip('/')}", data=data,
+                                     method="GET" if data is None else "POST")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
     if split.username:
-        token = base64.b64encode(f"{split.username}:{split.password or ''}".encode()).decode()
+        token = base64.b64encode(f"{unquote(split.username)}:{unquote(split.password or '')}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:  # noqa: S310 — operator-set URL
             return json.load(response)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        logger.warning("management API %s answered %s", path, exc.code)
+        raise ManagementUnavailable(f"The RabbitMQ management API answered {exc.code} {exc.reason}.") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         logger.warning("management API %s unavailable: %s", path, exc.__class__.__name__)
-        return None
+        raise ManagementUnavailable("The RabbitMQ management API did not answer.") from None
 
 
 def vhost() -> str:
@@ -54,6 +75,19 @@ def vhost() -> str:
 
 def queues() -> list[dict] | None:
     return get(f"queues/{vhost()}")
+
+
+def queue(name: str) -> dict | None:
+    """One queue's details; None when there is no such queue (raises `ManagementUnavailable`)."""
+    return call(f"queues/{vhost()}/{quote(name, safe='')}")
+
+
+def get_requeued(name: str, *, count: int, truncate: int) -> list[dict] | None:
+    """Up to `count` messages from the head of queue `name`, each put back at once (`ack_requeue_true`:
+    RabbitMQ marks them redelivered, and a quorum queue counts the delivery); bodies cut to `truncate`
+    bytes. None when there is no such queue (raises `ManagementUnavailable`)."""
+    return call(f"queues/{vhost()}/{quote(name, safe='')}/get",
+                payload={"count": count, "ackmode": "ack_requeue_true", "encoding": "auto", "truncate": truncate})
 
 
 def exchanges() -> list[dict] | None:

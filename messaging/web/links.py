@@ -1,8 +1,8 @@
-"""A message's URLs: its message_id as one path segment that browsers and the URL resolver read back exactly."""
+"""A message's and a queue's URLs: the id or name as one path segment that browsers and the URL resolver read back exactly."""
 from __future__ import annotations
 
 import re
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from django.urls import reverse
 
@@ -39,3 +39,14 @@ def message_url(name: str, message_id: str) -> str:
     # reads "a/../b" as a path to walk.
     url = reverse(name, kwargs={"message_id": PLACEHOLDER})
     return url[:-len(PLACEHOLDER) - 1] + path_segment(message_id) + "/"
+
+
+def queue_segment(name: str) -> str:
+    """A queue's name as a page's path segment (before `reverse` quotes it once more): percent-encoded, with
+    "." and ".." written %2E, so that once the server has decoded the path the segment has no "/" and is no dot."""
+    return DOTS.get(name) or quote(name, safe="")
+
+
+def queue_from_segment(value: str) -> str:
+    """The queue's name of a decoded path segment (the inverse of `queue_segment`)."""
+    return unquote(value)

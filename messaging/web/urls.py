@@ -1,9 +1,10 @@
 """The app's URLs: pages, the HTTP API, the broker view, health and metrics."""
 from django.urls import path, register_converter
 
-from messaging.web import health, queues, views
+from messaging.web import deadletter_pages, health, queues, views
+from messaging.web.api import deadletters as api_deadletters
 from messaging.web.api import views as api
-from messaging.web.links import message_id_from_path
+from messaging.web.links import message_id_from_path, queue_from_segment, queue_segment
 
 
 class MessageIdConverter:
@@ -20,7 +21,24 @@ class MessageIdConverter:
         return value
 
 
+class QueueConverter:
+    """A queue's name in a page's path, any characters but NUL, written by `links.queue_segment`: percent-encoded
+    twice, so that the decoded path still holds it as one segment ("/" and "." too) and `.../replay/` is never
+    part of a name."""
+
+    regex = r"[^/\x00]+"
+
+    def to_python(self, value: str) -> str:
+        return queue_from_segment(value)
+
+    def to_url(self, value: str) -> str:
+        return queue_segment(value)
+
+
 register_converter(MessageIdConverter, "message_id")
+register_converter(QueueConverter, "queue")
+# The API's paths take a queue's name as they take a message_id: percent-encoded once, as clients do.
+register_converter(MessageIdConverter, "queue_name")
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
@@ -33,7 +51,13 @@ urlpatterns = [
     path("api/messages/<message_id:message_id>/", api.MessageDetail.as_view(), name="api-message"),
     path("api/openapi.json", api.SchemaView.as_view(), name="api-schema"),
     path("api/docs/", api.DocsView.as_view(), name="api-docs"),
+    path("api/dead-letters/", api_deadletters.DeadLetterQueueList.as_view(), name="api-dead-letters"),
+    path("api/dead-letters/<queue_name:queue>/", api_deadletters.DeadLetterQueueDetail.as_view(),
+         name="api-dead-letter-queue"),
     path("queues/", queues.queues, name="queues"),
+    path("queues/<queue:queue>/", queues.queue_detail, name="queue-detail"),
+    path("dead-letters/", deadletter_pages.dead_letters, name="dead-letters"),
+    path("dead-letters/<queue:queue>/", deadletter_pages.dead_letter_queue, name="dead-letter-queue"),
     path("healthz", health.healthz, name="healthz"),
     path("metrics", health.metrics, name="metrics"),
 ]

@@ -8,14 +8,19 @@ from django.utils.html import format_html
 from messaging.models import Delivery, Message
 from messaging.web.admin.base import ReadOnlyAdmin, calendar, timestamp
 from messaging.web.admin.exports import body_text
-from messaging.web.admin.filters import AnomalyFilter, DeliveryQueueFilter
+from messaging.web.admin.filters import (
+    AnomalyFilter,
+    DeadLetteredFromFilter,
+    DeathReasonFilter,
+    DeliveryQueueFilter,
+)
 
 
 @admin.register(Delivery)
 class DeliveryAdmin(ReadOnlyAdmin):
     # Status second: it stays on a 1280 px screen beside the filters; long names are cut by admin.css.
     list_display = ["received", "status", "message_link", "queue", "attempt", "redelivered", "worker", "settled"]
-    list_filter = ["status", DeliveryQueueFilter, "redelivered", AnomalyFilter]
+    list_filter = ["status", DeliveryQueueFilter, "redelivered", AnomalyFilter, DeathReasonFilter, DeadLetteredFromFilter]
     search_fields = ["queue"]  # exact message_id or queue: see get_search_results
     search_help_text = "Exact message_id of the letter, or queue name."
     date_hierarchy = "received_at"
@@ -24,12 +29,17 @@ class DeliveryAdmin(ReadOnlyAdmin):
     ordering = ["-received_at", "-id"]
     readonly_fields = ["message_link", "queue", "consumer_tag", "delivery_tag", "redelivered", "attempt", "duplicate",
                        "exchange", "routing_key", "status", "worker", "received", "handled", "settled", "error",
-                       "anomaly", "body_size", "body_sha256", "delivered_body"]
-    fields = readonly_fields
+                       "anomaly", "body_size", "body_sha256", "delivered_body", "retry_delay", "dead_lettered_from",
+                       "death_reason", "death_exchange", "death_routing_keys", "death_count", "died"]
+    fieldsets = [
+        (None, {"fields": readonly_fields[:-7]}),
+        ("Retry and dead-lettering (x-death)", {"fields": readonly_fields[-7:]}),
+    ]
 
     received = timestamp("received_at", sortable=True)
     handled = timestamp("handled_at")
     settled = timestamp("settled_at")
+    died = timestamp("died_at", description="died at (x-death)")
 
     def get_queryset(self, request):
         queryset = super().get_queryset(request)
