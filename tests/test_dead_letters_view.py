@@ -244,3 +244,22 @@ def test_odd_queue_names_make_links_that_lead_back_to_them(reader):
         match = resolve(unquote(url))  # what the server resolves once it has decoded the path
         assert match.kwargs["queue"] == name and match.url_name == "dead-letter-queue", (name, url)
         assert "/./" not in url and "/../" not in url
+
+
+def test_the_admin_lists_dead_letter_queues_and_groups_one(admin_client, settings, dead_letters):
+    names, ids = dead_letters
+    settings.RABBITMQ_MANAGEMENT_URL = management_url()
+    changelist = admin_client.get(reverse("admin:messaging_delivery_changelist")).content.decode()
+    listing_url = reverse("admin:messaging_delivery_dead_letters")
+    assert listing_url in changelist
+    listing = admin_client.get(listing_url)
+    assert listing.status_code == HTTPStatus.OK
+    queue_url = reverse("admin:messaging_delivery_dead_letter_queue", kwargs={"queue": names["dlq"]})
+    assert queue_url in listing.content.decode()
+    contents = admin_client.get(queue_url)
+    groups = {(g.original_queue, g.reason): len(g.letters) for g in contents.context["found"].groups}
+    assert groups == {(names["source"], "rejected"): 2, (names["expiring"], "expired"): 1}
+    html = contents.content.decode()
+    assert "ValueError: poison letter" in html and "<script>" not in html
+    settings.RABBITMQ_MANAGEMENT_URL = ""
+    assert admin_client.get(queue_url).status_code == HTTPStatus.SERVICE_UNAVAILABLE

@@ -36,7 +36,7 @@ def get(path: str) -> Any | None:
 
 
 def call(path: str, *, payload: dict | None = None) -> Any | None:
-    """GET (or POST `payload` to) `/api/<path>`: its JSON, None for a 404 (no such queue);
+    """GET (or POST `payload` to) `/api/<path>`: its JSON, None for a 404 or 400 (no such queue);
     raises `ManagementUnavailable` when the API is not configured or does not answer."""
     if not configured():
         raise ManagementUnavailable("The RabbitMQ management API is not configured (RABBITMQ_MANAGEMENT_URL).")
@@ -57,7 +57,7 @@ def call(path: str, *, payload: dict | None = None) -> Any | None:
         with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:  # noqa: S310 — operator-set URL
             return json.load(response)
     except urllib.error.HTTPError as exc:
-        if exc.code == 404:
+        if exc.code in (400, 404):  # 400: a name the API cannot take (too long, say): no such queue either
             return None
         logger.warning("management API %s answered %s", path, exc.code)
         raise ManagementUnavailable(f"The RabbitMQ management API answered {exc.code} {exc.reason}.") from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from urllib.parse import quote, unquote
 
-from django.urls import reverse
+from django.urls import register_converter, reverse
 
 # What a message_id of "." or ".." is written as in a path, and ids that look like that written form
 # (they get one more "%25" so that no two ids share a URL): a browser resolves "." and ".." segments,
@@ -50,3 +50,21 @@ def queue_segment(name: str) -> str:
 def queue_from_segment(value: str) -> str:
     """The queue's name of a decoded path segment (the inverse of `queue_segment`)."""
     return unquote(value)
+
+
+class QueueConverter:
+    """`<queue:name>`: a queue's name in a page's path, any characters but NUL, written by `queue_segment`:
+    percent-encoded twice, so that the decoded path still holds it as one segment ("/" and "." too) and a
+    route's suffix (`.../replay/`) is never part of a name."""
+
+    regex = r"[^/\x00]+"
+
+    def to_python(self, value: str) -> str:
+        return queue_from_segment(value)
+
+    def to_url(self, value: str) -> str:
+        return queue_segment(value)
+
+
+# Here rather than in urls.py: the admin's URLs (built first, config/urls.py lists admin/ first) use it too.
+register_converter(QueueConverter, "queue")

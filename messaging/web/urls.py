@@ -4,7 +4,7 @@ from django.urls import path, register_converter
 from messaging.web import deadletter_pages, health, queues, views
 from messaging.web.api import deadletters as api_deadletters
 from messaging.web.api import views as api
-from messaging.web.links import message_id_from_path, queue_from_segment, queue_segment
+from messaging.web.links import message_id_from_path
 
 
 class MessageIdConverter:
@@ -21,22 +21,8 @@ class MessageIdConverter:
         return value
 
 
-class QueueConverter:
-    """A queue's name in a page's path, any characters but NUL, written by `links.queue_segment`: percent-encoded
-    twice, so that the decoded path still holds it as one segment ("/" and "." too) and `.../replay/` is never
-    part of a name."""
-
-    regex = r"[^/\x00]+"
-
-    def to_python(self, value: str) -> str:
-        return queue_from_segment(value)
-
-    def to_url(self, value: str) -> str:
-        return queue_segment(value)
-
-
 register_converter(MessageIdConverter, "message_id")
-register_converter(QueueConverter, "queue")
+# `<queue:...>` (pages) is registered by messaging.web.links, which the admin's URLs use too.
 # The API's paths take a queue's name as they take a message_id: percent-encoded once, as clients do.
 register_converter(MessageIdConverter, "queue_name")
 
