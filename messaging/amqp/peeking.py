@@ -37,6 +37,7 @@ class Peeked:
     routing_key: str = ""
     redelivered: bool = False
     deaths: tuple[Death, ...] = ()
+    remaining: int | None = None  # ready messages behind it when it was taken (the broker's message_count)
 
     @property
     def truncated(self) -> bool:
@@ -59,13 +60,13 @@ def _peeked(position: int, item: dict) -> Peeked:
     raw_id = properties.get("message_id")
     message_id = stored_message_id(raw_id)[0] if isinstance(raw_id, str) and raw_id else ""
     body = _payload(item.get("payload"), item.get("payload_encoding"))
-    size = item.get("payload_bytes")
+    size, remaining = item.get("payload_bytes"), item.get("message_count")
     return Peeked(
         position=position, message_id=message_id, body=body,
         size=size if type(size) is int and size >= len(body) else len(body),
         headers=headers, properties=properties, exchange=str(item.get("exchange") or ""),
         routing_key=str(item.get("routing_key") or ""), redelivered=bool(item.get("redelivered")),
-        deaths=tuple(deaths(headers)),
+        deaths=tuple(deaths(headers)), remaining=remaining if type(remaining) is int else None,
     )
 
 

@@ -143,7 +143,9 @@ def contents(queue: str, *, count: int = DEFAULT_COUNT, original: str | None = N
     keys = sorted(groups)
     chosen = [k for k in keys if (original is None or k[0] == (original if original != NO_DEATH else ""))
               and (reason is None or k[1] == (reason if reason != NO_DEATH else ""))]
-    depth = (details.get("messages_ready") or 0) + (details.get("messages_unacknowledged") or 0)
+    # The broker's own count when it took the head, exact; the API's figures lag by a few seconds.
+    ready = copies[0].remaining + 1 if copies and copies[0].remaining is not None else details.get("messages_ready")
+    depth = (ready or 0) + (details.get("messages_unacknowledged") or 0)
     return Contents(
         queue=queue, depth=depth, read=len(copies),
         groups=[Group(original_queue=k[0], reason=k[1], letters=groups[k]) for k in chosen],
