@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import uuid
 from http import HTTPStatus
+from urllib.parse import quote, unquote
 
 import pika
 import pytest
-from django.urls import reverse
+from django.urls import resolve, reverse
 
 from messaging.models import Delivery, Message
 from tests.audit_data import HOSTILE, delivery, fast_passwords, letter  # noqa: F401 — autouse
@@ -21,7 +22,6 @@ HOSTILE_HEADER = "<script>alert('header')</script>"
 
 def management_depth(name: str) -> int | None:
     """The queue's message count as the management API gives it (its figures lag a few seconds)."""
-    from urllib.parse import quote
     return management_api(f"queues/{rabbitmq_vhost()}/{quote(name, safe='')}").get("messages")
 
 
@@ -144,7 +144,6 @@ def test_the_api_lists_and_groups_the_same(reader, dead_letters):
     assert row["dead_letter_exchanges"] == [names["exchange"]]
     assert sorted(row["dead_letters_from"]) == sorted([names["source"], names["expiring"]])
     url = reverse("api-dead-letter-queue", kwargs={"queue": "-"}).removesuffix("-/")
-    from urllib.parse import quote
     answer = reader.get(url + quote(names["dlq"], safe="") + "/?reason=rejected")
     assert answer.status_code == HTTPStatus.OK, answer.content
     body = answer.json()
@@ -235,10 +234,6 @@ def test_anonymous_is_sent_to_log_in(client):
 
 
 def test_odd_queue_names_make_links_that_lead_back_to_them(reader):
-    from urllib.parse import unquote
-
-    from django.urls import resolve
-
     for name in (".", "..", "a/replay", "%2E", "100%", "sp ace", "x?y#z"):
         url = reverse("dead-letter-queue", kwargs={"queue": name})
         match = resolve(unquote(url))  # what the server resolves once it has decoded the path
@@ -263,3 +258,19 @@ def test_the_admin_lists_dead_letter_queues_and_groups_one(admin_client, setting
     assert "ValueError: poison letter" in html and "<script>" not in html
     settings.RABBITMQ_MANAGEMENT_URL = ""
     assert admin_client.get(queue_url).status_code == HTTPStatus.SERVICE_UNAVAILABLE
+
+
+def test_a_stream_queue_cannot_be_peeked_and_the_page_says_why(reader, amqp):
+    name = f"deadview-stream-{uuid.uuid4().hex[:8]}"
+    amqp.queue_declare(name, durable=True, arguments={"x-queue-type": "stream"})
+    try:
+        url = reverse("queue-detail", kwargs={"queue": name})
+        # A new stream's get may first be a 500 of the management API's own (the page says so, 503).
+        response = wait_for(lambda: (r := reader.post(url, {"count": "1"})).status_code != 503 and r,
+                            timeout=20, message="the management API's answer for the new stream")
+        assert response.status_code == HTTPStatus.CONFLICT, response.context["error"]
+        assert "not supported by stream queues" in response.content.decode()
+        api = reader.get(f"/api/dead-letters/{name}/")
+        assert api.status_code == HTTPStatus.CONFLICT and api.json()["code"] == "conflict"
+    finally:
+        amqp.queue_delete(name)

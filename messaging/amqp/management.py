@@ -16,11 +16,12 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from messaging import conf
-from messaging.errors import ManagementUnavailable
+from messaging.errors import ManagementRefused, ManagementUnavailable
 
 logger = logging.getLogger(__name__)
 
 TIMEOUT_SECONDS = 2.0
+PEEK_TIMEOUT_SECONDS = 5.0  # a get takes the messages and puts them back: more work than a listing
 
 
 def configured() -> bool:
@@ -35,9 +36,9 @@ def get(path: str) -> Any | None:
         return None
 
 
-def call(path: str, *, payload: dict | None = None) -> Any | None:
-    """GET (or POST `payload` to) `/api/<path>`: its JSON, None for a 404 or 400 (no such queue);
-    raises `ManagementUnavailable` when the API is not configured or does not answer."""
+def call(path: str, *, payload: dict | None = None, timeout: float = TIMEOUT_SECONDS) -> Any | None:
+    """GET (or POST `payload` to) `/api/<path>`: its JSON, None for a 404 (no such queue); raises
+    `ManagementUnavailable` when the API is not configured or does not answer, `ManagementRefused` on a 400."""
     if not configured():
         raise ManagementUnavailable("The RabbitMQ management API is not configured (RABBITMQ_MANAGEMENT_URL).")
     split = urlsplit(conf.get("RABBITMQ_MANAGEMENT_URL"))
@@ -54,16 +55,27 @@ def call(path: str, *, payload: dict | None = None) -> Any | None:
         token = base64.b64encode(f"{unquote(split.username)}:{unquote(split.password or '')}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_SECONDS) as response:  # noqa: S310 — operator-set URL
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 — operator-set URL
             return json.load(response)
     except urllib.error.HTTPError as exc:
-        if exc.code in (400, 404):  # 400: a name the API cannot take (too long, say): no such queue either
+        if exc.code == 404:
             return None
+        if exc.code == 400:  # e.g. "basic.get not supported by stream queues"
+            raise ManagementRefused(f"RabbitMQ refused: {_reason(exc)}") from None
         logger.warning("management API %s answered %s", path, exc.code)
         raise ManagementUnavailable(f"The RabbitMQ management API answered {exc.code} {exc.reason}.") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         logger.warning("management API %s unavailable: %s", path, exc.__class__.__name__)
         raise ManagementUnavailable("The RabbitMQ management API did not answer.") from None
+
+
+def _reason(exc: urllib.error.HTTPError) -> str:
+    """The `reason` of the API's error answer, one line, bounded."""
+    try:
+        reason = json.loads(exc.read(4096) or b"{}").get("reason")
+    except (ValueError, AttributeError, OSError):
+        reason = None
+    return " ".join(str(reason or exc.reason).split())[:300]
 
 
 def vhost() -> str:
@@ -87,7 +99,8 @@ def get_requeued(name: str, *, count: int, truncate: int) -> list[dict] | None:
     RabbitMQ marks them redelivered, and a quorum queue counts the delivery); bodies cut to `truncate`
     bytes. None when there is no such queue (raises `ManagementUnavailable`)."""
     return call(f"queues/{vhost()}/{quote(name, safe='')}/get",
-                payload={"count": count, "ackmode": "ack_requeue_true", "encoding": "auto", "truncate": truncate})
+                payload={"count": count, "ackmode": "ack_requeue_true", "encoding": "auto", "truncate": truncate},
+                timeout=PEEK_TIMEOUT_SECONDS)
 
 
 def exchanges() -> list[dict] | None:

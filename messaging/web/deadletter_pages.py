@@ -9,7 +9,7 @@ from django.urls import NoReverseMatch, reverse
 
 from messaging.amqp import peeking
 from messaging.amqp.deaths import REASONS
-from messaging.errors import ManagementUnavailable
+from messaging.errors import ManagementRefused, ManagementUnavailable
 from messaging.models import Delivery
 from messaging.web import deadletters
 from messaging.web.display import shown_copy
@@ -25,7 +25,8 @@ class DeadLetterFilterForm(forms.Form):
                                help_text=f"Exact name; {deadletters.NO_DEATH} for messages without x-death.")
     reason = forms.ChoiceField(required=False, choices=REASON_CHOICES)
     count = forms.IntegerField(required=False, min_value=1, max_value=peeking.MAX_PEEK,
-                               label="Messages to read", help_text=f"From the head of the queue, at most {peeking.MAX_PEEK}.")
+                               label="Messages to read",
+                               help_text=f"From the head of the queue, at most {peeking.MAX_PEEK}.")
 
 
 @login_required
@@ -53,12 +54,17 @@ def dead_letter_queue(request, queue: str):
     except ManagementUnavailable as exc:
         context["error"] = f"{exc} The dead-letter queue is read through it."
         return render(request, "messaging/dead_letter_queue.html", context, status=503)
+    except ManagementRefused as exc:
+        context["error"] = str(exc)
+        return render(request, "messaging/dead_letter_queue.html", context, status=409)
     if found is None:
         context["error"] = "There is no queue with this name."
         return render(request, "messaging/dead_letter_queue.html", context, status=404)
     context["found"] = found
-    context["groups"] = [{"group": g, "letters": [{**shown_copy(letter.copy), "letter": letter} for letter in g.letters]}
-                         for g in found.groups]
+    context["groups"] = [
+        {"group": g, "letters": [{**shown_copy(letter.copy), "letter": letter} for letter in g.letters]}
+        for g in found.groups
+    ]
     return render(request, "messaging/dead_letter_queue.html", context)
 
 

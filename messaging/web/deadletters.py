@@ -129,7 +129,7 @@ def contents(queue: str, *, count: int = DEFAULT_COUNT, original: str | None = N
              reason: str | None = None) -> Contents | None:
     """The messages at the head of `queue` (put back at once), grouped by original queue and reason, with
     their trails; `original` and `reason` (NO_DEATH: none) narrow the groups. None when there is no such
-    queue; raises `ManagementUnavailable`."""
+    queue; raises `ManagementUnavailable`, or `ManagementRefused` (a stream queue)."""
     details = management.queue(queue)
     copies = peeking.peek(queue, count=count) if details is not None else None
     if copies is None:

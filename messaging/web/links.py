@@ -1,4 +1,4 @@
-"""A message's and a queue's URLs: the id or name as one path segment that browsers and the URL resolver read back exactly."""
+"""Messages' and queues' URLs: the id or name as one path segment that browsers and the resolver read back exactly."""
 from __future__ import annotations
 
 import re

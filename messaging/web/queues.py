@@ -17,7 +17,7 @@ from django.shortcuts import render
 
 from messaging.amqp import management, peeking
 from messaging.amqp.connection import describe, queue_states
-from messaging.errors import ManagementUnavailable
+from messaging.errors import ManagementRefused, ManagementUnavailable
 from messaging.models import Delivery, Worker
 from messaging.web.display import pretty_json, shown_copy
 
@@ -177,4 +177,6 @@ def queue_detail(request, queue: str):
                 status = 400
     except ManagementUnavailable as exc:
         context["error"], status = f"{exc} A queue's details and peeking need it.", 503
+    except ManagementRefused as exc:  # a stream queue: no basic.get
+        context["error"], status = str(exc), 409
     return render(request, "messaging/queue_detail.html", context, status=status)

@@ -8,7 +8,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 
 from messaging.amqp import peeking
-from messaging.errors import ManagementUnavailable
+from messaging.errors import ManagementRefused, ManagementUnavailable
 from messaging.models import Delivery, Message
 from messaging.web import deadletters, links  # noqa: F401 — links registers <queue:…>
 from messaging.web.admin.base import ReadOnlyAdmin, calendar, timestamp
@@ -25,7 +25,8 @@ from messaging.web.admin.filters import (
 class DeliveryAdmin(ReadOnlyAdmin):
     # Status second: it stays on a 1280 px screen beside the filters; long names are cut by admin.css.
     list_display = ["received", "status", "message_link", "queue", "attempt", "redelivered", "worker", "settled"]
-    list_filter = ["status", DeliveryQueueFilter, "redelivered", AnomalyFilter, DeathReasonFilter, DeadLetteredFromFilter]
+    list_filter = ["status", DeliveryQueueFilter, "redelivered", AnomalyFilter, DeathReasonFilter,
+                   DeadLetteredFromFilter]
     search_fields = ["queue"]  # exact message_id or queue: see get_search_results
     search_help_text = "Exact message_id of the letter, or queue name."
     date_hierarchy = "received_at"
@@ -102,4 +103,6 @@ class DeliveryAdmin(ReadOnlyAdmin):
                     context["error"], status = "There is no queue with this name.", 404
         except ManagementUnavailable as exc:
             context["error"], status = str(exc), 503
+        except ManagementRefused as exc:
+            context["error"], status = str(exc), 409
         return TemplateResponse(request, "admin/messaging/delivery/dead_letters.html", context, status=status)

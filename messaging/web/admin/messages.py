@@ -66,7 +66,8 @@ class DeliveryInline(ReadOnly, admin.TabularInline):
     def death(self, obj):
         if not obj.death_reason:
             return "—"
-        return f"{obj.get_death_reason_display()} from {obj.dead_lettered_from} ×{obj.death_count}, {shown_time(obj.died_at)}"
+        return (f"{obj.get_death_reason_display()} from {obj.dead_lettered_from} ×{obj.death_count}, "
+                f"{shown_time(obj.died_at)}")
 
 
 @admin.register(Message)

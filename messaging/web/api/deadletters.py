@@ -11,10 +11,10 @@ from rest_framework.response import Response
 
 from messaging.amqp import peeking
 from messaging.amqp.deaths import REASONS
-from messaging.errors import ManagementUnavailable
+from messaging.errors import ManagementRefused, ManagementUnavailable
 from messaging.models import Delivery, Message
 from messaging.web import deadletters
-from messaging.web.api.errors import ERRORS, Unavailable, error_response
+from messaging.web.api.errors import ERRORS, Conflict, Unavailable, error_response
 from messaging.web.api.policies import ApiView
 from messaging.web.api.serializers import IsoDateTimeField
 from messaging.web.display import body_part
@@ -29,8 +29,8 @@ class DeadLetterQueueSerializer(serializers.Serializer):
     type = serializers.CharField(help_text="classic, quorum or stream.")
     dead_letter_exchanges = serializers.ListField(child=serializers.CharField(),
                                                   help_text="The dead-letter exchanges it is bound to.")
-    dead_letters_from = serializers.ListField(child=serializers.CharField(),
-                                              help_text="The queues naming those exchanges as their dead-letter exchange.")
+    dead_letters_from = serializers.ListField(
+        child=serializers.CharField(), help_text="The queues naming those exchanges as their dead-letter exchange.")
 
 
 class DeadLetterQueueListSerializer(serializers.Serializer):
@@ -106,8 +106,9 @@ class ContentsFilterSerializer(serializers.Serializer):
                                      help_text=f"Original queue (exact); {deadletters.NO_DEATH}: without x-death.")
     reason = serializers.ChoiceField(choices=[*REASONS, deadletters.NO_DEATH], required=False,
                                      help_text=f"{deadletters.NO_DEATH}: without x-death.")
-    count = serializers.IntegerField(required=False, min_value=1, max_value=peeking.MAX_PEEK,
-                                     help_text=f"Messages to read from the head ({deadletters.DEFAULT_COUNT} unless given).")
+    count = serializers.IntegerField(
+        required=False, min_value=1, max_value=peeking.MAX_PEEK,
+        help_text=f"Messages to read from the head ({deadletters.DEFAULT_COUNT} unless given).")
 
 
 UNAVAILABLE = {503: error_response("The RabbitMQ management API is not configured or does not answer.")}
@@ -134,7 +135,8 @@ class DeadLetterQueueList(ApiView):
 @extend_schema(
     methods=["GET"], parameters=[ContentsFilterSerializer, OpenApiParameter(
         "queue", str, OpenApiParameter.PATH, description="The queue's name, percent-encoded as one segment.")],
-    responses={200: ContentsSerializer, **ERRORS, 404: error_response("No queue with this name."), **UNAVAILABLE},
+    responses={200: ContentsSerializer, **ERRORS, 404: error_response("No queue with this name."),
+               409: error_response("RabbitMQ refused to read the queue (a stream queue, say)."), **UNAVAILABLE},
     description="The messages at the head of a dead-letter queue, each put back at once (marked redelivered), "
                 "grouped by original queue and reason, with their trails. Needs messaging.view_message.",
 )
@@ -152,6 +154,8 @@ class DeadLetterQueueDetail(ApiView):
                                          original=d.get("original"), reason=d.get("reason"))
         except ManagementUnavailable as exc:
             raise Unavailable(str(exc)) from None
+        except ManagementRefused as exc:
+            raise Conflict(str(exc)) from None
         if found is None:
             raise exceptions.NotFound("No queue with this name.")
         return Response(ContentsSerializer({

@@ -167,9 +167,11 @@ class DeliverySerializer(serializers.Serializer):
     routed = serializers.BooleanField(
         help_text="False when the letter's publish did not route it here (same exchange and routing key, or an "
                   "x-death naming them); reconciliation does not count such a delivery.")
-    retry_delay_seconds = serializers.FloatField(allow_null=True, help_text="After this attempt failed: the retry's wait.")
+    retry_delay_seconds = serializers.FloatField(allow_null=True,
+                                                 help_text="After this attempt failed: the retry's wait.")
     dead_lettered_from = serializers.CharField(help_text="x-death: the queue that last dead-lettered this copy ('').")
-    death_reason = serializers.ChoiceField(choices=Delivery.DeathReason.choices, help_text="x-death: why ('' when not).")
+    death_reason = serializers.ChoiceField(choices=Delivery.DeathReason.choices,
+                                           help_text="x-death: why ('' when not).")
     death_exchange = serializers.CharField(help_text="x-death: the exchange it was published to.")
     death_routing_keys = serializers.ListField(child=serializers.CharField(), help_text="x-death: its routing keys.")
     death_count = serializers.IntegerField(help_text="x-death: how many times it died there for that reason.")
