@@ -23,6 +23,7 @@ from messaging.models import Delivery, Message
 DEFAULT_COUNT = peeking.MAX_PEEK  # messages read from a dead-letter queue unless fewer are asked for
 TRAIL_STEPS = 20  # the latest deliveries shown per message
 NO_DEATH = "-"  # the filter value of messages without x-death (published to the queue directly)
+QUEUE_COLUMNS = "name,type,arguments,effective_policy_definition,messages_ready,messages_unacknowledged,consumers"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,8 +105,9 @@ def dead_letter_exchanges(queues: list[dict]) -> dict[str, set[str]]:
 
 def dead_letter_queues() -> list[DeadLetterQueue]:
     """The dead-letter queues of the vhost, by name. Raises `ManagementUnavailable`."""
-    queues = management.call(f"queues/{management.vhost()}")
-    bindings = management.call(f"bindings/{management.vhost()}")
+    # Only the columns read here: a broker's full listing carries every queue's rates and stats.
+    queues = management.call(f"queues/{management.vhost()}?columns={QUEUE_COLUMNS}")
+    bindings = management.call(f"bindings/{management.vhost()}?columns=source,destination,destination_type")
     if not isinstance(queues, list) or not isinstance(bindings, list):
         raise ManagementUnavailable("The RabbitMQ management API did not list the queues.")
     exchanges = dead_letter_exchanges(queues)
