@@ -270,7 +270,8 @@ def test_a_stream_queue_cannot_be_peeked_and_the_page_says_why(reader, amqp):
                             timeout=20, message="the management API's answer for the new stream")
         assert response.status_code == HTTPStatus.CONFLICT, response.context["error"]
         assert "not supported by stream queues" in response.content.decode()
-        api = reader.get(f"/api/dead-letters/{name}/")
+        api = wait_for(lambda: (r := reader.get(f"/api/dead-letters/{name}/")).status_code != 503 and r,
+                       timeout=20, message="the management API's answer for the new stream")
         assert api.status_code == HTTPStatus.CONFLICT and api.json()["code"] == "conflict"
     finally:
         amqp.queue_delete(name)

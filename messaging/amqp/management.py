@@ -32,7 +32,7 @@ def get(path: str) -> Any | None:
     """GET `/api/<path>` as JSON; None when not configured or on any error (logged, password-free)."""
     try:
         return call(path)
-    except ManagementUnavailable:
+    except (ManagementUnavailable, ManagementRefused):
         return None
 
 
