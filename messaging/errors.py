@@ -60,6 +60,14 @@ class NotAStream(FatalBrokerError):
     hint = "consume it without --queue-type stream, or tap a stream of another name"
 
 
+class ManagementUnavailable(MailroomError):
+    """The RabbitMQ management API is not configured or does not answer (the sentence says which)."""
+
+
+class ManagementRefused(MailroomError):
+    """The management API refused the request (a stream queue cannot be peeked, say); the text is its reason."""
+
+
 class NotMigrated(MailroomError):
     """The database answers but lacks Mailroom's tables: `python manage.py migrate` has not been run."""
 

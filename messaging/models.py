@@ -234,6 +234,7 @@ class Delivery(models.Model):
     retry_delay = models.DurationField(
         null=True, blank=True, help_text="After this attempt failed: how long the retry waits (consume --retry-delays).",
     )
+    # Database defaults too: the consumer's writers insert with their own column lists (messaging.consumer.writers).
     dead_lettered_from = models.CharField(
         max_length=255, blank=True, db_default="", help_text="x-death: the queue that last dead-lettered this copy.",
     )
@@ -266,6 +267,8 @@ class Delivery(models.Model):
             ),
             # Tiny (only marked deliveries): the admin's "forged or misrouted" filter, newest first.
             models.Index(fields=["received_at"], name="delivery_anomaly_idx", condition=~models.Q(anomaly="")),
+            # Tiny (only dead-lettered copies): the admin's filters by death reason and original queue, newest first.
+            models.Index(fields=["received_at"], name="delivery_death_idx", condition=~models.Q(death_reason="")),
         ]
 
     def __str__(self) -> str:

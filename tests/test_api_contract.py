@@ -163,7 +163,11 @@ def test_the_openapi_schema_is_public_and_documents_the_api(client):
     assert response.status_code == 200 and response["Content-Type"].startswith("application/vnd.oai.openapi+json")
     schema = response.json()
     assert schema["openapi"].startswith("3.")
-    assert set(schema["paths"]) == {"/api/messages/", "/api/messages/{message_id}/"}
+    assert set(schema["paths"]) == {"/api/messages/", "/api/messages/{message_id}/", "/api/dead-letters/",
+                                    "/api/dead-letters/{queue}/"}
+    dead_letters = schema["paths"]["/api/dead-letters/{queue}/"]["get"]
+    assert {p["name"] for p in dead_letters["parameters"]} == {"queue", "original", "reason", "count"}
+    assert set(dead_letters["responses"]) >= {"200", "400", "404", "409", "503"}
     listing, create = schema["paths"]["/api/messages/"]["get"], schema["paths"]["/api/messages/"]["post"]
     assert {p["name"] for p in listing["parameters"]} >= {"status", "queue", "exchange", "routing_key", "since",
                                                           "until", "cursor", "page_size"}

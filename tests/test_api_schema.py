@@ -23,6 +23,7 @@ from schemathesis.specs.openapi.checks import (
 from messaging.models import Delivery, Message
 from messaging.web.api import create_token
 from messaging.web.api.serializers import MESSAGE_FIELDS as FIELDS
+from tests.conftest import management_url
 
 pytestmark = pytest.mark.django_db(transaction=True)  # the publish step follows the view's real commit
 
@@ -35,6 +36,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 def bearer(settings):
     """The Authorization header of a user who may publish and read letters."""
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    settings.RABBITMQ_MANAGEMENT_URL = management_url()  # the dead-letter reads answer 503 without it
     user = User.objects.create_user(f"schemathesis-{uuid.uuid4().hex[:6]}", password="pw-for-tests")
     user.user_permissions.add(*Permission.objects.filter(codename__in=["add_message", "view_message"]))
     return {"Authorization": f"Bearer {create_token(user=user, name='schemathesis')[1]}"}

@@ -308,3 +308,45 @@ def test_links_and_redirects_reach_letters_with_odd_ids(page, queue_name):
     expect(page.locator("main h1 code")).to_have_text("../../accounts/logout/x")
     assert Message.objects.filter(republished_from__message_id="../../accounts/logout/x").count() == 1
     assert page.console_errors == [], page.console_errors
+
+
+def test_dead_letter_pages_and_peek_fit_a_phone(page, settings, amqp):
+    """The dead-letter pages and a peek, with long names, bodies and errors, fit 390 px; the Peek button works."""
+    from messaging.web.links import queue_segment
+    from tests.conftest import management_url
+
+    settings.RABBITMQ_MANAGEMENT_URL = management_url()
+    log_in(page)
+    uid, long = uuid.uuid4().hex[:8], "y" * 120
+    exchange, dlq, source = f"deadview-dlx-{uid}", f"deadview/dlq-{uid}-{long}", f"deadview-src-{uid}-{long}"
+    amqp.exchange_declare(exchange, exchange_type="fanout")
+    amqp.queue_declare(dlq)
+    amqp.queue_bind(dlq, exchange)
+    amqp.queue_declare(source, arguments={"x-dead-letter-exchange": exchange, "x-message-ttl": 1})
+    try:
+        for i in range(3):
+            message_id = f"deadview-{i}-{long}"
+            m = letter(message_id=message_id, routing_key=source, body=("word " * 400).encode())
+            delivery(m, queue=source, status=Delivery.Status.REJECTED, error=f"Traceback\nValueError: {long}")
+            amqp.basic_publish("", source, ("word " * 400).encode() if i else bytes(range(256)),
+                               pika.BasicProperties(message_id=message_id, headers={"x-trace": long}))
+        wait_for(lambda: queue_depth(dlq)[0] == 3, message="3 dead letters")
+        page.set_viewport_size(PHONE)
+        dlq_path = f"/dead-letters/{queue_segment(dlq).replace('%', '%25')}/"
+        for path in ("/dead-letters/", dlq_path):
+            page.goto(path)
+            expect(page.locator("main h1")).to_be_visible()
+            assert page_width(page) <= PHONE["width"], (path, page_width(page), too_wide(page))
+        expect(page.locator("main")).to_contain_text(f"ValueError: {long}")
+        page.goto(f"/queues/{queue_segment(dlq).replace('%', '%25')}/")
+        page.fill('input[name="count"]', "2")
+        page.click('form.peek button[type="submit"]')
+        expect(page.locator("main")).to_contain_text("2 messages at the head of the queue")
+        assert page_width(page) <= PHONE["width"], (page.url, page_width(page), too_wide(page))
+        assert queue_depth(dlq)[0] == 3
+        assert page.console_errors == [], page.console_errors
+        assert page.csp_violations == [], page.csp_violations
+    finally:
+        for queue in (dlq, source):
+            amqp.queue_delete(queue)
+        amqp.exchange_delete(exchange)

@@ -66,6 +66,8 @@ def pages() -> list[tuple[str, int]]:
         (delivery_list + "?status=rejected", 10),
         (delivery_list + "?queue=qc-b", 10),
         (delivery_list + f"?q={m.message_id}", 10),
+        (delivery_list + "?death_reason=any", 10),
+        (delivery_list + "?death_reason=expired&dead_lettered_from=qc-a", 10),
         (reverse("admin:messaging_delivery_change", args=[m.deliveries.first().pk]), 8),
         # The list's one extra query: the latest delivery and a body preview of the page's letters.
         (reverse("message-list"), 7),
@@ -76,6 +78,7 @@ def pages() -> list[tuple[str, int]]:
         (reverse("message-detail", args=[m.message_id]), 6),
         (reverse("dashboard"), 22),
         (reverse("queues"), 6),
+        (reverse("dead-letters"), 6),  # without the management API: says so
     ]
 
 

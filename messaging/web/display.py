@@ -52,3 +52,23 @@ def body_preview(prefix: bytes, *, size: int, chars: int = PREVIEW_CHARS) -> str
         return f"binary, {size:,} bytes"
     shown = " ".join(text.split())  # one line: newlines and runs of spaces as one space
     return shown[:chars] + "…" if len(shown) > chars or len(prefix) < size else shown
+
+
+def body_part(part: bytes, *, size: int) -> dict:
+    """How to show a body from its first bytes `part` (the whole body is `size` bytes): as text, escaped
+    by whoever renders it, or as a hex preview when it is binary."""
+    try:
+        text = part.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # A character cut where the part ends is still text; anything else is binary.
+        cut = len(part) < size and exc.reason == "unexpected end of data" and exc.start >= len(part) - 3
+        text = part[:exc.start].decode("utf-8") if cut else None
+    binary = text is None or "\x00" in text
+    return {"binary": binary, "text": "" if binary else text, "size": size, "shown": len(part),
+            "truncated": len(part) < size, "hex": part[:64].hex(" ") if binary else ""}
+
+
+def shown_copy(copy) -> dict:
+    """A peeked message (messaging.amqp.peeking.Peeked) as a page shows it: body, headers and properties."""
+    return {"copy": copy, "body": body_part(copy.body, size=copy.size), "headers": pretty_json(copy.headers),
+            "properties": pretty_json(copy.properties)}

@@ -1,10 +1,10 @@
-"""A message's URLs: its message_id as one path segment that browsers and the URL resolver read back exactly."""
+"""Messages' and queues' URLs: the id or name as one path segment that browsers and the resolver read back exactly."""
 from __future__ import annotations
 
 import re
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
-from django.urls import reverse
+from django.urls import register_converter, reverse
 
 # What a message_id of "." or ".." is written as in a path, and ids that look like that written form
 # (they get one more "%25" so that no two ids share a URL): a browser resolves "." and ".." segments,
@@ -39,3 +39,32 @@ def message_url(name: str, message_id: str) -> str:
     # reads "a/../b" as a path to walk.
     url = reverse(name, kwargs={"message_id": PLACEHOLDER})
     return url[:-len(PLACEHOLDER) - 1] + path_segment(message_id) + "/"
+
+
+def queue_segment(name: str) -> str:
+    """A queue's name as a page's path segment (before `reverse` quotes it once more): percent-encoded, with
+    "." and ".." written %2E, so that once the server has decoded the path the segment has no "/" and is no dot."""
+    return DOTS.get(name) or quote(name, safe="")
+
+
+def queue_from_segment(value: str) -> str:
+    """The queue's name of a decoded path segment (the inverse of `queue_segment`)."""
+    return unquote(value)
+
+
+class QueueConverter:
+    """`<queue:name>`: a queue's name in a page's path, any characters but NUL, written by `queue_segment`:
+    percent-encoded twice, so that the decoded path still holds it as one segment ("/" and "." too) and a
+    route's suffix (`.../replay/`) is never part of a name."""
+
+    regex = r"[^/\x00]+"
+
+    def to_python(self, value: str) -> str:
+        return queue_from_segment(value)
+
+    def to_url(self, value: str) -> str:
+        return queue_segment(value)
+
+
+# Here rather than in urls.py: the admin's URLs (built first, config/urls.py lists admin/ first) use it too.
+register_converter(QueueConverter, "queue")

@@ -1,4 +1,5 @@
-"""The broker view (`/queues/`): queues, exchanges and bindings, the cluster's nodes and the alarms in effect.
+"""The broker view (`/queues/`): queues, exchanges and bindings, the cluster's nodes and the alarms in
+effect; one queue's details and a peek at its head (`/queues/<name>/`).
 
 From the management HTTP API when RABBITMQ_MANAGEMENT_URL is set (depths, consumers, rates,
 bindings, the node of each queue or the leader of a quorum queue, nodes, alarms); without it, from passive declares of the queues known from the history
@@ -10,14 +11,17 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+from django import forms
 from django.contrib.auth.decorators import login_required, permission_required
 from django.db import connection
 from django.shortcuts import render
 
-from messaging.amqp import management
+from messaging.amqp import management, peeking
 from messaging.amqp.connection import describe, queue_states
+from messaging.errors import ManagementRefused, ManagementUnavailable
 from messaging.models import Delivery, Worker
 from messaging.web import cluster
+from messaging.web.display import pretty_json, shown_copy
 
 logger = logging.getLogger(__name__)
 
@@ -164,3 +168,34 @@ def broker_view(*, limit: int = MAX_PASSIVE_QUEUES) -> BrokerView:
 @permission_required("messaging.view_message", raise_exception=True)
 def queues(request):
     return render(request, "messaging/queues.html", {"view": broker_view()})
+
+
+class PeekForm(forms.Form):
+    count = forms.IntegerField(min_value=1, max_value=peeking.MAX_PEEK, initial=10, label="Messages",
+                               help_text=f"From the head of the queue, at most {peeking.MAX_PEEK}.")
+
+
+@login_required
+@permission_required("messaging.view_message", raise_exception=True)  # a peek shows bodies, as letters do
+def queue_detail(request, queue: str):
+    """A queue's details from the management API; POST: peek at the messages at its head."""
+    form = PeekForm(request.POST if request.method == "POST" else None)
+    context = {"queue": queue, "form": form, "notice": peeking.NOTICE, "details": None, "peeked": None, "error": ""}
+    status = 200
+    try:
+        details = management.queue(queue)
+        if details is None:
+            context["error"], status = "There is no queue with this name.", 404
+        else:
+            context["details"] = details
+            context["arguments"] = pretty_json(details.get("arguments") or {})
+            if form.is_bound and form.is_valid():
+                copies = peeking.peek(queue, count=form.cleaned_data["count"]) or []
+                context["peeked"] = [shown_copy(c) for c in copies]
+            elif form.is_bound:
+                status = 400
+    except ManagementUnavailable as exc:
+        context["error"], status = f"{exc} A queue's details and peeking need it.", 503
+    except ManagementRefused as exc:  # a stream queue: no basic.get
+        context["error"], status = str(exc), 409
+    return render(request, "messaging/queue_detail.html", context, status=status)

@@ -14,15 +14,13 @@ from django.urls import reverse
 
 from messaging.errors import MailroomError, NoSuchQueue
 from messaging.outbox.replay import replay
-from messaging.web.links import PLACEHOLDER, path_segment
 
 PAGE_LIMIT = 100  # copies one click replays (and the confirmation lists) at most
 
 
 def replay_url(queue: str) -> str:
-    """The replay page of `queue`, any name (the queue as one path segment, as a message_id in links)."""
-    url = reverse("dead-letter-replay", kwargs={"queue": PLACEHOLDER})
-    return url.replace(f"/{PLACEHOLDER}/", f"/{path_segment(queue)}/", 1)
+    """The replay page of `queue`, any name (`<queue:...>` writes it as one path segment)."""
+    return reverse("dead-letter-replay", kwargs={"queue": queue})
 
 
 @login_required

@@ -1,8 +1,9 @@
 """The app's URLs: pages, the HTTP API, the broker view, health and metrics."""
 from django.urls import path, register_converter
 
-from messaging.web import health, queues, views
+from messaging.web import deadletter_pages, health, queues, views
 from messaging.web import replay as replay_views
+from messaging.web.api import deadletters as api_deadletters
 from messaging.web.api import views as api
 from messaging.web.links import message_id_from_path
 
@@ -22,6 +23,9 @@ class MessageIdConverter:
 
 
 register_converter(MessageIdConverter, "message_id")
+# `<queue:...>` (pages) is registered by messaging.web.links, which the admin's URLs use too.
+# The API's paths take a queue's name as they take a message_id: percent-encoded once, as clients do.
+register_converter(MessageIdConverter, "queue_name")
 
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
@@ -34,9 +38,15 @@ urlpatterns = [
     path("api/messages/<message_id:message_id>/", api.MessageDetail.as_view(), name="api-message"),
     path("api/openapi.json", api.SchemaView.as_view(), name="api-schema"),
     path("api/docs/", api.DocsView.as_view(), name="api-docs"),
+    path("api/dead-letters/", api_deadletters.DeadLetterQueueList.as_view(), name="api-dead-letters"),
+    path("api/dead-letters/<queue_name:queue>/", api_deadletters.DeadLetterQueueDetail.as_view(),
+         name="api-dead-letter-queue"),
     path("queues/", queues.queues, name="queues"),
-    # Before any other dead-letters/<queue>/ route: a queue name may hold slashes (one segment, %2F, in links).
-    path("dead-letters/<message_id:queue>/replay/", replay_views.replay_dead_letters, name="dead-letter-replay"),
+    path("queues/<queue:queue>/", queues.queue_detail, name="queue-detail"),
+    path("dead-letters/", deadletter_pages.dead_letters, name="dead-letters"),
+    # Before the other dead-letters/<queue>/ route (a name may end in "/replay", encoded in links anyway).
+    path("dead-letters/<queue:queue>/replay/", replay_views.replay_dead_letters, name="dead-letter-replay"),
+    path("dead-letters/<queue:queue>/", deadletter_pages.dead_letter_queue, name="dead-letter-queue"),
     path("healthz", health.healthz, name="healthz"),
     path("metrics", health.metrics, name="metrics"),
 ]

@@ -89,3 +89,31 @@ class AnomalyFilter(admin.SimpleListFilter):
         if value in ("body", "route"):
             return queryset.filter(anomaly__in=BODY_ANOMALIES if value == "body" else ROUTE_ANOMALIES)
         return queryset
+
+
+class DeathReasonFilter(admin.SimpleListFilter):
+    """Deliveries of dead-lettered copies (x-death), by reason: served by a partial index of those alone."""
+
+    title = "dead-lettered (x-death)"
+    parameter_name = "death_reason"
+
+    def lookups(self, request, model_admin):
+        return [("any", "dead-lettered (any reason)"),
+                *((value, label) for value, label in Delivery.DeathReason.choices if value)]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        if value == "any":
+            return queryset.exclude(death_reason="")
+        if value in Delivery.DeathReason.values and value:
+            return queryset.filter(death_reason=value)
+        return queryset
+
+
+class DeadLetteredFromFilter(ValueFilter):
+    title = "dead-lettered from queue (exact)"
+    parameter_name = "dead_lettered_from"
+
+    def queryset(self, request, queryset):
+        # `death_reason` is set whenever `dead_lettered_from` is: the partial index serves this too.
+        return queryset.exclude(death_reason="").filter(dead_lettered_from=self.value()) if self.value() else queryset

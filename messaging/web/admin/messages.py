@@ -50,7 +50,7 @@ class DeliveryInline(ReadOnly, admin.TabularInline):
     extra = 0
     can_delete = False
     fields = ["queue", "attempt", "redelivered", "duplicate", "status", "worker", "exchange", "routing_key",
-              "received", "handled", "settled", "error"]
+              "received", "handled", "settled", "retry_delay", "death", "error"]
     readonly_fields = fields
     show_change_link = True
     ordering = ["received_at", "id"]
@@ -61,6 +61,13 @@ class DeliveryInline(ReadOnly, admin.TabularInline):
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("worker")
+
+    @admin.display(description="dead-lettered (x-death)")
+    def death(self, obj):
+        if not obj.death_reason:
+            return "—"
+        return (f"{obj.get_death_reason_display()} from {obj.dead_lettered_from} ×{obj.death_count}, "
+                f"{shown_time(obj.died_at)}")
 
 
 @admin.register(Message)

@@ -36,13 +36,21 @@ class PayloadTooLarge(exceptions.APIException):
     default_detail = "The request body is too large."
 
 
+class Unavailable(exceptions.APIException):
+    """A service the answer needs does not answer (the RabbitMQ management API)."""
+
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_code = "unavailable"
+
+
 class ErrorSerializer(serializers.Serializer):
     """The body of every error answer (documentation only)."""
 
     detail = serializers.CharField(help_text="What went wrong, as a sentence.")
     code = serializers.CharField(help_text="A stable word for programs: invalid, parse_error, not_authenticated, "
                                            "authentication_failed, permission_denied, not_found, method_not_allowed, "
-                                           "conflict, too_large, unsupported_media_type, throttled, server_error.")
+                                           "conflict, too_large, unsupported_media_type, throttled, unavailable, "
+                                           "server_error.")
     errors = serializers.DictField(
         child=serializers.ListField(child=serializers.CharField()), required=False,
         help_text="Invalid fields or query parameters, each with its messages.",

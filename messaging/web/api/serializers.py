@@ -216,16 +216,26 @@ class DeliverySerializer(serializers.Serializer):
     routed = serializers.BooleanField(
         help_text="False when the letter's publish did not route it here (same exchange and routing key, or an "
                   "x-death naming them); reconciliation does not count such a delivery.")
+    retry_delay_seconds = serializers.FloatField(allow_null=True,
+                                                 help_text="After this attempt failed: the retry's wait.")
+    dead_lettered_from = serializers.CharField(help_text="x-death: the queue that last dead-lettered this copy ('').")
+    death_reason = serializers.ChoiceField(choices=Delivery.DeathReason.choices,
+                                           help_text="x-death: why ('' when not).")
+    death_exchange = serializers.CharField(help_text="x-death: the exchange it was published to.")
+    death_routing_keys = serializers.ListField(child=serializers.CharField(), help_text="x-death: its routing keys.")
+    death_count = serializers.IntegerField(help_text="x-death: how many times it died there for that reason.")
+    died_at = IsoDateTimeField(allow_null=True, help_text="x-death: when it last died there.")
 
 
 DELIVERY_FIELDS = ("queue", "status", "redelivered", "attempt", "received_at", "settled_at", "body_size",
-                   "body_sha256", "anomaly")
+                   "body_sha256", "anomaly", "retry_delay", "dead_lettered_from", "death_reason", "death_exchange",
+                   "death_routing_keys", "death_count", "died_at")
 
 
 def delivery_row(values: dict[str, Any]) -> dict[str, Any]:
     """The fields of `DeliverySerializer` from a delivery's `DELIVERY_FIELDS` values."""
-    anomaly = values.pop("anomaly")
-    return {**values, "body_matches": anomaly not in BODY_ANOMALIES, "routed": anomaly not in ROUTE_ANOMALIES}
+    anomaly, delay = values.pop("anomaly"), values.pop("retry_delay")
+    return {**values, "retry_delay_seconds": delay.total_seconds() if delay is not None else None, "body_matches": anomaly not in BODY_ANOMALIES, "routed": anomaly not in ROUTE_ANOMALIES}
 
 
 class MessageDetailSerializer(MessageRowSerializer):
