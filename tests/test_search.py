@@ -5,6 +5,7 @@ from __future__ import annotations
 import pika
 import pytest
 from django.contrib.auth.models import Permission, User
+from django.db import connection
 
 from messaging.consumer.recording import Received, record_batch
 from messaging.models import Message
@@ -149,3 +150,21 @@ def test_what_sqlite_indexes_matches_what_postgresql_indexes():
     headers = {"s": "one", "n": 2, "f": 2.5, "b": True, "none": None, "l": ["three", {"k": "four"}],
                "bytes": {"$bytes": "/wA="}}
     assert document(b"", headers) == "\none 2 2.5 three four /wA="
+
+
+@pytest.mark.django_db
+def test_a_search_in_a_parallel_plan():
+    """PostgreSQL's parallel workers may not run the index's function (its EXCEPTION block is a subtransaction):
+    a plan with workers that calls it on each row, which large tables get, must still answer."""
+    consume([received(i, body=f"letter {i}".encode()) for i in range(200)])
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            for setting in ("parallel_setup_cost", "parallel_tuple_cost", "min_parallel_table_scan_size",
+                            "min_parallel_index_scan_size"):
+                cursor.execute(f"SET LOCAL {setting} = 0")
+            for scan in ("enable_bitmapscan", "enable_indexscan"):  # the function called on each row read
+                cursor.execute(f"SET LOCAL {scan} = off")
+            mode = "debug_parallel_query" if connection.pg_version >= 160000 else "force_parallel_mode"
+            cursor.execute(f"SET LOCAL {mode} = on")
+        assert list(search(Message.objects.all(), "letter 150").values_list("message_id", flat=True)) == ["search-150"]
+        assert search(Message.objects.order_by(), "letter").count() == 200
