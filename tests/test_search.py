@@ -10,7 +10,7 @@ from django.db import connection
 from messaging.consumer.recording import Received, record_batch
 from messaging.models import Message
 from messaging.outbox.publishing import create_message, republish
-from messaging.search import document, search
+from messaging.search import search
 from messaging.web.api import create_token
 from tests.consuming_checks import publish
 
@@ -139,17 +139,6 @@ def test_a_search_right_after_consume_finds_the_letters(manage, queue_name):
     assert set(search(Message.objects.all(), "LYREBIRD").values_list("message_id", flat=True)) == set(ids)
     Message.objects.filter(message_id__in=ids).delete()  # deleted letters leave the index with them
     assert not search(Message.objects.all(), "lyrebird").exists()
-
-
-def test_what_sqlite_indexes_matches_what_postgresql_indexes():
-    """`document` decides text as PostgreSQL's convert_from does, and takes header values, not names."""
-    assert document(b"caf\xc3\xa9 menu", {}) == "café menu\n"
-    assert document(b"\xff\xfe", {"a": "x"}) == "\nx"  # not UTF-8
-    assert document(b"a\x00b", {}) == "\n"  # NUL
-    assert document(b"\xed\xa0\x80", {}) == "\n"  # an encoded surrogate is not UTF-8
-    headers = {"s": "one", "n": 2, "f": 2.5, "b": True, "none": None, "l": ["three", {"k": "four"}],
-               "bytes": {"$bytes": "/wA="}}
-    assert document(b"", headers) == "\none 2 2.5 three four /wA="
 
 
 @pytest.mark.django_db
