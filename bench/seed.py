@@ -51,7 +51,7 @@ FROM generate_series(1, %(n)s) AS i
 DELIVERIES_SQL = """
 INSERT INTO messaging_delivery (
     message_id, queue, consumer_tag, delivery_tag, redelivered, attempt, duplicate, exchange, routing_key, status,
-    worker_id, received_at, handled_at, settled_at, error)
+    worker_id, received_at, handled_at, settled_at, error, body_size, body_sha256, anomaly)
 SELECT m.id,
     CASE WHEN m.exchange = '' THEN m.routing_key
          ELSE m.routing_key || CASE WHEN j = 1 THEN '.a' WHEN j = 2 THEN '.b' ELSE '.audit' END END,
@@ -61,7 +61,8 @@ SELECT m.id,
     1 + m.id % 3, m.published_at + j * interval '100 ms', m.published_at + j * interval '100 ms' + interval '5 ms',
     m.published_at + j * interval '100 ms' + interval '6 ms',
     CASE WHEN m.exchange = '' AND j = 1 THEN 'handler raised: TimeoutError'
-         WHEN m.id % 100 = 3 AND j = 1 THEN 'Traceback: ValueError: bad input' ELSE '' END
+         WHEN m.id % 100 = 3 AND j = 1 THEN 'Traceback: ValueError: bad input' ELSE '' END,
+    m.body_size, m.body_sha256, ''
 FROM messaging_message m CROSS JOIN generate_series(1, 3) AS j
 WHERE m.status IN ('published', 'external') AND (j < 3 OR m.id % 100 IN (11, 12, 13))
 ORDER BY m.id, j

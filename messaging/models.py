@@ -6,9 +6,11 @@ import uuid
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import models
+from django.db import connections, models, router, transaction
 from django.db.models import Value
 from django.utils import timezone
+
+from messaging.search import search_index_for
 
 
 def new_message_id() -> str:
@@ -130,7 +132,17 @@ class Message(models.Model):
         update_fields = kwargs.get("update_fields")
         if update_fields is None or "body" in update_fields:
             self.set_body(bytes(self.body or b""))
-        super().save(*args, **kwargs)
+        # A new letter's words are indexed with it (by the database itself on PostgreSQL); a letter's body
+        # and headers never change afterwards.
+        using = kwargs.get("using") or router.db_for_write(Message, instance=self)
+        index = search_index_for(connections[using].vendor)
+        documents = index.documents([(None, self.body, self.headers)]) if self._state.adding else {}
+        if not documents:
+            super().save(*args, **kwargs)
+            return
+        with transaction.atomic(using=using, savepoint=False):
+            super().save(*args, **kwargs)
+            index.add({self.pk: documents[None]}, using=using)
 
     def set_body(self, body: bytes) -> None:
         """Store `body` with its size and sha256 (kept for display and integrity checks)."""

@@ -26,6 +26,7 @@ from messaging.amqp.codec import (
     text_value,
 )
 from messaging.amqp.deaths import last_death
+from messaging.amqp.stored import to_json
 from messaging.amqp.subscription import Received
 from messaging.consumer.handlers import Handler, run_handler
 from messaging.consumer.linking import link_replies
@@ -33,6 +34,7 @@ from messaging.consumer.retries import Retry, retry_of, schedule, stale_copies
 from messaging.consumer.trail import BODY_MARKS, EXTERNAL, Filed, anomaly
 from messaging.consumer.writers import MESSAGE_COLUMNS, Writer, writer_for
 from messaging.models import Delivery, Message, StreamOffset
+from messaging.search import SearchIndex
 
 if TYPE_CHECKING:
     from messaging.consumer.streams import Tap
@@ -67,7 +69,8 @@ def record_batch(
     retried after `retry_delays[n - 1]`, committed on its row before the worker moves it (`retries`).
     """
     writer = writer or writer_for(connection.vendor)
-    prepared = _prepare(batch, handlers) if batch else None  # the Python work, before taking the write lock
+    # The Python work, before taking the write lock.
+    prepared = _prepare(batch, handlers, writer.search) if batch else None
     with writer.one_at_a_time(), transaction.atomic():
         if settled:
             record_settled(settled, writer=writer)
@@ -181,16 +184,18 @@ class Recorded:
 class Prepared:
     """A batch turned into database values, before the transaction: message_ids, receipt times, each
     body's sha256, a `Message` row (MESSAGE_COLUMNS) per distinct message in case it is new, and each
-    delivery's status and settled_at as written ('acked' when its queue has no handler)."""
+    delivery's status and settled_at as written ('acked' when its queue has no handler), and the text
+    each new message adds to the search index (by message_id; none on PostgreSQL)."""
 
     ids: list[str]
     received: list
     digests: list[str]
     messages: dict[str, tuple]
     settlement: list[tuple]  # (status, settled_at) per delivery
+    words: dict[str, str]
 
 
-def _prepare(batch: list[Received], handlers: dict[str, Handler] | None) -> Prepared:
+def _prepare(batch: list[Received], handlers: dict[str, Handler] | None, search: SearchIndex) -> Prepared:
     for r in batch:
         r.exchange, r.routing_key = _stored_name(r.exchange), _stored_name(r.routing_key)
     received = [_adapted(datetime.fromtimestamp(r.received_at, UTC)) for r in batch]
@@ -202,13 +207,19 @@ def _prepare(batch: list[Received], handlers: dict[str, Handler] | None) -> Prep
             raw_ids[message_id] = raw_id
     digests = [hashlib.sha256(r.body).hexdigest() for r in batch]  # each delivery's, and its new message's
     messages: dict[str, tuple] = {}
+    firsts = []  # the delivery each row of `messages` is made from
     for r, message_id, received_at, sha256 in zip(batch, ids, received, digests):
         if message_id not in messages:
             messages[message_id] = _external_message_row(r, message_id, received_at, sha256=sha256,
                                                          raw_id=raw_ids.get(message_id))
+            firsts.append(r)
     acked_now = (ACKED, _adapted(timezone.now()))
     settlement = [(RECEIVED, None) if handlers and r.queue in handlers else acked_now for r in batch]
-    return Prepared(ids=ids, received=received, digests=digests, messages=messages, settlement=settlement)
+    # Their words, in case they are new (SQLite's index; PostgreSQL's keeps itself and reads none of this).
+    words = search.documents((message_id, row[BODY], to_json(r.properties.headers) if r.properties.headers else {})
+                             for (message_id, row), r in zip(messages.items(), firsts))
+    return Prepared(ids=ids, received=received, digests=digests, messages=messages, settlement=settlement,
+                    words=words)
 
 
 def _adapted(moment: datetime):
@@ -223,6 +234,8 @@ def _insert(batch: list[Received], prepared: Prepared, *, writer: Writer, worker
     inserted = writer.insert_messages(new) if new else {}
     if inserted:
         link_replies(new, inserted, writer=writer)
+        if prepared.words:
+            writer.search.add({pk: prepared.words[message_id] for message_id, pk in inserted.items()})
     for row in new:
         if row[0] in inserted:
             known[row[0]] = (inserted[row[0]], row[BODY_SHA256], row[EXCHANGE], row[ROUTING_KEY], EXTERNAL)
@@ -338,7 +351,8 @@ def _external_message_row(r: Received, message_id: str, received_at, *, sha256: 
 
 
 # Positions in a `Message` row (MESSAGE_COLUMNS) of what a delivery is compared with.
-EXCHANGE, ROUTING_KEY, BODY_SHA256 = (MESSAGE_COLUMNS.index(name) for name in ("exchange", "routing_key", "body_sha256"))
+EXCHANGE, ROUTING_KEY, BODY_SHA256, BODY = (
+    MESSAGE_COLUMNS.index(name) for name in ("exchange", "routing_key", "body_sha256", "body"))
 
 
 EXTERNAL_ORIGIN = Message.Origin.EXTERNAL.value

@@ -15,6 +15,7 @@ from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
 
 from messaging import statements
 from messaging.models import Delivery, Message
+from messaging.search import PostgreSQLSearch, SearchIndex, SQLiteSearch
 from messaging.statements import padded, parts, slots
 
 MESSAGE_COLUMNS = (
@@ -34,7 +35,12 @@ REQUEST_COLUMNS = "correlation_id, id, created_at, properties"
 
 
 class Writer:
-    """The contract: the statements of recording a batch, inside the caller's transaction."""
+    """The contract: the statements of recording a batch, inside the caller's transaction.
+
+    `search` is the database's search index, which `recording` hands the new letters' words.
+    """
+
+    search: SearchIndex
 
     def one_at_a_time(self) -> AbstractContextManager:
         """Held around a batch's transaction: the recording threads of a worker that must take turns."""
@@ -92,6 +98,7 @@ class SQLiteWriter(Writer):
     """
 
     def __init__(self) -> None:
+        self.search = SQLiteSearch()
         # The worker's recording threads take turns here, which wakes the next at once where
         # SQLite's busy handler polls in steps of milliseconds.
         self._lock = threading.Lock()
@@ -175,6 +182,7 @@ class PostgreSQLWriter(Writer):
     copy_min_rows = 50  # below this, one INSERT round trip beats COPY's extra ones
 
     def __init__(self) -> None:
+        self.search = PostgreSQLSearch()
         self._sequences: dict[str, str] = {}  # table -> its id sequence, looked up once
 
     def message_pks(self, message_ids: list[str]) -> dict[str, tuple]:

@@ -16,6 +16,7 @@ from messaging.outbox import publishing
 from messaging.outbox.publishing import create_message
 from messaging.outbox.requests import publish_request
 from messaging.outbox.routing import preview_route
+from messaging.search import search
 from messaging.web import dashboard as dashboard_figures
 from messaging.web import queues
 from messaging.web.counting import (
@@ -109,20 +110,12 @@ def message_list(request):
                   .values_list("pk", flat=True)[:RECENT_DELIVERIES])
         ids.update(row["message_id"] for row in recently_delivered(queue=queue))
         messages = messages.filter(pk__in=ids)
-    if q.strip():
-        messages = messages.filter(searched(q))
+    messages = search(messages, q)
     page = CappedCountPaginator(messages.order_by("-created_at", "-id"), PAGE_SIZE).get_page(request.GET.get("page"))
     rows = page_rows(list(page.object_list))
     return render(request, "messaging/message_list.html", {
         "page": page, "rows": rows, "status": status, "queue": queue, "q": q, "statuses": Message.Status.choices,
     })
-
-
-def searched(term: str) -> Q:
-    """Letters whose message_id, routing key or correlation_id is `term` as typed or without its outer spaces
-    (another producer's id may have spaces at its ends; a pasted one may have gained some)."""
-    values = {term, term.strip()}
-    return Q(message_id__in=values) | Q(routing_key__in=values) | Q(correlation_id__in=values)
 
 
 def page_rows(messages: list[Message]) -> list[dict]:

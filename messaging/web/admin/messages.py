@@ -14,6 +14,7 @@ from django.utils.html import format_html, format_html_join
 from messaging.errors import InvalidMessage
 from messaging.models import Delivery, Message
 from messaging.outbox.publishing import republish, republish_notes
+from messaging.search import search
 from messaging.web.admin.base import (
     ReadOnly,
     ReadOnlyAdmin,
@@ -75,8 +76,9 @@ class MessageAdmin(ReadOnlyAdmin):
     list_display = ["message_id", "status", "exchange_name", "routing_key", "origin", "deliveries",
                     "last_delivery", "last_delivered", "created"]
     list_filter = ["status", "origin", ExchangeFilter, QueueFilter, DeliveryStatusFilter]
-    search_fields = ["message_id"]  # exact message_id, correlation_id or routing key: see get_search_results
-    search_help_text = "Exact message_id, correlation_id or routing key."
+    search_fields = ["message_id"]  # exact ids and words: see get_search_results
+    search_help_text = ("Exact message_id, correlation_id or routing key, or words of a text body and of header "
+                        "values (all of them).")
     date_hierarchy = "created_at"
     sortable_by = ["created"]
     ordering = ["-created_at", "-id"]
@@ -115,12 +117,8 @@ class MessageAdmin(ReadOnlyAdmin):
         return calendar(queryset)
 
     def get_search_results(self, request, queryset, search_term):
-        """Exact matches only, each on its own index (admin's `=` would be a case-insensitive scan)."""
-        if not search_term.strip():
-            return queryset, False
-        terms = {search_term, search_term.strip()}  # as typed too: an id may have spaces at its ends
-        return queryset.filter(message_id__in=terms) | queryset.filter(correlation_id__in=terms) | queryset.filter(
-            routing_key__in=terms), False
+        """The exact ids and the words of bodies and headers, each on its own index (`messaging.search`)."""
+        return search(queryset, search_term), False
 
     @admin.display(description="exchange")
     def exchange_name(self, obj):

@@ -260,3 +260,8 @@ class MessageFilterSerializer(serializers.Serializer):
     routing_key = serializers.CharField(required=False, allow_blank=True, max_length=255, trim_whitespace=False)
     since = serializers.DateTimeField(required=False, help_text="Created at or after (ISO 8601).")
     until = serializers.DateTimeField(required=False, help_text="Created before (ISO 8601).")
+    search = serializers.CharField(
+        required=False, max_length=1000, trim_whitespace=False,
+        help_text="An exact message_id, correlation_id or routing key, or words: letters whose text body and header "
+                  "values hold all of them (whole words, any case; a binary body is not searched).",
+    )

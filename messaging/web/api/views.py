@@ -16,6 +16,7 @@ from messaging.errors import DuplicateMessageId, InvalidMessage
 from messaging.models import Delivery, Message
 from messaging.outbox.publishing import create_message, new_message, same_content
 from messaging.outbox.requests import publish_request, wait_seconds
+from messaging.search import search as search_messages
 from messaging.web.api.errors import ERRORS, Conflict, InvalidLetter, error_response, handle_error
 from messaging.web.api.policies import AUTHENTICATION, ApiView
 from messaging.web.api.serializers import (
@@ -117,8 +118,10 @@ class MessageList(ApiView):
                         headers={"Location": location(request, stored.message_id)})
 
 
-def filtered(messages, *, status=None, queue=None, exchange=None, routing_key=None, since=None, until=None):
-    """`messages` narrowed by the list's filters (each one served by an index ending in created_at)."""
+def filtered(messages, *, status=None, queue=None, exchange=None, routing_key=None, since=None, until=None,
+             search=None):
+    """`messages` narrowed by the list's filters (each one served by an index ending in created_at, or the
+    search index)."""
     if status is not None:
         messages = messages.filter(status=status)
     if queue is not None:  # a probe of delivery_message_queue_idx per letter, or a semi-join the planner picks
@@ -131,6 +134,8 @@ def filtered(messages, *, status=None, queue=None, exchange=None, routing_key=No
         messages = messages.filter(created_at__gte=since)
     if until is not None:
         messages = messages.filter(created_at__lt=until)
+    if search is not None:
+        messages = search_messages(messages, search)
     return messages
 
 
