@@ -10,7 +10,7 @@ import pytest
 from django.db import connection, transaction
 
 from messaging import statements
-from messaging.consumer import recording
+from messaging.consumer import filing, recording
 from messaging.consumer.recording import (
     Received,
     record_batch,
@@ -435,7 +435,7 @@ def test_receipt_times_are_stored_as_taken_and_sort_in_time_order():
 
 def test_insert_skipping_a_conflict_returns_the_new_letters_ids():
     [first] = record_batch([received(1, message_id="dup-a")], worker_id=None)
-    rows = [recording._external_message_row(received(2, message_id=m), m, "2026-01-01 00:00:00")
+    rows = [filing.external_message_row(received(2, message_id=m), m, "2026-01-01 00:00:00")
             for m in ("dup-a", "dup-b")]
     with transaction.atomic():
         ids = writer_for(connection.vendor).insert_messages(rows)

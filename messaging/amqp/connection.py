@@ -212,6 +212,12 @@ class QueueState:
 ALWAYS_DURABLE = ("quorum", "stream")  # queue types RabbitMQ refuses to declare without `durable`
 
 
+# What the worker logs, once, of a queue that a broker restart would lose.
+NOT_DURABLE = (
+    "does not survive a broker restart (not durable, or exclusive/auto-delete): what it holds then is lost. "
+    "In production consume a named queue declared with `--durable` or `--queue-type quorum` (or MAILROOM_DURABLE=true)")
+
+
 def declare_queue(
     connection: pika.BlockingConnection, channel, name: str, *, durable: bool | None = None,
     queue_type: str = "", dead_letter_exchange: str = "", exclusive: bool = False, message_ttl: int | None = None,

@@ -10,8 +10,6 @@ database is the writer's business (`messaging.consumer.writers`).
 from __future__ import annotations
 
 import hashlib
-import json
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -19,15 +17,11 @@ from typing import TYPE_CHECKING
 from django.db import connection, transaction
 from django.utils import timezone
 
-from messaging.amqp.codec import (
-    json_safe_str,
-    read_properties,
-    stored_message_id,
-    text_value,
-)
+from messaging.amqp.codec import json_safe_str
 from messaging.amqp.deaths import last_death
 from messaging.amqp.stored import to_json
 from messaging.amqp.subscription import Received
+from messaging.consumer.filing import external_message_row, filed_message_id, stored_name
 from messaging.consumer.handlers import Handler, run_handler
 from messaging.consumer.linking import link_replies
 from messaging.consumer.retries import Retry, retry_of, schedule, stale_copies
@@ -124,8 +118,8 @@ def record_refused(r: Received, *, worker_id: int | None, reason: str, tap: Tap 
     sha256 = hashlib.sha256(body).hexdigest()
     now = timezone.now()
     reason = json_safe_str(reason)
-    exchange, routing_key = _stored_name(r.exchange), _stored_name(r.routing_key)
-    message_id, raw_id = _message_id(r, has_handler=False)
+    exchange, routing_key = stored_name(r.exchange), stored_name(r.routing_key)
+    message_id, raw_id = filed_message_id(r, has_handler=False)
     with transaction.atomic():
         message, _ = Message.objects.get_or_create(
             message_id=message_id,
@@ -197,11 +191,11 @@ class Prepared:
 
 def _prepare(batch: list[Received], handlers: dict[str, Handler] | None, search: SearchIndex) -> Prepared:
     for r in batch:
-        r.exchange, r.routing_key = _stored_name(r.exchange), _stored_name(r.routing_key)
+        r.exchange, r.routing_key = stored_name(r.exchange), stored_name(r.routing_key)
     received = [_adapted(datetime.fromtimestamp(r.received_at, UTC)) for r in batch]
     ids, raw_ids = [], {}
     for r in batch:
-        message_id, raw_id = _message_id(r, has_handler=bool(handlers) and r.queue in handlers)
+        message_id, raw_id = filed_message_id(r, has_handler=bool(handlers) and r.queue in handlers)
         ids.append(message_id)
         if raw_id is not None:
             raw_ids[message_id] = raw_id
@@ -210,7 +204,7 @@ def _prepare(batch: list[Received], handlers: dict[str, Handler] | None, search:
     firsts = []  # the delivery each row of `messages` is made from
     for r, message_id, received_at, sha256 in zip(batch, ids, received, digests):
         if message_id not in messages:
-            messages[message_id] = _external_message_row(r, message_id, received_at, sha256=sha256,
+            messages[message_id] = external_message_row(r, message_id, received_at, sha256=sha256,
                                                          raw_id=raw_ids.get(message_id))
             firsts.append(r)
     acked_now = (ACKED, _adapted(timezone.now()))
@@ -283,93 +277,12 @@ def _record_deaths(batch: list[Received], recorded: list[Recorded]) -> None:
         Delivery.objects.filter(pk__in=pks).update(**death.as_fields())
 
 
-def _stored_name(value) -> str:
-    """An exchange or routing key as its column stores it: another producer's bytes may not be UTF-8,
-    or hold NUL (escaped as six characters, so a 255-byte name can come out longer than its column)."""
-    if type(value) is str and "\x00" not in value:
-        return value
-    return text_value(value)[:255]
-
-
-def _message_id(r: Received, *, has_handler: bool) -> tuple[str, bytes | None]:
-    """The message_id to file the delivery under, and the raw id when that text is not exactly it."""
-    message_id = r.properties.message_id
-    if message_id:
-        return stored_message_id(message_id)
-    if r.redelivered:
-        # A message without message_id recorded before the consumer died: find it by its content.
-        found = _match_by_content(r, has_handler=has_handler)
-        if found:
-            return found, None
-    return str(uuid.uuid4()), None
-
-
-def _match_by_content(r: Received, *, has_handler: bool) -> str | None:
-    """The message whose latest delivery on this queue, of identical content, may have lost its ack.
-
-    That latest delivery (a rejected one aside) decides. If it is 'acked' on a queue with a handler,
-    the ack went out (a handler's outcome is written after the broker was told): a redelivered
-    identical message is then another message, sent twice without a message_id, whose handler must
-    run. Without a handler, 'acked' is written with the row, its ack to follow, which a crash may
-    have cut off: it matches.
-    """
-    sha = hashlib.sha256(r.body).hexdigest()
-    latest = (
-        Delivery.objects.filter(
-            queue=r.queue, message__body_sha256=sha, message__origin=Message.Origin.EXTERNAL,
-            message__routing_key=r.routing_key,
-        )
-        .exclude(status=Delivery.Status.REJECTED)
-        .order_by("-pk").values_list("message__message_id", "status", "handled_at").first()
-    )
-    if latest is None:
-        return None
-    message_id, status, handled_at = latest
-    if status == Delivery.Status.ACKED and (has_handler or handled_at is not None):
-        return None
-    return message_id
-
-
-def _external_message_row(r: Received, message_id: str, received_at, *, sha256: str = "",
-                          raw_id: bytes | None = None) -> tuple:
-    """A `Message` row (MESSAGE_COLUMNS) for a message Mailroom did not publish.
-
-    `received_at` is already adapted for the database; `sha256` is the body's, when already known. The JSON columns are given as JSON text,
-    as Django's adapter writes them on SQLite (json.dumps, no encoder); PostgreSQL reads that text
-    as jsonb, in COPY and in a statement's literals alike. psycopg's Jsonb wrapper would cost
-    ~12 µs more a row in COPY.
-    """
-    p = read_properties(r.properties)
-    body = bytes(r.body)
-    return (
-        message_id, EXTERNAL_ORIGIN, EXTERNAL_STATUS, r.exchange, "", r.routing_key,
-        False, body, len(body), sha256 or hashlib.sha256(body).hexdigest(), p["content_type"][:255],
-        p["content_encoding"][:255], p["correlation_id"], p["delivery_mode"],
-        json.dumps(p["headers"]) if p["headers"] else "{}",
-        json.dumps(p["properties"]) if p["properties"] else "{}", "", 0, received_at, raw_id,
-    )
-
-
 # Positions in a `Message` row (MESSAGE_COLUMNS) of what a delivery is compared with.
 EXCHANGE, ROUTING_KEY, BODY_SHA256, BODY = (
     MESSAGE_COLUMNS.index(name) for name in ("exchange", "routing_key", "body_sha256", "body"))
 
 
-EXTERNAL_ORIGIN = Message.Origin.EXTERNAL.value
-
-
-EXTERNAL_STATUS = Message.Status.EXTERNAL.value
-
-
-RECEIVED = Delivery.Status.RECEIVED.value
-
-
-ACKED = Delivery.Status.ACKED.value
-
-
-REQUEUED = Delivery.Status.REQUEUED.value
-
-
+RECEIVED, ACKED, REQUEUED = Delivery.Status.RECEIVED.value, Delivery.Status.ACKED.value, Delivery.Status.REQUEUED.value
 UNACKED_OR_ACKED_AT_INSERT = (RECEIVED, ACKED)
 
 

@@ -21,7 +21,7 @@ from django.db import (
 from django.db import connection as db_connection
 from django.utils.module_loading import import_string
 
-from messaging.amqp.connection import FATAL_REPLY_CODES, Nodes
+from messaging.amqp.connection import FATAL_REPLY_CODES, NOT_DURABLE, Nodes
 from messaging.amqp.subscription import Received, Subscription
 from messaging.backoff import backoff_delays
 from messaging.conf import unmigrated
@@ -158,9 +158,7 @@ class Consumer:
                         state.consumer_count, path or "-")
             if not state.survives_restart and name not in self._warned:
                 self._warned.add(name)
-                logger.warning("queue=%s does not survive a broker restart (not durable, or exclusive/auto-delete): "
-                               "what it holds then is lost. In production consume a named queue declared with "
-                               "`--durable` or `--queue-type quorum` (or MAILROOM_DURABLE=true)", state.name)
+                logger.warning("queue=%s %s", state.name, NOT_DURABLE)
             queues.append(state.name)
         prefetch = o.prefetch if o.max_messages is None else max(1, min(o.prefetch, o.max_messages))
         subscription.consume(queues, prefetch=prefetch, on_delivery=self._on_delivery,
@@ -346,11 +344,9 @@ class Consumer:
         recorder = next(r for r in self._threads.recorders if r not in busy)
         future = self._threads.record(
             recorder, recording.record_batch, batch, writer=self._writer, worker_id=self._worker_id, settled=settled,
-            handlers=self._handlers, max_retries=self.options.max_retries, retry_delays=self.options.retry_delays,
-            tap=self._tap,
+            handlers=self._handlers, max_retries=self.options.max_retries, retry_delays=self.options.retry_delays, tap=self._tap,
         )
-        # message_id properties as received (ids that only the truncation to 255 characters makes
-        # equal are not held back: their message row is still one, by the unique constraint).
+        # message_ids as received (ids equal only once cut to 255 characters still share one row, by the unique constraint).
         message_ids = frozenset([r.properties.message_id for r in batch]) if len(self._threads.recorders) > 1 else frozenset()
         self._in_flight.append(InFlight(
             future=future, batch=batch, size=body_bytes(batch), settled=settled, recorder=recorder, message_ids=message_ids,
@@ -401,3 +397,4 @@ class Consumer:
             self._unsettled = []
         c = self.counts
         registry.save_counts(self._worker_id, acked=c.acked, requeued=c.requeued, rejected=c.rejected, stopped=True)
+
