@@ -6,7 +6,7 @@ binary body is not indexed; its letter is still found by its header values. Word
 matched, by the database's own full-text machinery, in its 'simple' form: lowercased, no stemming.
 
 - PostgreSQL keeps its index itself: a GIN index over `messaging_search_document(body, headers)`, a SQL
-  function migration 0012 creates. Whatever writes a letter (the ORM, the consumer's COPY, an INSERT …
+  function migration 0016 creates. Whatever writes a letter (the ORM, the consumer's COPY, an INSERT …
   SELECT) updates it in the same statement, and nothing is computed in Python.
 - SQLite: the FTS5 table `messaging_message_search`, its rowid the letter's id. `documents` makes each new
   letter's text (the consumer calls it before taking the write lock), `add` writes it in the transaction
