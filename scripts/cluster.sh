@@ -133,7 +133,10 @@ up() {
 down() {
   local n pid
   for n in "${NODES[@]}"; do
-    if running "$n"; then ctl "$n" stop >/dev/null 2>&1 || true; fi
+    (if running "$n"; then ctl "$n" stop >/dev/null 2>&1 || true; fi) &
+  done
+  wait
+  for n in "${NODES[@]}"; do
     pid="$(cat "$DIR/$(node "$n")/pid" 2>/dev/null || true)"
     if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then kill -9 "$pid" 2>/dev/null || true; fi
   done
