@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import pika
-from django.db import close_old_connections, connections
+from django.db import connections
+from django.db.utils import load_backend
 from django.utils import timezone
 
 from messaging.models import Delivery, Message
@@ -147,16 +148,32 @@ class Cluster:
                 connection.close()
 
 
+def attach_database(alias: str, settings_dict: dict) -> None:
+    """Open database `alias` in this thread only, outside settings.DATABASES (the throwaway PostgreSQL).
+
+    Django's test cases allow such dynamically created connections in any thread; `detach_database` closes it.
+    """
+    connections[alias] = load_backend(settings_dict["ENGINE"]).DatabaseWrapper(settings_dict, alias)
+
+
+def detach_database(alias: str) -> None:
+    connections[alias].close()
+    del connections[alias]
+
+
 class Outbox:
     """Writes pending letters for the relay on `queue`, `chunk` at a time, from a thread of its own,
-    until stopped; on database `using`. Survives the database going away (it writes on when back)."""
+    until stopped; on database `using` (`database`: its settings, when it is not in settings.DATABASES).
+    Survives the database going away (it writes on when it is back)."""
 
-    def __init__(self, queue: str, *, using: str = "default", chunk: int = 15, every: float = 0.1,
-                 limit: int = 100_000) -> None:
+    def __init__(self, queue: str, *, using: str = "default", database: dict | None = None, chunk: int = 15,
+                 every: float = 0.1, limit: int = 100_000) -> None:
         self.queue, self.using, self.chunk, self.every, self.limit = queue, using, chunk, every, limit
+        self.database = database
         self.prefix = f"cluster-{uuid.uuid4().hex[:8]}"
         self.ids: list[str] = []
         self.failures = 0
+        self.last_error = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -170,17 +187,22 @@ class Outbox:
         return self.ids
 
     def _run(self) -> None:
+        if self.database:
+            attach_database(self.using, self.database)
         try:
             while not self._stop.is_set() and len(self.ids) < self.limit:
                 try:
                     self.write(self.chunk)
-                except Exception:  # noqa: BLE001 — the database is restarting: write on when it is back
+                except Exception as exc:  # noqa: BLE001 — the database is restarting: write on when it is back
                     self.failures += 1
-                    close_old_connections()
+                    self.last_error = f"{exc.__class__.__name__}: {exc}"
                     connections[self.using].close()
                 self._stop.wait(self.every)
         finally:
-            connections[self.using].close()
+            if self.database:
+                detach_database(self.using)
+            else:
+                connections[self.using].close()
 
     def write(self, count: int) -> None:
         now = timezone.now()

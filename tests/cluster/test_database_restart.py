@@ -25,6 +25,8 @@ from django.db import connections
 from tests.cluster.harness import (
     Outbox,
     assert_nothing_lost,
+    attach_database,
+    detach_database,
     monotonic_wait,
     settle,
     start_crew,
@@ -59,6 +61,7 @@ class ThrowawayPostgres:
         self.dir = Path(tempfile.mkdtemp(prefix="mailroom-pg-"))
         self.port = free_port()
         self.url = f"postgres://postgres@127.0.0.1:{self.port}/mailroom"
+        self.settings: dict = {}  # Django's settings of its database (see `throwaway_postgres`)
         if os.geteuid() == 0:
             shutil.chown(self.dir, "postgres", "postgres")
         self.run(str(PG_BIN / "initdb"), "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres", "-E", "UTF8",
@@ -91,14 +94,11 @@ def throwaway_postgres():
         out = subprocess.run([sys.executable, str(ROOT / "manage.py"), "migrate", "--noinput", "-v0"], cwd=ROOT, env=subprocess_env(DATABASE_URL=pg.url), check=False,
                              capture_output=True, text=True, timeout=180)
         assert out.returncode == 0, out.stderr
-        connections.settings[ALIAS] = connections.configure_settings(
-            {"default": {}, ALIAS: environ.Env.db_url_config(pg.url)})[ALIAS]
+        pg.settings = connections.configure_settings({"default": {}, ALIAS: environ.Env.db_url_config(pg.url)})[ALIAS]
+        attach_database(ALIAS, pg.settings)
         yield pg
+        detach_database(ALIAS)
     finally:
-        if ALIAS in connections.settings:
-            connections[ALIAS].close()
-            del connections[ALIAS]
-            del connections.settings[ALIAS]
         pg.remove()
 
 
@@ -119,9 +119,9 @@ def test_postgresql_restarted_under_load(on_cluster, throwaway_postgres, queue_n
     web_port = free_port()
     web = manage("runserver", "--noreload", f"127.0.0.1:{web_port}", env=env)
     wait_for(lambda: health(web_port) == 200, timeout=30, interval=0.3, message="/healthz 200")
-    outbox = Outbox(queue_name, using=ALIAS).start()
+    outbox = Outbox(queue_name, using=ALIAS, database=throwaway_postgres.settings).start()
     try:
-        wait_for(lambda: len(outbox.ids) >= 300, timeout=30, message="letters written")
+        wait_for(lambda: len(outbox.ids) >= 300, timeout=30, message=f"letters written ({outbox.last_error})")
         throwaway_postgres.stop()
         try:
             wait_for(lambda: health(web_port) == 503, timeout=15, interval=0.3, message="/healthz 503")
