@@ -11,7 +11,7 @@ SOAK_DATABASE_URL (postgres://postgres@127.0.0.1:5432/mailroom_soak) and migrate
 The outbox is fed as fast as the pipeline drains it, keeping at most --window letters written but
 not yet recorded. Prints: throughput (letters recorded per second, first write to last record),
 p50/p99 from a letter's outbox row committed to its delivery row committed (seen by a poller every
-50 ms: the time through the relay, the broker and the worker, the relay's polling included), each
+100 ms: the time through the relay, the broker and the worker, the relay's polling included), each
 worker's RSS after the first 10,000 letters and at the end, letters lost (not recorded as an acked
 delivery: must be 0) and duplicates recorded as deliveries.
 """
@@ -31,7 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/mailroom_soak"
 QUEUE = "soak"
-POLL_SECONDS = 0.05
+POLL_SECONDS = 0.1
+# Rows committed out of id order (four workers' batches of 500 in flight at once) are caught by looking back this far.
+LOOK_BACK = 2500
 
 
 def sh(*command: str, env: dict | None = None, timeout: float = 600) -> str:
@@ -104,21 +106,20 @@ class Soak:
         try:
             while not self.done.is_set():
                 with connection.cursor() as cursor:
-                    # Rows committed out of id order (two workers' transactions) are caught by the look-back.
                     cursor.execute(
                         "SELECT d.id, m.message_id FROM messaging_delivery d JOIN messaging_message m ON m.id = d.message_id "
-                        "WHERE d.id > %s AND d.status = 'acked' AND NOT d.duplicate ORDER BY d.id", [max(0, last - 20000)])
+                        "WHERE d.id > %s AND d.status = 'acked' AND NOT d.duplicate ORDER BY d.id", [max(0, last - LOOK_BACK)])
                     rows = cursor.fetchall()
                 now = time.monotonic()
                 for pk, message_id in rows:
-                    if pk in stamped:
-                        continue
-                    stamped.add(pk)
                     index = int(message_id.rsplit("-", 1)[1])
+                    last = max(last, pk)
+                    if index in stamped:  # seen already (or a copy two workers recorded at once)
+                        continue
+                    stamped.add(index)
                     self.latencies.append(now - self.written_at[index])
                     self.seen += 1
                     self.last_seen = now
-                    last = max(last, pk)
                 if self.seen >= self.args.messages:
                     return
                 time.sleep(POLL_SECONDS)
@@ -143,7 +144,7 @@ def main() -> None:
     script = str(ROOT / "scripts" / "cluster.sh")
     print(f"database {url} (recreated), cluster on base port {cluster_env['MAILROOM_CLUSTER_BASE_PORT']}", flush=True)
     recreate_database(url)
-    variables = dict(line.removeprefix("export ").split("=", 1) for line in sh(script, "up", env=cluster_env).split())
+    variables = dict(line.removeprefix("export ").split("=", 1) for line in sh(script, "up", env=cluster_env).splitlines())
     variables = {k: v.strip("'") for k, v in variables.items()}
     env = {**os.environ, **variables, "DATABASE_URL": url, "DJANGO_SETTINGS_MODULE": "config.settings",
            "PYTHONUNBUFFERED": "1"}
@@ -198,7 +199,12 @@ def main() -> None:
         for t in threads:
             t.join()
         duration = soak.last_seen - soak.first_write
-        time.sleep(3)  # late duplicates, if any, land before the count
+        # A delivery seen acked may have been undone since (its ack lost with the connection): wait
+        # for its redelivery to be recorded, and for late copies, before counting.
+        deadline = time.monotonic() + 60
+        while recorded() < args.messages and time.monotonic() < deadline:
+            time.sleep(1)
+        time.sleep(3)
         for p in procs:
             p.send_signal(signal.SIGTERM)
         codes = [p.wait(timeout=60) for p in procs]
@@ -209,6 +215,16 @@ def main() -> None:
             if p.poll() is None:
                 p.kill()
         sh(script, "down", env=cluster_env)
+
+
+def recorded() -> int:
+    """Letters with an acked delivery on the soak's queue."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(DISTINCT message_id) FROM messaging_delivery WHERE queue = %s AND status = 'acked'",
+                       [QUEUE])
+        return cursor.fetchone()[0]
 
 
 def report(soak: Soak, args, duration: float, rss_start, rss_end, codes) -> None:

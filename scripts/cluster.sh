@@ -72,7 +72,9 @@ EOF
 start_node() {
   local n="$1" d="$DIR/$(node "$1")"
   [[ -f "$d/rabbitmq.conf" ]] || { say "$(node "$n") was never set up: run $0 up"; exit 1; }
-  if running "$n"; then say "$(node "$n") is already running."; return 0; fi
+  local pid
+  pid="$(cat "$d/pid" 2>/dev/null || true)"
+  if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then say "$(node "$n") is already running."; return 0; fi
   # On Debian, root's rabbitmq-server runs as the rabbitmq user: it must own its directory.
   if [[ $(id -u) == 0 ]] && id rabbitmq >/dev/null 2>&1; then chown -R rabbitmq: "$DIR"; fi
   RABBITMQ_NODENAME="$(node "$n")" RABBITMQ_NODE_PORT="$(amqp_port "$n")" RABBITMQ_DIST_PORT="$(dist_port "$n")" \

@@ -247,8 +247,9 @@ def start_crew(manage, cluster: Cluster, queue: str, *, env: dict[str, str], wor
     return Crew(relay=relay, workers=crew)
 
 
-def settle(outbox: Outbox, queue: str, *, timeout: float = 90) -> None:
-    """Wait until every letter the outbox wrote is published and acked on `queue`."""
+def settle(outbox: Outbox, queue: str, cluster: Cluster, *, timeout: float = 90) -> None:
+    """Wait until every letter the outbox wrote is published and acked on `queue`, and the queue is
+    empty (copies the relay published again, their confirms lost, are recorded too)."""
     ids = outbox.ids
     letters = Message.objects.using(outbox.using).filter(message_id__startswith=f"{outbox.prefix}-")
     acked = Delivery.objects.using(outbox.using).filter(queue=queue, status=Delivery.Status.ACKED)
@@ -256,6 +257,7 @@ def settle(outbox: Outbox, queue: str, *, timeout: float = 90) -> None:
              interval=0.5, message="every letter published")
     wait_for(lambda: acked.values("message").distinct().count() == len(ids), timeout=timeout, interval=0.5,
              message="every letter acked")
+    wait_for(lambda: cluster.queue_counts(queue) == (0, 0), timeout=timeout, interval=0.5, message="the queue empty")
 
 
 def assert_nothing_lost(outbox: Outbox, queue: str, cluster: Cluster) -> dict:
