@@ -104,9 +104,9 @@ def test_a_partition_isolating_one_node_pauses_it_then_heals(on_cluster, queue_n
     crew.stop()
     figures = assert_nothing_lost(outbox, queue_name, on_cluster)
     assert crew.reconnects() >= 2, "the workers were not moved off the paused node"
-    # Not asserted: on this loaded 2-core machine the majority nacked the quorum queue's publishes for
-    # the whole partition in some runs (the relay kept them pending and published them at the heal);
-    # an idle cluster acks through node 2 within a second. Logged, to be watched.
+    # Not asserted: in most runs the relay's publishes were nacked for the whole partition (kept
+    # pending, published at the heal), while a bare pika publisher is acked through node 2 within a
+    # second of the cut. Logged, to be understood (docs/performance.md).
     figures["published_while_isolated"] = published_between(outbox, isolated, healed)
     # pause_minority left no partition to resolve by hand.
     assert "mailroom-test" not in on_cluster.ctl(2, "eval", "rabbit_node_monitor:partitions().").replace(
