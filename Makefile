@@ -1,5 +1,6 @@
 # Mailroom — `make run` runs the whole post office, `make test` runs the tests (SQLite, then PostgreSQL);
-# `make test-unit` runs the unit tier alone (no broker, no database server; seconds).
+# `make test-unit` runs the unit tier alone (no broker, no database server; seconds);
+# `make cluster-test` the faults on a three-node RabbitMQ cluster alone (PostgreSQL).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +10,7 @@ UNIT_DB_URL := sqlite:///$(CURDIR)/unit.sqlite3
 # Nothing listens there: the unit tier proves it needs no broker.
 CLOSED_RABBITMQ_URL := amqp://guest:guest@127.0.0.1:1/%2F
 
-.PHONY: setup run test test-sqlite test-postgres test-unit services check-python bench clean
+.PHONY: setup run test test-sqlite test-postgres test-unit cluster-test services check-python bench clean
 
 check-python:
 	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 12) else "Mailroom needs Python >= 3.12 (Django 6); $(PYTHON) is %d.%d. Install one (e.g. pyenv install 3.12) or run make PYTHON=python3.12 ..." % v[:2])'
@@ -63,6 +64,12 @@ test-postgres:
 # The unit tier (tests/unit/): with RabbitMQ pointed at a closed port and SQLite in-process.
 test-unit: setup
 	$(call pytest_run,$(UNIT_DB_URL),RABBITMQ_URL=$(CLOSED_RABBITMQ_URL),-m unit)
+
+# The cluster tests alone (tests/cluster/, marker `cluster`): faults on a three-node RabbitMQ cluster that
+# their fixture starts (scripts/cluster.sh) and removes, on PostgreSQL. `make test` runs them in its PostgreSQL pass.
+cluster-test: setup
+	@scripts/services.sh rabbitmq postgres
+	$(call pytest_run,$(PG_TEST_URL),,-m cluster)
 
 bench: setup
 	$(PY) bench/consume.py
