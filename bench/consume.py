@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bare import bare_consume  # noqa: E402
 from benchdb import use_bench_database  # noqa: E402
 
 use_bench_database("consume.sqlite3")
@@ -61,29 +62,6 @@ def fill(queue: str, n: int, *, body: bytes = b"x" * 200) -> None:
     while ch.queue_declare(queue=queue, passive=True).method.message_count < n:
         conn.process_data_events(time_limit=0.05)
     conn.close()
-
-
-def bare_consume(queue: str, n: int) -> float:
-    """Messages per second of a bare pika consumer: prefetch 500, ack multiple per socket read."""
-    conn = pika.BlockingConnection(pika.URLParameters(URL))
-    ch = conn.channel()
-    ch.basic_qos(prefetch_count=500)
-    state = {"count": 0, "last": 0}
-
-    def on_message(channel, method, properties, body):
-        state["count"] += 1
-        state["last"] = method.delivery_tag
-
-    ch.basic_consume(queue=queue, on_message_callback=on_message)
-    start = time.perf_counter()
-    while state["count"] < n:
-        conn.process_data_events(time_limit=1)
-        if state["last"]:
-            ch.basic_ack(delivery_tag=state["last"], multiple=True)
-            state["last"] = 0
-    elapsed = time.perf_counter() - start
-    conn.close()
-    return n / elapsed
 
 
 def mailroom_consume(queue: str, n: int, *, prefetch: int, batch: int) -> float:
@@ -229,7 +207,7 @@ def main() -> None:
         q = f"bench-{uuid.uuid4().hex[:8]}"
         try:
             fill(q, args.n)
-            bare.append(bare_consume(q, args.n))
+            bare.append(bare_consume(URL, q, args.n))
             fill(q, args.n)
             analyze()
             ours.append(mailroom_consume(q, args.n, prefetch=args.prefetch, batch=args.batch))

@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bare import bare_consume  # noqa: E402
 from benchdb import use_bench_database  # noqa: E402
 
 use_bench_database("stream_tap.sqlite3")
@@ -53,29 +54,6 @@ def fill(queue: str, n: int, *, stream: bool, body: bytes = b"x" * 200) -> None:
         ))
     ch.tx_commit()
     conn.close()
-
-
-def bare_read(stream: str, n: int) -> float:
-    """Messages per second of a bare pika stream reader from the first offset."""
-    conn = pika.BlockingConnection(pika.URLParameters(URL))
-    ch = conn.channel()
-    ch.basic_qos(prefetch_count=500)
-    state = {"count": 0, "last": 0}
-
-    def on_message(channel, method, properties, body):
-        state["count"] += 1
-        state["last"] = method.delivery_tag
-
-    ch.basic_consume(queue=stream, on_message_callback=on_message, arguments={"x-stream-offset": "first"})
-    start = time.perf_counter()
-    while state["count"] < n:
-        conn.process_data_events(time_limit=1)
-        if state["last"]:
-            ch.basic_ack(delivery_tag=state["last"], multiple=True)
-            state["last"] = 0
-    elapsed = time.perf_counter() - start
-    conn.close()
-    return n / elapsed
 
 
 def mailroom_read(queue: str, n: int, *, stream: bool) -> float:
@@ -114,7 +92,7 @@ def main() -> None:
         stream, queue = f"stream-bench-{uuid.uuid4().hex[:8]}", f"bench-classic-{uuid.uuid4().hex[:8]}"
         try:
             fill(stream, args.n, stream=True)
-            bare.append(bare_read(stream, args.n))
+            bare.append(bare_consume(URL, stream, args.n, arguments={"x-stream-offset": "first"}))
             tap.append(mailroom_read(stream, args.n, stream=True))
             fill(queue, args.n, stream=False)
             classic.append(mailroom_read(queue, args.n, stream=False))
