@@ -180,8 +180,9 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1",
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
-    # Two `status` fields with different choices: name the letter's, as the delivery's is named.
-    "ENUM_NAME_OVERRIDES": {"MessageStatusEnum": "messaging.models.Message.Status"},
+    # `status` fields with different choices: name each set by its model.
+    "ENUM_NAME_OVERRIDES": {"MessageStatusEnum": "messaging.models.Message.Status",
+                            "DeliveryStatusEnum": "messaging.models.Delivery.Status"},
 }
 
 # --- RabbitMQ and Mailroom --------------------------------------------------

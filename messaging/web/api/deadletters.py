@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import exceptions, serializers
 from rest_framework.response import Response
@@ -114,12 +115,20 @@ class ContentsFilterSerializer(serializers.Serializer):
 UNAVAILABLE = {503: error_response("The RabbitMQ management API is not configured or does not answer.")}
 
 
+class ListSchema(AutoSchema):
+    """A list without pagination is named "_retrieve" by default, as the detail is."""
+
+    def get_operation_id(self):
+        return "dead_letters_list"
+
+
 @extend_schema(methods=["GET"], responses={200: DeadLetterQueueListSerializer, **ERRORS, **UNAVAILABLE},
                description="The dead-letter queues (through the management API). Needs messaging.view_message.")
 class DeadLetterQueueList(ApiView):
     """GET: the dead-letter queues with their depth."""
 
     pagination_class = None
+    schema = ListSchema()
 
     def get(self, request):
         try:
