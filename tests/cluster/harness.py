@@ -230,6 +230,13 @@ class Crew:
         for p in [self.relay, *self.workers]:
             assert p.wait(timeout=30) == 0, p.output[-4000:]
 
+    def node_of(self, cluster: Cluster, process: Process) -> int:
+        """The node (1–3) `process` last logged connecting to: processes spread over the nodes by pid."""
+        lines = [line for line in process.output.splitlines() if "connected to RabbitMQ node=" in line]
+        assert lines, process.output[-4000:]
+        port = int(lines[-1].split("node=", 1)[1].split()[0].rsplit(":", 1)[1])
+        return next(n for n, url in enumerate(cluster.urls, 1) if urlsplit(url).port == port)
+
     def reconnects(self) -> int:
         """Reconnects the workers logged when they stopped."""
         total = 0

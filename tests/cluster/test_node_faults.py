@@ -1,8 +1,8 @@
 """Faults on a three-node cluster while the relay publishes from the outbox and two workers consume
 a quorum queue: a node killed -9, a rolling restart, a partition, a disk alarm.
 
-Every client lists the three nodes in RABBITMQ_URL, node 1 first: the relay and the workers are on
-node 1, where the quorum queue's leader starts, so each fault hits them. Each test ends with the same
+Every client lists the three nodes in RABBITMQ_URL and starts on one picked by its pid: a node kill or
+a partition hits the node the first worker is on, so that the fault moves it. Each test ends with the same
 proof (`assert_nothing_lost`): every letter published, recorded once as a Message with an acked
 delivery, the queue empty, nothing left 'received'.
 """
@@ -40,10 +40,11 @@ def test_a_node_killed_and_restarted(on_cluster, queue_name, manage):
     outbox = Outbox(queue_name).start()
     try:
         under_load(outbox)
-        on_cluster.kill(1)  # the node every client is on, and the queue's first leader
+        target = crew.node_of(on_cluster, crew.workers[0])
+        on_cluster.kill(target)
         killed = timezone.now()
         under_load(outbox, letters=500)
-        on_cluster.start(1)
+        on_cluster.start(target)
         restarted = timezone.now()
         under_load(outbox)
     finally:
@@ -51,7 +52,7 @@ def test_a_node_killed_and_restarted(on_cluster, queue_name, manage):
     settle(outbox, queue_name, on_cluster)
     crew.stop()
     figures = assert_nothing_lost(outbox, queue_name, on_cluster)
-    assert crew.reconnects() >= 2, "the workers never lost their node"
+    assert crew.reconnects() >= 1, "the worker on the killed node never moved"
     assert published_between(outbox, killed, restarted) > 0, "nothing was published while the node was down"
     logger.info("kill -9: %s", figures)
 
@@ -86,30 +87,32 @@ def test_a_partition_isolating_one_node_pauses_it_then_heals(on_cluster, queue_n
     outbox = Outbox(queue_name).start()
     try:
         under_load(outbox)
-        on_cluster.isolate(1)
+        target = crew.node_of(on_cluster, crew.workers[0])
+        others = [n for n in (1, 2, 3) if n != target]
+        on_cluster.isolate(target)
         isolated = timezone.now()
         try:
-            # pause_minority: node 1 sees neither peer, so it pauses; its clients move to node 2.
-            wait_for(lambda: not on_cluster.is_running(1), timeout=20, interval=0.3, message="node 1 to pause")
-            assert on_cluster.is_running(2) and on_cluster.is_running(3)
+            # pause_minority: the node sees neither peer, so it pauses; its clients move to the others.
+            wait_for(lambda: not on_cluster.is_running(target), timeout=20, interval=0.3, message="the node to pause")
+            assert all(on_cluster.is_running(n) for n in others)
             monotonic_wait(10)
         finally:
-            on_cluster.heal(1)
+            on_cluster.heal(target)
         healed = timezone.now()
-        wait_for(lambda: on_cluster.is_running(1), timeout=30, interval=0.3, message="node 1 to resume")
+        wait_for(lambda: on_cluster.is_running(target), timeout=30, interval=0.3, message="the node to resume")
         under_load(outbox)
     finally:
         outbox.stop()
     settle(outbox, queue_name, on_cluster)
     crew.stop()
     figures = assert_nothing_lost(outbox, queue_name, on_cluster)
-    assert crew.reconnects() >= 2, "the workers were not moved off the paused node"
+    assert crew.reconnects() >= 1, "the worker was not moved off the paused node"
     # Not asserted: in most runs the relay's publishes were nacked for the whole partition (kept
     # pending, published at the heal), while a bare pika publisher is acked through node 2 within a
     # second of the cut. Logged, to be understood (docs/performance.md).
     figures["published_while_isolated"] = published_between(outbox, isolated, healed)
     # pause_minority left no partition to resolve by hand.
-    assert "mailroom-test" not in on_cluster.ctl(2, "eval", "rabbit_node_monitor:partitions().").replace(
+    assert "mailroom-test" not in on_cluster.ctl(others[0], "eval", "rabbit_node_monitor:partitions().").replace(
         "[]", ""), "a partition is still recorded"
     logger.info("partition: %s", figures)
 
